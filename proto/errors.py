@@ -1,0 +1,69 @@
+"""The one exception tree of flightlog, shared by the SDK and the agent."""
+from __future__ import annotations
+
+__all__ = [
+    "FlightlogError",
+    "ConfigError",
+    "ProtocolError",
+    "RingError",
+    "AgentUnavailable",
+    "WALError",
+    "WALCorrupt",
+    "BackendError",
+    "RetryableBackendError",
+    "PermanentBackendError",
+    "CheckpointError",
+    "CheckpointCorrupt",
+]
+
+
+class FlightlogError(Exception):
+    """Base class of every error flightlog raises on purpose."""
+
+
+class ConfigError(FlightlogError, ValueError):
+    """A configuration file, dict or override is malformed; the message names the key and the file."""
+
+
+class ProtocolError(FlightlogError):
+    """A frame or message could not be decoded (malformed, truncated or of another schema version)."""
+
+
+class RingError(FlightlogError):
+    """A shared-memory ring could not be created, opened or written."""
+
+
+class AgentUnavailable(FlightlogError):
+    """The agent could not be reached or started."""
+
+
+class WALError(FlightlogError):
+    """The write-ahead log could not be read or written."""
+
+
+class WALCorrupt(WALError):
+    """A WAL segment holds bytes that are not a valid record."""
+
+
+class BackendError(FlightlogError):
+    """A tracking backend refused or failed a request."""
+
+
+class RetryableBackendError(BackendError):
+    """A backend failure worth retrying (network, 5xx, 429); may carry a Retry-After delay in seconds."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentBackendError(BackendError):
+    """A backend failure that no retry will fix (bad request, bad credentials)."""
+
+
+class CheckpointError(FlightlogError):
+    """A checkpoint could not be staged, written or loaded."""
+
+
+class CheckpointCorrupt(CheckpointError):
+    """A checkpoint file failed its checksum or bounds checks."""

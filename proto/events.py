@@ -1,0 +1,164 @@
+"""Wire types: every event a producer writes into its ring, and every control message.
+
+Structs are tagged and array-like (compact, fast); new fields are only ever appended, with defaults,
+so an older agent can read a newer SDK's events and the other way round.
+"""
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "RunStart",
+    "RunEnd",
+    "HyperParams",
+    "Metrics",
+    "Tags",
+    "Text",
+    "SystemStats",
+    "CheckpointSaved",
+    "Artifact",
+    "Event",
+    "EVENT_TYPES",
+    "Hello",
+    "Register",
+    "Unregister",
+    "FlushRequest",
+    "StatusRequest",
+    "Reply",
+    "Control",
+]
+
+#: Version of the event schema; written in every ring header and WAL segment header.
+SCHEMA_VERSION = 1
+
+
+
+class RunStart(msgspec.Struct, tag="rs", array_like=True):
+    run_id: str
+    name: str
+    timestamp: float
+    description: str = ""
+    tags: list[str] = []
+    config: dict[str, Any] = {}
+    config_hash: str = ""
+    sinks: list[str] = []
+    pid: int = 0
+    rank: int = 0
+    host: str = ""
+    metadata: dict[str, Any] = {}
+
+
+class RunEnd(msgspec.Struct, tag="re", array_like=True):
+    run_id: str
+    status: str
+    timestamp: float
+    error: str = ""
+    dropped: int = 0
+
+
+class HyperParams(msgspec.Struct, tag="hp", array_like=True):
+    run_id: str
+    params: dict[str, Any]
+    timestamp: float = 0.0
+
+
+class Metrics(msgspec.Struct, tag="m", array_like=True):
+    run_id: str
+    step: int
+    timestamp: float
+    values: dict[str, float]
+
+
+class Tags(msgspec.Struct, tag="tg", array_like=True):
+    run_id: str
+    tags: dict[str, str]
+    timestamp: float = 0.0
+
+
+class Text(msgspec.Struct, tag="tx", array_like=True):
+    run_id: str
+    key: str
+    text: str
+    step: int = 0
+    timestamp: float = 0.0
+
+
+class SystemStats(msgspec.Struct, tag="ss", array_like=True):
+    run_id: str
+    timestamp: float
+    values: dict[str, float]
+    step: int = 0
+
+
+class CheckpointSaved(msgspec.Struct, tag="ck", array_like=True):
+    run_id: str
+    path: str
+    epoch: int
+    step: int
+    timestamp: float
+    metrics: dict[str, float] = {}
+    size: int = 0
+    checksum: str = ""
+    is_best: bool = False
+
+
+class Artifact(msgspec.Struct, tag="ar", array_like=True):
+    run_id: str
+    name: str
+    path: str
+    timestamp: float
+    kind: str = ""
+    checksum: str = ""
+    size: int = 0
+
+
+Event = Union[RunStart, RunEnd, HyperParams, Metrics, Tags, Text, SystemStats, CheckpointSaved, Artifact]
+EVENT_TYPES: tuple[type, ...] = (
+    RunStart, RunEnd, HyperParams, Metrics, Tags, Text, SystemStats, CheckpointSaved, Artifact,
+)
+
+
+# --- control messages (Unix socket, request/reply) ---------------------------------------------
+
+
+class Hello(msgspec.Struct, tag="hello", array_like=True):
+    schema: int
+    pid: int
+
+
+class Register(msgspec.Struct, tag="reg", array_like=True):
+    producer_id: str
+    ring_path: str
+    pid: int
+    rank: int = 0
+    run_id: str = ""
+
+
+class Unregister(msgspec.Struct, tag="unreg", array_like=True):
+    producer_id: str
+
+
+class FlushRequest(msgspec.Struct, tag="flush", array_like=True):
+    """Ask the agent to return once this producer's events up to the given positions are fsynced."""
+
+    producer_id: str
+    ring_position: int
+    spill_gen: int = 0
+    spill_position: int = 0
+    timeout: float = 30.0
+
+
+class StatusRequest(msgspec.Struct, tag="status", array_like=True):
+    pass
+
+
+class Reply(msgspec.Struct, tag="reply", array_like=True):
+    ok: bool
+    error: str = ""
+    data: dict[str, Any] = {}
+
+
+Control = Union[Hello, Register, Unregister, FlushRequest, StatusRequest, Reply]
