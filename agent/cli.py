@@ -1,0 +1,238 @@
+"""The `flightlog` command line: agent, status, wal inspect/replay, runs ls/export."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+from flightlog.proto.errors import FlightlogError
+
+__all__ = ["main", "run_agent"]
+
+
+def _paths(args: argparse.Namespace) -> Any:
+    from flightlog.paths import resolve_paths
+
+    data_dir = getattr(args, "data_dir", None)
+    sock = getattr(args, "socket", None)
+    cfg = None
+    if getattr(args, "config", None):
+        from flightlog.config import load_config
+
+        cfg = load_config(args.config)
+        data_dir = data_dir or cfg.agent.data_dir
+        sock = sock or cfg.agent.socket
+    if data_dir:
+        # An explicit --data-dir beats the environment: the user asked for this one.
+        import os
+
+        os.environ["FLIGHTLOG_DATA_DIR"] = str(data_dir)
+    if sock:
+        import os
+
+        os.environ["FLIGHTLOG_AGENT_SOCKET"] = str(sock)
+    return resolve_paths(data_dir, sock), cfg
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    import anyio
+
+    from flightlog.agent.daemon import Agent, AgentLocked, AgentSettings
+    from flightlog.config import config_to_dict
+
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    paths, cfg = _paths(args)
+    raw: dict[str, Any] = config_to_dict(cfg) if cfg is not None else {}
+    if getattr(args, "settings_json", None):
+        raw = json.loads(args.settings_json)
+    settings = AgentSettings.from_config(raw, sidecar=getattr(args, "sidecar", False))
+    agent = Agent(paths, settings)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            async def on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for _ in signals:
+                        agent.stop()
+                        return
+
+            tg.start_soon(on_signal)
+            await agent.serve()
+            tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(main)
+    except AgentLocked as exc:
+        print(f"flightlog: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from flightlog.client import connect
+    from flightlog.proto.events import StatusRequest
+
+    paths, _ = _paths(args)
+    client = connect(paths)
+    if client is None:
+        print(f"agent: not running (no agent on {paths.socket})")
+        return 1
+    try:
+        data = client.request(StatusRequest()).data
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"agent: up, pid {data['pid']}, uptime {data['uptime_seconds']} s, socket {data['socket']}")
+    print(f"data dir: {data['data_dir']}")
+    print(f"ingest: {data['events_per_second']} events/s, {data['events_total']} events since start")
+    wal = data["wal"]
+    print(f"WAL: {wal['segments']} segments, {wal['bytes']} bytes, next seq {wal['next_seq']}")
+    print(f"producers: {len(data['producers'])}")
+    for p in data["producers"]:
+        print(f"  {p['producer']} pid {p['pid']} rank {p['rank']}: {p['events']} events, "
+              f"ring backlog {p['backlog_bytes']} B, spilled {p['spilled']}, dropped {p['dropped']}")
+    print("sinks:")
+    for name, s in data["sinks"].items():
+        line = (f"  {name}: {s['state']}, backlog {s['backlog_events']} events / {s['backlog_bytes']} B, "
+                f"{s['events_per_second']} events/s")
+        if s["last_error"]:
+            line += f", last error: {s['last_error']}"
+        print(line)
+    for alert in data.get("alerts", []):
+        print(f"ALERT: {alert}")
+    return 0
+
+
+def _wal_inspect(args: argparse.Namespace) -> int:
+    from flightlog.agent.wal import inspect_wal
+
+    report = inspect_wal(args.dir)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"WAL {report['directory']}")
+    for seg in report["segments"]:
+        print(f"  {seg['name']}: seq {seg['first_seq']}..{seg['last_seq']}, {seg['records']} records, "
+              f"{seg['events']} events, {seg['bytes']} bytes")
+        for c in seg["corrupt"]:
+            print(f"    CORRUPT at byte {c['offset']} ({c['length']} bytes): {c['reason']}")
+        if seg.get("torn_tail_bytes"):
+            print(f"    torn tail: {seg['torn_tail_bytes']} bytes")
+    t = report["totals"]
+    print("totals: " + ", ".join(f"{k} {v}" for k, v in t.items()))
+    return 0
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from flightlog.agent.store import Store
+
+    paths, _ = _paths(args)
+    return Store(paths.store, readonly=True)
+
+
+def _runs_ls(args: argparse.Namespace) -> int:
+    import datetime
+
+    store = _store(args)
+    try:
+        runs = store.runs()
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(runs, indent=2))
+        return 0
+    print(f"{'RUN':18} {'NAME':28} {'STATUS':10} {'POINTS':>8}  CREATED")
+    for r in runs:
+        created = datetime.datetime.fromtimestamp(r["created_at"] or 0).isoformat(timespec="seconds")
+        print(f"{r['run_id']:18} {r['name'][:28]:28} {r['status'] or '':10} {r['points']:>8}  {created}")
+    return 0
+
+
+def _runs_export(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        run_id = store.resolve_run(args.run)
+        out = open(args.out, "w") if args.out else sys.stdout
+        try:
+            if args.format == "jsonl":
+                for point in store.metric_points(run_id, args.key):
+                    out.write(json.dumps(point) + "\n")
+            else:
+                out.write(json.dumps(store.run(run_id), indent=2, default=str) + "\n")
+        finally:
+            if out is not sys.stdout:
+                out.close()
+    finally:
+        store.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flightlog", description="flightlog: experiment tracking and checkpoints")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--data-dir", help="agent data directory (default: FLIGHTLOG_DATA_DIR or per-user)")
+        sp.add_argument("--socket", help="agent socket (default: FLIGHTLOG_AGENT_SOCKET or derived)")
+        sp.add_argument("--config", help="a flightlog YAML config (agent/wal sections are used)")
+
+    a = sub.add_parser("agent", help="run the agent in the foreground (node daemon)")
+    common(a)
+    a.add_argument("--sidecar", action="store_true", help="exit once producers are gone and sinks caught up")
+    a.add_argument("--settings-json", help=argparse.SUPPRESS)
+    a.add_argument("-v", "--verbose", action="store_true")
+    a.set_defaults(func=run_agent)
+
+    s = sub.add_parser("status", help="is the agent up; producers, rates, backlog per sink")
+    common(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_status)
+
+    w = sub.add_parser("wal", help="write-ahead log tools")
+    wsub = w.add_subparsers(dest="wal_command", required=True)
+    wi = wsub.add_parser("inspect", help="segments, records, seq ranges, corrupt spots")
+    wi.add_argument("dir")
+    wi.add_argument("--json", action="store_true")
+    wi.set_defaults(func=_wal_inspect)
+
+    r = sub.add_parser("runs", help="runs in the local store")
+    rsub = r.add_subparsers(dest="runs_command", required=True)
+    rl = rsub.add_parser("ls", help="list runs")
+    common(rl)
+    rl.add_argument("--json", action="store_true")
+    rl.set_defaults(func=_runs_ls)
+    re_ = rsub.add_parser("export", help="export a run's metric points")
+    common(re_)
+    re_.add_argument("run", help="run id, id prefix or name")
+    re_.add_argument("--format", choices=["jsonl", "json"], default="jsonl")
+    re_.add_argument("--key", help="only this metric")
+    re_.add_argument("--out", help="file to write (default: stdout)")
+    re_.set_defaults(func=_runs_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FlightlogError as exc:
+        print(f"flightlog: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `flightlog runs export RUN | head`
+        sys.stderr.close()
+        return 0
+    except OSError as exc:
+        print(f"flightlog: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Ingest: drain every producer's ring (and spill files) into the WAL, then advance its read cursor.
+
+The read cursor moves only after the WAL append, so a crash of the agent re-reads at most what the WAL
+already holds; on start, the positions recorded in the WAL records move each cursor past what is already
+there, so nothing is ingested twice.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from flightlog.proto.errors import ProtocolError, RingError
+from flightlog.proto.frames import PAD_MARKER, U32
+from flightlog.ring import RingView, spill_path
+
+__all__ = ["Ingestor", "SRC_RING", "SRC_SPILL", "split_frames"]
+
+log = logging.getLogger("flightlog.agent")
+
+SRC_RING = 0
+SRC_SPILL = 1
+_MAX_RECORD = 4 << 20  # bytes of frames per WAL record
+
+
+def split_frames(buf: bytes | memoryview, limit: int = _MAX_RECORD) -> tuple[int, int]:
+    """Complete frames at the start of ``buf``: (bytes, count), stopping before ``limit`` bytes.
+
+    A frame header claiming more than the buffer holds is an incomplete tail (a writer mid-write).
+    """
+    end = len(buf)
+    pos = 0
+    count = 0
+    unpack = U32.unpack_from
+    while pos + 4 <= end:
+        (n,) = unpack(buf, pos)
+        if n == PAD_MARKER:
+            raise ProtocolError(f"padding frame at byte {pos} of a spill file")
+        stride = (n + 11) & ~7
+        if pos + stride > end or (count and pos + stride > limit):
+            break
+        pos += stride
+        count += 1
+    return pos, count
+
+
+@dataclass
+class _Ring:
+    view: RingView
+    first_seen: float
+    events: int = 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class Ingestor:
+    """Owns the consumer side of every ring in ``ring_dir``. Called from one thread at a time."""
+
+    def __init__(self, wal: object, ring_dir: Path, positions: dict[tuple[str, int], tuple[int, int]] | None = None) -> None:
+        self.wal = wal
+        self.ring_dir = Path(ring_dir)
+        self.rings: dict[str, _Ring] = {}
+        self._positions = dict(positions or {})
+        self.events_total = 0
+        self.bad_rings: set[str] = set()
+
+    # --- discovery -----------------------------------------------------------------------------
+
+    def scan(self) -> None:
+        """Open rings that appeared in the ring directory since the last scan."""
+        try:
+            names = os.listdir(self.ring_dir)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if not name.endswith(".ring") or name in self.rings or name in self.bad_rings:
+                continue
+            try:
+                view = RingView(self.ring_dir / name)
+            except (RingError, OSError, ValueError) as exc:
+                # A ring still being created has no magic yet; try again on the next scan.
+                if time.time() - _mtime(self.ring_dir / name) > 30:
+                    log.warning("ignoring %s: %s", name, exc)
+                    self.bad_rings.add(name)
+                continue
+            self._resume(view)
+            self.rings[name] = _Ring(view, time.monotonic())
+
+    def _resume(self, view: RingView) -> None:
+        """Move cursors past what the WAL already holds (a crash between WAL append and cursor store)."""
+        pid = view.producer_id
+        ring_pos = self._positions.get((pid, SRC_RING))
+        if ring_pos is not None and ring_pos[1] > view.read_cursor:
+            view.read_cursor = min(ring_pos[1], view.write_cursor)
+        spill_pos = self._positions.get((pid, SRC_SPILL))
+        if spill_pos is not None and spill_pos > view.consumed:
+            view.set_consumed(*spill_pos)
+
+    # --- draining ------------------------------------------------------------------------------
+
+    def drain(self) -> int:
+        """One pass over every ring; returns the number of events made durable-in-WAL."""
+        total = 0
+        for name in list(self.rings):
+            ring = self.rings[name]
+            try:
+                n = self._drain_ring(ring.view)
+            except (ProtocolError, RingError) as exc:
+                log.error("ring %s is corrupt (%s); it is skipped from now on", name, exc)
+                ring.view.close()
+                del self.rings[name]
+                self.bad_rings.add(name)
+                continue
+            ring.events += n
+            total += n
+            if n == 0:
+                self._maybe_retire(name, ring)
+        self.events_total += total
+        return total
+
+    def _drain_ring(self, view: RingView) -> int:
+        pid = view.producer_id
+        spill_gen = view.spill_gen  # read before the write cursor: see RingProducer._spill
+        w = view.write_cursor
+        r = view.read_cursor
+        n = 0
+        append = self.wal.append  # type: ignore[attr-defined]
+        if w > r:
+            data = view.data
+            for start, stop, count, after in view.spans(r, w):
+                # Split huge spans so one WAL record stays bounded.
+                pos = start
+                while pos < stop:
+                    nbytes, cnt = split_frames(data[pos:stop])
+                    chunk_end = pos + nbytes
+                    append(data[pos:chunk_end], cnt, pid, SRC_RING, 0, after - (stop - chunk_end))
+                    view.read_cursor = after - (stop - chunk_end)
+                    n += cnt
+                    pos = chunk_end
+        if spill_gen:
+            n += self._drain_spill(view, spill_gen)
+        return n
+
+    def _drain_spill(self, view: RingView, newest: int) -> int:
+        pid = view.producer_id
+        gen, off = view.consumed
+        if gen == 0:
+            gen, off = 1, 0
+            view.set_consumed(1, 0)
+        n = 0
+        while True:
+            path = spill_path(view.spill_dir, pid, gen)
+            try:
+                with open(path, "rb") as f:
+                    f.seek(off)
+                    while True:
+                        chunk = f.read(_MAX_RECORD)
+                        if not chunk:
+                            break
+                        nbytes, cnt = split_frames(chunk)
+                        if not cnt:
+                            break
+                        off += nbytes
+                        self.wal.append(chunk[:nbytes], cnt, pid, SRC_SPILL, gen, off)  # type: ignore[attr-defined]
+                        view.set_consumed(gen, off)
+                        n += cnt
+                        f.seek(off)
+            except FileNotFoundError:
+                pass
+            if gen >= newest:
+                return n
+            # The producer only opens generation gen+1 after the agent consumed all of gen.
+            path.unlink(missing_ok=True)
+            gen, off = gen + 1, 0
+            view.set_consumed(gen, 0)
+
+    def _maybe_retire(self, name: str, ring: _Ring) -> None:
+        """Delete a ring (and its spill files) once its producer is gone and everything is in the WAL."""
+        view = ring.view
+        if not (view.closed or not _pid_alive(view.pid)):
+            return
+        if view.write_cursor != view.read_cursor:
+            return
+        gen = view.spill_gen
+        if gen:
+            cgen, coff = view.consumed
+            path = spill_path(view.spill_dir, view.producer_id, gen)
+            size = path.stat().st_size if path.exists() else 0
+            if cgen != gen or coff < size:
+                return
+            for g in range(1, gen + 1):
+                spill_path(view.spill_dir, view.producer_id, g).unlink(missing_ok=True)
+        view.close()
+        (self.ring_dir / name).unlink(missing_ok=True)
+        del self.rings[name]
+        log.info("producer %s finished: %d events ingested; ring removed", view.producer_id, ring.events)
+
+    # --- questions from the control server -------------------------------------------------------
+
+    def find(self, producer_id: str) -> RingView | None:
+        for ring in self.rings.values():
+            if ring.view.producer_id == producer_id:
+                return ring.view
+        return None
+
+    def reached(self, producer_id: str, ring_position: int, spill_gen: int, spill_position: int) -> bool:
+        """True once the producer's events up to these positions are in the WAL (or the ring is retired)."""
+        view = self.find(producer_id)
+        if view is None:
+            return not (self.ring_dir / f"{producer_id}.ring").exists()
+        if view.read_cursor < ring_position:
+            return False
+        return not spill_gen or view.consumed >= (spill_gen, spill_position)
+
+    def producers(self) -> list[dict[str, object]]:
+        out = []
+        for ring in self.rings.values():
+            v = ring.view
+            out.append({
+                "producer": v.producer_id, "pid": v.pid, "rank": v.rank, "events": ring.events,
+                "backlog_bytes": v.write_cursor - v.read_cursor, "spilled": v.spilled, "dropped": v.dropped,
+                "closed": v.closed,
+            })
+        return out
+
+    def close(self) -> None:
+        for ring in self.rings.values():
+            ring.view.close()
+        self.rings.clear()
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0

@@ -1,0 +1,341 @@
+"""The producer side of a single-producer/single-consumer ring in shared memory, plus spill files.
+
+Layout (one file in /dev/shm): a 4096-byte header, then a power-of-two data area. Cursors are u64 byte
+counters that only grow, each on its own cache line. The producer copies a frame in, then publishes the
+write cursor with one aligned 8-byte store; the agent publishes the read cursor only after the frames are
+in its WAL. On x86-64 stores become visible in program order, so no lock, no syscall and no thread is
+needed; elsewhere the SDK falls back to the control socket (see ``ring_supported``).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import platform
+import struct
+import time
+from pathlib import Path
+
+from flightlog.proto.errors import RingError
+from flightlog.proto.events import SCHEMA_VERSION
+from flightlog.proto.frames import PAD_MARKER
+
+__all__ = ["RingProducer", "RingView", "HEADER_SIZE", "RING_MAGIC", "ring_supported", "spill_path"]
+
+RING_MAGIC = b"FLRING01"
+HEADER_SIZE = 4096
+
+# Header offsets. Producer-owned and consumer-owned fields sit on different cache lines.
+OFF_MAGIC = 0  # 8 bytes
+OFF_VERSION = 8  # u32 layout version, u32 schema version
+OFF_SIZE = 16  # u64 data size
+OFF_PID = 24  # u32 pid, i32 rank
+OFF_CLOSED = 32  # u64: 1 once the producer finished cleanly
+OFF_CREATED = 40  # u64 ns
+OFF_WRITE = 64  # u64 write cursor (producer)
+OFF_READ = 128  # u64 read cursor (consumer)
+OFF_SPILL_GEN = 192  # u64 newest spill generation the producer opened (producer)
+OFF_DROPPED = 200  # u64 events dropped by policy "drop" (producer)
+OFF_SPILLED = 208  # u64 events written to spill files (producer)
+OFF_CONSUMED_OFF = 256  # u64 bytes of the current spill generation the agent has made durable (consumer)
+OFF_CONSUMED_GEN = 264  # u64 spill generation the agent is reading (consumer)
+OFF_PRODUCER_ID = 512  # u16 length + utf-8
+OFF_SPILL_DIR = 1024  # u16 length + utf-8
+LAYOUT_VERSION = 1
+
+_U64 = struct.Struct("=Q")  # native: pack_into is a single 8-byte store, no byte-by-byte loop
+_U16 = struct.Struct("<H")
+_HDR = struct.Struct("<I")
+
+
+def ring_supported() -> bool:
+    """True where plain stores are seen in program order by other cores (x86-64's TSO)."""
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def spill_path(spill_dir: str | os.PathLike[str], producer_id: str, gen: int) -> Path:
+    return Path(spill_dir) / f"{producer_id}.{gen}.spill"
+
+
+def _write_str(mm: mmap.mmap, off: int, value: str, limit: int) -> None:
+    raw = value.encode()
+    if len(raw) > limit - 2:
+        raise RingError(f"ring header field too long ({len(raw)} bytes): {value!r}")
+    _U16.pack_into(mm, off, len(raw))
+    mm[off + 2 : off + 2 + len(raw)] = raw
+
+
+def _read_str(mm: mmap.mmap, off: int) -> str:
+    (n,) = _U16.unpack_from(mm, off)
+    return bytes(mm[off + 2 : off + 2 + n]).decode()
+
+
+class RingProducer:
+    """One producer's ring. Not thread-safe: give each logging thread its own producer."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        size: int,
+        producer_id: str,
+        spill_dir: str | os.PathLike[str],
+        *,
+        rank: int = 0,
+        on_full: str = "spill",
+        block_timeout: float = 5.0,
+    ) -> None:
+        if size & (size - 1) or size < 4096:
+            raise RingError(f"ring size must be a power of two >= 4096, got {size}")
+        self.path = Path(path)
+        self.size = size
+        self.producer_id = producer_id
+        self.spill_dir = Path(spill_dir)
+        self.on_full = on_full
+        self.block_timeout = block_timeout
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, HEADER_SIZE + size)
+            self._mm = mmap.mmap(fd, HEADER_SIZE + size)
+        finally:
+            os.close(fd)
+        mm = self._mm
+        # Pre-fault every page now so the first log calls do not pay for page faults.
+        zero = bytes(1 << 16)
+        for off in range(0, HEADER_SIZE + size, len(zero)):
+            end = min(off + len(zero), HEADER_SIZE + size)
+            mm[off:end] = zero[: end - off]
+        struct.pack_into("<II", mm, OFF_VERSION, LAYOUT_VERSION, SCHEMA_VERSION)
+        struct.pack_into("<Q", mm, OFF_SIZE, size)
+        struct.pack_into("<Ii", mm, OFF_PID, os.getpid(), rank)
+        struct.pack_into("<Q", mm, OFF_CREATED, time.time_ns())
+        _write_str(mm, OFF_PRODUCER_ID, producer_id, 512)
+        _write_str(mm, OFF_SPILL_DIR, str(self.spill_dir), 3072)
+        mm[OFF_MAGIC : OFF_MAGIC + 8] = RING_MAGIC  # last: the agent ignores rings without magic
+        self._view = memoryview(mm)
+        self._data = self._view[HEADER_SIZE:]
+        self._cursors = self._view[:HEADER_SIZE].cast("Q")  # native u64 stores
+        self._w = 0
+        self._free_until = size  # cached: write cursor may reach this without re-reading the read cursor
+        self._mask = size - 1
+        self._spill_fd = -1
+        self._spill_gen = 0
+        self._spill_size = 0
+        self.dropped = 0
+        self.spilled = 0
+
+    # --- the hot path --------------------------------------------------------------------------
+
+    def write_frame(self, buf: bytearray) -> None:
+        """Write one frame whose first 4 bytes are reserved for the length (``buf`` = header + payload)."""
+        n = len(buf)
+        _HDR.pack_into(buf, 0, n - 4)
+        stride = (n + 7) & ~7
+        w = self._w
+        if self._spill_fd >= 0 and not self._leave_spill():
+            self._spill(buf, stride)
+            return
+        pos = w & self._mask
+        wrap = self.size - pos if pos + stride > self.size else 0
+        if w + wrap + stride > self._free_until:
+            # Re-read the consumer's cursor only when the cached bound says we might be full.
+            self._free_until = self._cursors[OFF_READ // 8] + self.size
+            if w + wrap + stride > self._free_until and not self._wait_or_spill(buf, stride, wrap):
+                return
+        if wrap:
+            _HDR.pack_into(self._data, pos, PAD_MARKER)
+            w += wrap
+            pos = 0
+        self._data[pos : pos + n] = buf
+        self._w = w = w + stride
+        self._cursors[OFF_WRITE // 8] = w  # publish: one aligned 8-byte store, after the copy
+
+    # --- slow paths ----------------------------------------------------------------------------
+
+    def _wait_or_spill(self, buf: bytearray, stride: int, wrap: int) -> bool:
+        """Ring full. Returns True if the frame may now go into the ring."""
+        if stride + wrap > self.size:
+            # Larger than the whole ring: can only go through a spill file.
+            self._spill(buf, stride)
+            return False
+        if self.on_full == "block":
+            deadline = time.monotonic() + self.block_timeout
+            while time.monotonic() < deadline:
+                time.sleep(0.0005)
+                self._free_until = self._cursors[OFF_READ // 8] + self.size
+                if self._w + wrap + stride <= self._free_until:
+                    return True
+            self._drop()
+            return False
+        if self.on_full == "drop":
+            self._drop()
+            return False
+        self._spill(buf, stride)
+        return False
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        self._cursors[OFF_DROPPED // 8] = self.dropped
+
+    def _spill(self, buf: bytearray, stride: int) -> None:
+        if self._spill_fd < 0:
+            self._spill_gen += 1
+            self._spill_size = 0
+            self.spill_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path = spill_path(self.spill_dir, self.producer_id, self._spill_gen)
+            try:
+                self._spill_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            except OSError as exc:
+                self._drop()
+                raise RingError(
+                    f"ring {self.path} is full and the spill file {path} cannot be created: {exc}; "
+                    "start the agent (flightlog agent) or free disk space"
+                ) from exc
+            # Published after the ring frames before it: the agent drains the ring before the spill.
+            self._cursors[OFF_SPILL_GEN // 8] = self._spill_gen
+        pad = stride - len(buf)
+        os.write(self._spill_fd, bytes(buf) + b"\0" * pad if pad else buf)
+        self._spill_size += stride
+        self.spilled += 1
+        self._cursors[OFF_SPILLED // 8] = self.spilled
+
+    def _leave_spill(self) -> bool:
+        """While spilling: go back to the ring once the agent has made the whole spill file durable."""
+        gen = self._cursors[OFF_CONSUMED_GEN // 8]
+        off = self._cursors[OFF_CONSUMED_OFF // 8]
+        if gen == self._spill_gen and off == self._spill_size:
+            os.close(self._spill_fd)
+            self._spill_fd = -1
+            self._free_until = self._cursors[OFF_READ // 8] + self.size
+            return True
+        return False
+
+    # --- positions, for flush ------------------------------------------------------------------
+
+    def positions(self) -> tuple[int, int, int]:
+        """(ring write cursor, spill generation, spill bytes written) for a flush request."""
+        return self._w, self._spill_gen, self._spill_size if self._spill_fd >= 0 else 0
+
+    def close(self, *, unlink: bool = False) -> None:
+        """Mark the ring finished (the agent deletes it once drained)."""
+        if self._spill_fd >= 0:
+            os.close(self._spill_fd)
+            self._spill_fd = -1
+        if self._view is None:
+            return
+        self._cursors[OFF_CLOSED // 8] = 1
+        self._cursors.release()
+        self._data.release()
+        self._view.release()
+        self._view = None  # type: ignore[assignment]
+        self._mm.close()
+        if unlink:
+            self.path.unlink(missing_ok=True)
+
+
+class RingView:
+    """The consumer's view of a ring file (used by the agent; also by tests)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            st = os.fstat(fd)
+            if st.st_size < HEADER_SIZE:
+                raise RingError(f"{self.path} is not a flightlog ring (only {st.st_size} bytes)")
+            self._mm = mmap.mmap(fd, st.st_size)
+        finally:
+            os.close(fd)
+        mm = self._mm
+        if mm[0:8] != RING_MAGIC:
+            self._mm.close()
+            raise RingError(f"{self.path} is not a flightlog ring (bad magic); remove it if stale")
+        layout, schema = struct.unpack_from("<II", mm, OFF_VERSION)
+        if layout != LAYOUT_VERSION:
+            self._mm.close()
+            raise RingError(f"{self.path} has ring layout {layout}, this agent reads {LAYOUT_VERSION}")
+        self.schema = schema
+        (self.size,) = struct.unpack_from("<Q", mm, OFF_SIZE)
+        if st.st_size != HEADER_SIZE + self.size:
+            self._mm.close()
+            raise RingError(f"{self.path} size does not match its header; remove the stale ring")
+        self.pid, self.rank = struct.unpack_from("<Ii", mm, OFF_PID)
+        self.producer_id = _read_str(mm, OFF_PRODUCER_ID)
+        self.spill_dir = Path(_read_str(mm, OFF_SPILL_DIR))
+        self._view = memoryview(mm)
+        self.data = self._view[HEADER_SIZE:]
+        self._c = self._view[:HEADER_SIZE].cast("Q")
+
+    @property
+    def write_cursor(self) -> int:
+        return self._c[OFF_WRITE // 8]
+
+    @property
+    def read_cursor(self) -> int:
+        return self._c[OFF_READ // 8]
+
+    @read_cursor.setter
+    def read_cursor(self, value: int) -> None:
+        self._c[OFF_READ // 8] = value
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._c[OFF_CLOSED // 8])
+
+    @property
+    def spill_gen(self) -> int:
+        return self._c[OFF_SPILL_GEN // 8]
+
+    @property
+    def dropped(self) -> int:
+        return self._c[OFF_DROPPED // 8]
+
+    @property
+    def spilled(self) -> int:
+        return self._c[OFF_SPILLED // 8]
+
+    @property
+    def consumed(self) -> tuple[int, int]:
+        return self._c[OFF_CONSUMED_GEN // 8], self._c[OFF_CONSUMED_OFF // 8]
+
+    def set_consumed(self, gen: int, offset: int) -> None:
+        # Offset before generation: a producer that sees the new generation also sees its offset.
+        if gen != self._c[OFF_CONSUMED_GEN // 8]:
+            self._c[OFF_CONSUMED_OFF // 8] = 0
+            self._c[OFF_CONSUMED_GEN // 8] = gen
+        self._c[OFF_CONSUMED_OFF // 8] = offset
+
+    def spans(self, r: int, w: int) -> list[tuple[int, int, int, int]]:
+        """Contiguous runs of frames between cursors r and w: (start, end, frame count, cursor after).
+
+        One pass over the frame headers both counts the frames (the WAL record needs the count) and
+        finds the padding frame before a wrap.
+        """
+        out: list[tuple[int, int, int, int]] = []
+        size = self.size
+        data = self.data
+        unpack = _HDR.unpack_from
+        while r < w:
+            pos = r & (size - 1)
+            end = min(pos + (w - r), size)
+            stop = pos
+            count = 0
+            while stop < end:
+                (n,) = unpack(data, stop)
+                if n == PAD_MARKER:
+                    break
+                stop += (n + 11) & ~7
+                count += 1
+            if stop > end:
+                raise RingError(f"ring {self.path}: frame at {stop} runs past the write cursor")
+            if count:
+                out.append((pos, stop, count, r + (stop - pos)))
+            r += stop - pos
+            if stop < end:  # padding frame: skip to the physical start
+                r += size - stop
+        return out
+
+    def close(self) -> None:
+        self._c.release()
+        self.data.release()
+        self._view.release()
+        self._mm.close()

@@ -1,0 +1,320 @@
+"""ExperimentTracker: a thin facade over the config, the run's metadata, the ring producer and the agent."""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket as _socket
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import msgspec
+
+from flightlog.client import AgentClient, connect_or_start
+from flightlog.config import Config, config_hash, config_to_dict, load_config
+from flightlog.paths import resolve_paths
+from flightlog.proto.codec import event_encoder
+from flightlog.proto.errors import AgentUnavailable, FlightlogError
+from flightlog.proto.events import (
+    Event,
+    FlushRequest,
+    HyperParams,
+    Metrics,
+    Register,
+    RunEnd,
+    RunStart,
+    Tags,
+    Text,
+    Unregister,
+)
+from flightlog.ring import RingProducer, ring_supported
+
+__all__ = ["ExperimentTracker", "ExperimentMetadata", "experiment_tracking"]
+
+log = logging.getLogger("flightlog")
+
+_STATUSES = ("running", "completed", "failed", "killed")
+
+
+class ExperimentMetadata(msgspec.Struct, kw_only=True):
+    """What identifies and describes one run."""
+
+    id: str
+    name: str
+    description: str = ""
+    tags: list[str] = []
+    created_at: float = 0.0
+    ended_at: float | None = None
+    status: str = "running"
+    error: str = ""
+    config: dict[str, Any] = {}
+    config_hash: str = ""
+    host: str = ""
+    pid: int = 0
+    rank: int = 0
+
+
+def _coerce_metrics(metrics: Any) -> dict[str, float | int]:
+    """Slow path of log_metrics: a clear TypeError, or numbers converted (bool, numpy, 0-dim tensors)."""
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"log_metrics expects a dict of name -> number, got {type(metrics).__name__}")
+    out: dict[str, float | int] = {}
+    for key, value in metrics.items():
+        if type(key) is not str:
+            raise TypeError(f"metric names must be str, got {key!r} ({type(key).__name__})")
+        if type(value) is float or type(value) is int:
+            out[key] = value
+            continue
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
+            raise TypeError(
+                f"metric {key!r} must be a number, got {type(value).__name__}: {value!r:.80}; "
+                "log text with log_text()"
+            )
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a tensor with more than one element
+            raise TypeError(f"metric {key!r} cannot be converted to a number: {exc}") from exc
+    return out
+
+
+def _default_rank() -> int:
+    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        value = os.environ.get(var)
+        if value and value.isdigit():
+            return int(value)
+    return 0
+
+
+class ExperimentTracker:
+    """Logs one run. ``log_metrics`` encodes an event and copies it into a shared-memory ring.
+
+    Not thread-safe: a thread that logs concurrently should create its own tracker view with
+    ``tracker.for_thread()``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: Config | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+        *,
+        description: str | None = None,
+        tags: list[str] | None = None,
+        run_id: str | None = None,
+        rank: int | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError("experiment name must be a non-empty string")
+        self.config: Config = load_config(config)
+        cfg = self.config
+        self.rank = _default_rank() if rank is None else rank
+        self.run_id = run_id or uuid.uuid4().hex[:16]
+        self.metadata = ExperimentMetadata(
+            id=self.run_id,
+            name=name,
+            description=cfg.description if description is None else description,
+            tags=list(cfg.tags if tags is None else tags),
+            created_at=time.time(),
+            config=config_to_dict(cfg),
+            config_hash=config_hash(cfg),
+            host=_socket.gethostname(),
+            pid=os.getpid(),
+            rank=self.rank,
+        )
+        self.paths = resolve_paths(cfg.agent.data_dir, cfg.agent.socket)
+        self._lock = threading.Lock()
+        self._finished = False
+        self._client: AgentClient | None = None
+        self._step = -1
+        self._warned_backwards = False
+        self._producer = self._open_producer()
+        self._buf = bytearray(512)
+        self._encode_into = event_encoder.encode_into
+        self._write = self._producer.write_frame if self._producer else self._write_via_socket
+        self._connect()
+        self._emit(
+            RunStart(
+                run_id=self.run_id, name=name, timestamp=self.metadata.created_at,
+                description=self.metadata.description, tags=self.metadata.tags,
+                config=self.metadata.config, config_hash=self.metadata.config_hash,
+                sinks=self._sinks(), pid=os.getpid(), rank=self.rank, host=self.metadata.host,
+            )
+        )
+        atexit.register(self._atexit)
+
+    # --- setup -----------------------------------------------------------------------------------
+
+    def _sinks(self) -> list[str]:
+        t = self.config.tracking
+        sinks = ["store"]
+        if t.use_tensorboard:
+            sinks.append("tensorboard")
+        if t.use_mlflow:
+            sinks.append("mlflow")
+        if t.use_wandb:
+            sinks.append("wandb")
+        return sinks
+
+    def _open_producer(self) -> RingProducer | None:
+        if not ring_supported():
+            log.info("flightlog: this CPU is not x86-64; events go to the agent over its socket, batched")
+            return None
+        self.producer_id = f"{self.run_id}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        a = self.config.agent
+        return RingProducer(
+            self.paths.ring_dir / f"{self.producer_id}.ring", a.ring_bytes, self.producer_id,
+            self.paths.spill_dir, rank=self.rank, on_full=a.on_full, block_timeout=a.block_timeout_seconds,
+        )
+
+    def _agent_settings(self) -> dict[str, Any]:
+        d = config_to_dict(self.config)
+        return {"agent": d["agent"], "wal": d["wal"]}
+
+    def _connect(self) -> None:
+        a = self.config.agent
+        try:
+            self._client = connect_or_start(
+                self.paths, self._agent_settings(), autostart=a.autostart, timeout=a.connect_timeout_seconds
+            )
+        except AgentUnavailable as exc:
+            # Training goes on: events wait in the ring and spill file until an agent drains them.
+            log.warning("flightlog: %s; events are kept in %s until an agent runs", exc, self.paths.ring_dir)
+            self._client = None
+        if self._client is None:
+            if self._producer is None:
+                raise AgentUnavailable(
+                    f"no flightlog agent on {self.paths.socket} and this CPU has no shared-memory ring; "
+                    "start one with `flightlog agent`"
+                )
+            log.warning("flightlog: no agent on %s yet; logging into %s", self.paths.socket, self.paths.ring_dir)
+            return
+        if self._producer is not None:
+            self._client.request(
+                Register(producer_id=self.producer_id, ring_path=str(self._producer.path), pid=os.getpid(),
+                         rank=self.rank, run_id=self.run_id)
+            )
+
+    # --- logging ---------------------------------------------------------------------------------
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log numbers at a step (default: the previous step + 1). NaN and ±inf are logged as they are.
+
+        A step lower than the previous one is recorded as given (one warning per run).
+        """
+        for k, v in metrics.items():
+            if (type(v) is not float and type(v) is not int) or type(k) is not str:
+                metrics = _coerce_metrics(metrics)
+                break
+        if step is None:
+            step = self._step + 1
+        elif step < self._step and not self._warned_backwards:
+            self._warn_backwards(step)
+        self._step = step
+        self._encode_into(Metrics(self.run_id, step, time.time(), metrics), self._buf, 4)
+        self._write(self._buf)
+
+    def _warn_backwards(self, step: int) -> None:
+        if type(step) is not int:
+            raise TypeError(f"step must be an int, got {type(step).__name__}")
+        self._warned_backwards = True
+        log.warning("flightlog: step went backwards (%d after %d); points are recorded as given", step, self._step)
+
+    def log_hyperparameters(self, params: Mapping[str, Any]) -> None:
+        """Log hyper-parameters (values: numbers, strings, bools, None, or nested lists/dicts)."""
+        if not isinstance(params, Mapping):
+            raise TypeError(f"log_hyperparameters expects a dict, got {type(params).__name__}")
+        clean = {str(k): v for k, v in params.items()}
+        try:
+            msgspec.msgpack.encode(clean)
+        except TypeError as exc:
+            raise TypeError(f"hyper-parameters must be plain data (numbers, strings, lists, dicts): {exc}") from exc
+        self._emit(HyperParams(self.run_id, clean, time.time()))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._emit(Tags(self.run_id, {str(k): str(v) for k, v in tags.items()}, time.time()))
+
+    def log_text(self, key: str, text: str, step: int | None = None) -> None:
+        self._emit(Text(self.run_id, key, str(text), self._step if step is None else step, time.time()))
+
+    def _emit(self, event: Event) -> None:
+        with self._lock:
+            self._encode_into(event, self._buf, 4)
+            self._write(self._buf)
+
+    def _write_via_socket(self, buf: bytearray) -> None:  # pragma: no cover - non-x86 fallback
+        raise AgentUnavailable("socket transport is used only on CPUs without the ring; not reachable here")
+
+    # --- durability and lifecycle ----------------------------------------------------------------
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Return once everything logged so far is in the agent's WAL and fsynced."""
+        if self._producer is None:
+            return
+        if self._client is None:
+            self._connect()
+            if self._client is None:
+                raise AgentUnavailable(
+                    f"cannot flush: no flightlog agent on {self.paths.socket}; start one with `flightlog agent`"
+                )
+        w, gen, spill_pos = self._producer.positions()
+        reply = self._client.request(
+            FlushRequest(self.producer_id, w, gen, spill_pos, timeout), timeout=timeout + 5
+        )
+        if not reply.ok:
+            raise FlightlogError(f"flush failed: {reply.error}")
+
+    def finish(self, status: str = "completed", error: str = "") -> None:
+        """End the run: record its status, make every event durable, release the ring."""
+        if self._finished:
+            return
+        if status not in _STATUSES:
+            raise ValueError(f"status must be one of {_STATUSES}, got {status!r}")
+        self._finished = True
+        self.metadata.status = status
+        self.metadata.error = error
+        self.metadata.ended_at = time.time()
+        dropped = self._producer.dropped if self._producer else 0
+        if dropped:
+            log.warning("flightlog: %d events were dropped because the ring was full (agent.on_full=drop)", dropped)
+        self._emit(RunEnd(self.run_id, status, self.metadata.ended_at, error, dropped))
+        try:
+            if self._client is not None:
+                self.flush()
+                self._client.request(Unregister(self.producer_id))
+        except FlightlogError as exc:
+            log.warning("flightlog: could not confirm the end of run %s with the agent: %s", self.run_id, exc)
+        finally:
+            if self._client is not None:
+                self._client.close()
+            if self._producer is not None:
+                self._producer.close()
+            atexit.unregister(self._atexit)
+
+    def _atexit(self) -> None:
+        if not self._finished:
+            self.finish("completed")
+
+    def __enter__(self) -> ExperimentTracker:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.finish("completed")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.finish("killed", "KeyboardInterrupt")
+        else:
+            self.finish("failed", "".join(traceback.format_exception(exc_type, exc, tb)))
+
+
+@contextmanager
+def experiment_tracking(
+    name: str, config: Config | Mapping[str, Any] | str | os.PathLike[str] | None = None, **kwargs: Any
+) -> Iterator[ExperimentTracker]:
+    """``with experiment_tracking(name, config) as tracker:`` — completed on exit, failed (+traceback) on error."""
+    tracker = ExperimentTracker(name, config, **kwargs)
+    with tracker:
+        yield tracker
