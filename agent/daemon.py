@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +19,13 @@ from anyio.abc import SocketAttribute, SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from flightlog.paths import AgentPaths, ensure_private_dir
-from flightlog.proto.codec import FRAME_HEADER, decode_control, frame_control
+from flightlog.proto.codec import FRAME_HEADER, decode_control, encode_event, frame_control
 from flightlog.proto.errors import FlightlogError, ProtocolError
 from flightlog.proto.events import (
     SCHEMA_VERSION,
+    CheckpointRequest,
+    CheckpointWait,
+    Event,
     FlushRequest,
     Hello,
     Register,
@@ -33,7 +37,9 @@ from flightlog.proto.events import (
 from .ingest import Ingestor
 from .runner import CursorStore, SinkRunner
 from .sinks.base import Sink
-from .wal import WAL, WALReader
+from flightlog.proto.frames import append_frame
+
+from .wal import SRC_INTERNAL, WAL, WALReader
 
 __all__ = ["Agent", "AgentSettings", "AgentLocked", "peer_uid_allowed"]
 
@@ -94,6 +100,8 @@ class Agent:
         self._stop = anyio.Event()
         self._ingested = anyio.Event()
         self._rate = 0.0
+        self.wal_lock = threading.Lock()  # ingest and agent-generated events append from worker threads
+        self.checkpoints: Any = None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -137,7 +145,10 @@ class Agent:
             )
         ensure_private_dir(self.paths.ring_dir.parent)
         ensure_private_dir(self.paths.ring_dir)
-        self.ingestor = Ingestor(self.wal, self.paths.ring_dir, rec.producer_positions)
+        self.ingestor = Ingestor(self.wal, self.paths.ring_dir, rec.producer_positions, lock=self.wal_lock)
+        from .checkpoint.service import CheckpointService
+
+        self.checkpoints = CheckpointService(self)
         cursors = CursorStore(self.paths.store)
         for sink in self._build_sinks():
             reader = WALReader(self.paths.wal_dir, limit=self.wal.end_position)
@@ -157,6 +168,7 @@ class Agent:
                 for runner in self.runners:
                     tg.start_soon(runner.run)
                 tg.start_soon(self._retention_loop)
+                tg.start_soon(self.checkpoints.run)
                 tg.start_soon(listener.serve, self._handle, tg)
                 if s.sidecar:
                     tg.start_soon(self._idle_exit_loop)
@@ -177,6 +189,15 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def emit(self, event: Event) -> None:
+        """Append an agent-generated event (checkpoint saved, system stats) to the WAL. Thread-safe."""
+        buf = bytearray()
+        append_frame(buf, encode_event(event))
+        with self.wal_lock:
+            self.wal.append(buf, 1, "agent", SRC_INTERNAL)
+        for runner in self.runners:
+            runner.wake()
 
     # --- tasks ---------------------------------------------------------------------------------
 
@@ -246,7 +267,7 @@ class Agent:
         gone_since: float | None = None
         while True:
             await anyio.sleep(0.1)
-            no_producers = self.clients == 0 and not self.ingestor.rings
+            no_producers = self.clients == 0 and not self.ingestor.rings and not self.checkpoints.busy()
             now = time.monotonic()
             if not no_producers:
                 idle_since = gone_since = None
@@ -316,6 +337,8 @@ class Agent:
             return Reply(ok=True)
         if isinstance(msg, FlushRequest):
             return await self._flush(msg)
+        if isinstance(msg, (CheckpointRequest, CheckpointWait)):
+            return await self.checkpoints.handle(msg)  # type: ignore[no-any-return]
         if isinstance(msg, StatusRequest):
             return Reply(ok=True, data=self.status())
         return Reply(ok=False, error=f"unexpected message {type(msg).__name__}")

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -18,12 +20,12 @@ from flightlog.proto.errors import ProtocolError, RingError
 from flightlog.proto.frames import PAD_MARKER, U32
 from flightlog.ring import RingView, spill_path
 
+from .wal import SRC_RING, SRC_SPILL
+
 __all__ = ["Ingestor", "SRC_RING", "SRC_SPILL", "split_frames"]
 
 log = logging.getLogger("flightlog.agent")
 
-SRC_RING = 0
-SRC_SPILL = 1
 _MAX_RECORD = 4 << 20  # bytes of frames per WAL record
 
 
@@ -65,8 +67,10 @@ def _pid_alive(pid: int) -> bool:
 class Ingestor:
     """Owns the consumer side of every ring in ``ring_dir``. Called from one thread at a time."""
 
-    def __init__(self, wal: object, ring_dir: Path, positions: dict[tuple[str, int], tuple[int, int]] | None = None) -> None:
+    def __init__(self, wal: Any, ring_dir: Path, positions: dict[tuple[str, int], tuple[int, int]] | None = None,
+                 *, lock: threading.Lock | None = None) -> None:
         self.wal = wal
+        self._lock = lock or threading.Lock()
         self.ring_dir = Path(ring_dir)
         self.rings: dict[str, _Ring] = {}
         self._positions = dict(positions or {})
@@ -107,6 +111,10 @@ class Ingestor:
 
     # --- draining ------------------------------------------------------------------------------
 
+    def _append(self, frames: Any, count: int, producer_id: str, kind: int, gen: int, end: int) -> None:
+        with self._lock:
+            self.wal.append(frames, count, producer_id, kind, gen, end)
+
     def drain(self) -> int:
         """One pass over every ring; returns the number of events made durable-in-WAL."""
         total = 0
@@ -133,7 +141,7 @@ class Ingestor:
         w = view.write_cursor
         r = view.read_cursor
         n = 0
-        append = self.wal.append  # type: ignore[attr-defined]
+        append = self._append
         if w > r:
             data = view.data
             for start, stop, count, after in view.spans(r, w):
@@ -170,7 +178,7 @@ class Ingestor:
                         if not cnt:
                             break
                         off += nbytes
-                        self.wal.append(chunk[:nbytes], cnt, pid, SRC_SPILL, gen, off)  # type: ignore[attr-defined]
+                        self._append(chunk[:nbytes], cnt, pid, SRC_SPILL, gen, off)
                         view.set_consumed(gen, off)
                         n += cnt
                         f.seek(off)

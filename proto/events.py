@@ -27,6 +27,8 @@ __all__ = [
     "Unregister",
     "FlushRequest",
     "StatusRequest",
+    "CheckpointRequest",
+    "CheckpointWait",
     "Reply",
     "Control",
 ]
@@ -155,10 +157,26 @@ class StatusRequest(msgspec.Struct, tag="status", array_like=True):
     pass
 
 
+class CheckpointRequest(msgspec.Struct, tag="ckreq", array_like=True):
+    """Ask the agent to write a staged checkpoint; ``spec`` is defined by flightlog.checkpoint."""
+
+    request_id: str
+    spec: dict[str, Any]
+
+
+class CheckpointWait(msgspec.Struct, tag="ckwait", array_like=True):
+    """Return when the checkpoint request is durable (reply data: path, size, checksum) or failed."""
+
+    request_id: str
+    timeout: float = 600.0
+
+
 class Reply(msgspec.Struct, tag="reply", array_like=True):
     ok: bool
     error: str = ""
     data: dict[str, Any] = {}
 
 
-Control = Union[Hello, Register, Unregister, FlushRequest, StatusRequest, Reply]
+Control = Union[
+    Hello, Register, Unregister, FlushRequest, StatusRequest, CheckpointRequest, CheckpointWait, Reply
+]

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -26,8 +27,13 @@ class AgentClient:
     def __init__(self, sock: socket.socket, path: str) -> None:
         self._sock = sock
         self.path = path
+        self._lock = threading.Lock()  # one request/reply at a time (checkpoint threads share it)
 
     def request(self, message: Control, timeout: float = 30.0) -> Reply:
+        with self._lock:
+            return self._request(message, timeout)
+
+    def _request(self, message: Control, timeout: float) -> Reply:
         self._sock.settimeout(timeout)
         try:
             self._sock.sendall(frame_control(message))

@@ -129,6 +129,7 @@ class ExperimentTracker:
         self._lock = threading.Lock()
         self._finished = False
         self._client: AgentClient | None = None
+        self._ckpt: Any = None
         self._step = -1
         self._warned_backwards = False
         self._producer = self._open_producer()
@@ -245,13 +246,45 @@ class ExperimentTracker:
             self._encode_into(event, self._buf, 4)
             self._write(self._buf)
 
+    # --- checkpoints (flightlog.checkpoint, imported on first use: it needs torch) ---------------
+
+    def _checkpointer(self) -> Any:
+        if self._ckpt is None:
+            from flightlog.checkpoint import ModelCheckpointer
+
+            self._ckpt = ModelCheckpointer.for_tracker(self)
+        return self._ckpt
+
+    def save_checkpoint(self, model: Any = None, epoch: int = 0, step: int = 0, optimizer: Any = None,
+                        **kwargs: Any) -> Any:
+        """Stage the state into shared memory and return the final path at once (a str with ``.wait()``).
+
+        Keyword arguments: ``scheduler=``, ``scaler=``, ``is_best=``, and any metrics (``val_loss=...``).
+        """
+        return self._checkpointer().save(model, epoch, step, optimizer, **kwargs)
+
+    def get_best_checkpoint(self) -> str | None:
+        return self._checkpointer().best()  # type: ignore[no-any-return]
+
+    def load_checkpoint(self, path: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> tuple[int, int]:
+        """Restore state from ``path`` ("best", "latest" or a file); returns (epoch, step)."""
+        return self._checkpointer().load(path, model, optimizer, **kwargs)  # type: ignore[no-any-return]
+
+    def should_checkpoint(self, step: int) -> bool:
+        """True every ``checkpointing.save_frequency`` steps (never when it is 0)."""
+        freq = self.config.checkpointing.save_frequency
+        return freq > 0 and step > 0 and step % freq == 0
+
     def _write_via_socket(self, buf: bytearray) -> None:  # pragma: no cover - non-x86 fallback
         raise AgentUnavailable("socket transport is used only on CPUs without the ring; not reachable here")
 
     # --- durability and lifecycle ----------------------------------------------------------------
 
     def flush(self, timeout: float = 60.0) -> None:
-        """Return once everything logged so far is in the agent's WAL and fsynced."""
+        """Return once everything logged so far is in the agent's WAL and fsynced, and every checkpoint
+        saved so far is durable."""
+        if self._ckpt is not None:
+            self._ckpt.wait_all(timeout)
         if self._producer is None:
             return
         if self._client is None:

@@ -1,0 +1,1 @@
+"""flightlog.agent.checkpoint: the agent's checkpoint writer, format, registry and retention."""

@@ -1,0 +1,511 @@
+"""WAL file I/O: the appending writer (with crash recovery), the cursor-based reader, and ``inspect_wal``.
+
+Layout: one directory of segments named ``{first_seq:020d}.wal``; only the last one is ever appended to.
+All parsing is delegated to ``format.py``; this module only decides what to do with what it finds.
+"""
+from __future__ import annotations
+
+import bisect
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+from flightlog.proto.errors import ProtocolError, WALError
+from flightlog.proto.frames import iter_frames
+
+from .format import (
+    SEGMENT_HEADER_SIZE,
+    Gap,
+    Record,
+    SegmentHeader,
+    WalCursor,
+    decode_segment_header,
+    encode_record,
+    encode_segment_header,
+    scan,
+)
+
+__all__ = ["WAL", "WALReader", "RecoveryReport", "SegmentInfo", "FsyncMode", "inspect_wal", "segment_name"]
+
+log = logging.getLogger("flightlog.wal")
+
+FsyncMode = Literal["interval", "always", "never"]
+_HDR = SEGMENT_HEADER_SIZE
+_CHUNK = 256 << 10  # reader window; a bigger record or a resync grows it on demand
+_LOCK_NAME = ".lock"
+
+
+def segment_name(first_seq: int) -> str:
+    return f"{first_seq:020d}.wal"
+
+
+def _is_segment_name(name: str) -> bool:
+    return len(name) == 24 and name.endswith(".wal") and name[:20].isdigit()
+
+
+def _list_segments(directory: Path) -> list[int]:
+    """First seqs of the segment files, ascending (other files are ignored)."""
+    return sorted(int(n[:20]) for n in os.listdir(directory) if _is_segment_name(n))
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentInfo:
+    path: Path
+    first_seq: int
+    size: int
+
+
+@dataclass(slots=True)
+class RecoveryReport:
+    truncated_bytes: int = 0
+    corrupt_records: int = 0
+    skipped_bytes: int = 0
+    next_seq: int = 0
+    segments: int = 0
+    #: (producer_id, src_kind) -> max (src_gen, src_end) of any valid record: where to resume each source.
+    producer_positions: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+
+
+def _read_segment(path: Path, first_seq: int) -> tuple[SegmentHeader, bytes]:
+    buf = path.read_bytes()
+    hdr = decode_segment_header(buf, path)
+    if hdr.first_seq != first_seq:
+        raise WALError(
+            f"{path}: header says first_seq {hdr.first_seq} but the name says {first_seq}; "
+            "the file was renamed or copied in by hand: move it out of the WAL directory"
+        )
+    return hdr, buf
+
+
+def _recover(directory: Path) -> RecoveryReport:
+    """Validate every segment; cut a torn tail off the last one. Never rewrites anything else."""
+    rep = RecoveryReport()
+    segs = _list_segments(directory)
+    if segs:
+        last = directory / segment_name(segs[-1])
+        size = last.stat().st_size
+        if size < _HDR:  # crash between creating the file and fsyncing its header: it never held data
+            rep.truncated_bytes += size
+            rep.next_seq = segs.pop()
+            last.unlink()
+            _fsync_dir(directory)
+    positions = rep.producer_positions
+    for i, first in enumerate(segs):
+        path = directory / segment_name(first)
+        hdr, buf = _read_segment(path, first)
+        rep.next_seq = max(rep.next_seq, hdr.first_seq)
+        is_last = i == len(segs) - 1
+        for item in scan(buf, _HDR, len(buf)):
+            if isinstance(item, Record):
+                rep.next_seq = max(rep.next_seq, item.first_seq + item.count)
+                key, pos = (item.producer_id, item.src_kind), (item.src_gen, item.src_end)
+                if key not in positions or positions[key] < pos:
+                    positions[key] = pos
+            elif item.tail and is_last:
+                with open(path, "r+b") as f:
+                    f.truncate(item.offset)
+                    os.fsync(f.fileno())
+                rep.truncated_bytes += item.length
+            else:
+                rep.corrupt_records += 1
+                rep.skipped_bytes += item.length
+    rep.segments = len(segs)
+    if rep.truncated_bytes or rep.corrupt_records:
+        log.warning(
+            "WAL %s recovered: cut a torn tail of %d bytes, skipped %d corrupt records (%d bytes); next seq %d",
+            directory, rep.truncated_bytes, rep.corrupt_records, rep.skipped_bytes, rep.next_seq,
+        )
+    return rep
+
+
+class WAL:
+    """Append-only writer. ``append`` is the ingest hot path: O(1) Python work per record, one write."""
+
+    def __init__(
+        self, directory: str | os.PathLike[str], *, segment_bytes: int = 64 << 20, fsync: FsyncMode = "interval"
+    ) -> None:
+        if fsync not in ("interval", "always", "never"):
+            raise ValueError(f"fsync must be 'interval', 'always' or 'never', not {fsync!r}")
+        self.directory = Path(directory)
+        self._segment_bytes = segment_bytes
+        self._fsync_mode: FsyncMode = fsync
+        self._always = fsync == "always"
+        self._mutex = threading.Lock()  # guards the fd swap on rotation against sync() from another thread
+        self._dirty = False
+        self._fd = -1
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Two writers on one directory would interleave records and each "repair" the other's tail.
+        self._lock_fd = os.open(self.directory / _LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(self._lock_fd)
+            raise WALError(f"{self.directory} is locked by another WAL writer (another agent running?)") from e
+        try:
+            self.recovery = _recover(self.directory)
+            self._next_seq = self.recovery.next_seq
+            segs = _list_segments(self.directory)
+            if segs:
+                self._seg = segs[-1]
+                path = self.directory / segment_name(self._seg)
+                self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+                self._size = os.fstat(self._fd).st_size
+            else:
+                self._open_new_segment()
+        except BaseException:
+            self.close()
+            raise
+        self._end = (self._seg, self._size)
+
+    def _open_new_segment(self) -> None:
+        first = self._next_seq
+        path = self.directory / segment_name(first)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, encode_segment_header(first, time.time_ns()))
+            os.fsync(fd)  # header and directory entry durable before any record relies on them
+            _fsync_dir(self.directory)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self._seg, self._size, self._dirty = fd, first, _HDR, False
+
+    def _rotate(self) -> None:
+        old = self._fd
+        if self._dirty and self._fsync_mode != "never":
+            os.fsync(old)  # sync() only ever sees the live segment, so the old one is settled here
+        os.close(old)
+        self._fd = -1
+        self._open_new_segment()
+
+    def append(
+        self,
+        frames: bytes | memoryview,
+        count: int,
+        producer_id: str,
+        src_kind: int = 0,
+        src_gen: int = 0,
+        src_end: int = 0,
+    ) -> int:
+        """Write one record of ``count`` frames (trusted, not re-counted); return the first seq assigned."""
+        with self._mutex:
+            if self._fd < 0:
+                raise WALError(f"WAL {self.directory} is closed")
+            seq = self._next_seq
+            rec = encode_record(frames, count, seq, producer_id, src_kind, src_gen, src_end)
+            try:
+                if self._size > _HDR and self._size + len(rec) > self._segment_bytes:
+                    self._rotate()
+                n = os.write(self._fd, rec)
+                if n != len(rec):
+                    raise OSError(f"short write: {n} of {len(rec)} bytes")
+            except OSError as e:
+                if self._fd >= 0:  # drop a partial record now rather than leave it for recovery
+                    try:
+                        os.ftruncate(self._fd, self._size)
+                    except OSError:
+                        pass
+                raise WALError(f"WAL append to {self.directory} failed: {e}") from e
+            self._size += n
+            self._next_seq = seq + count
+            self._end = (self._seg, self._size)
+            if self._always:
+                try:
+                    os.fsync(self._fd)
+                except OSError as e:
+                    raise WALError(f"fsync of WAL {self.directory} failed: {e}") from e
+            else:
+                self._dirty = True
+        return seq
+
+    def sync(self) -> None:
+        """fsync the live segment if anything was written since the last sync (callable from any thread)."""
+        with self._mutex:
+            if not self._dirty or self._fd < 0:
+                return
+            fd = os.dup(self._fd)  # our own handle: rotation may close the original while we fsync
+            self._dirty = False
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            self._dirty = True
+            raise WALError(f"fsync of WAL {self.directory} failed: {e}") from e
+        finally:
+            os.close(fd)
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    def end_position(self) -> tuple[int, int]:
+        """(segment first_seq, offset) just past the last fully written record: the limit for readers."""
+        return self._end
+
+    def segments(self) -> list[SegmentInfo]:
+        out = []
+        for first in _list_segments(self.directory):
+            path = self.directory / segment_name(first)
+            try:
+                out.append(SegmentInfo(path, first, path.stat().st_size))
+            except FileNotFoundError:  # deleted concurrently
+                pass
+        return out
+
+    def total_bytes(self) -> int:
+        return sum(s.size for s in self.segments())
+
+    def delete_before(self, seq: int) -> list[Path]:
+        """Delete the segments whose records all have seqs < ``seq``; never the live one."""
+        active = self._seg
+        segs = _list_segments(self.directory)
+        deleted: list[Path] = []
+        for cur, nxt in zip(segs, segs[1:]):
+            if nxt > seq or cur >= active:
+                break
+            path = self.directory / segment_name(cur)
+            path.unlink(missing_ok=True)
+            deleted.append(path)
+        if deleted:
+            _fsync_dir(self.directory)
+        return deleted
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._fd >= 0:
+                try:
+                    if self._dirty and self._fsync_mode != "never":
+                        os.fsync(self._fd)
+                finally:
+                    os.close(self._fd)
+                    self._fd = -1
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = -1
+
+    def __enter__(self) -> WAL:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+class WALReader:
+    """Reads events from a cursor; may run while a writer appends (pass ``limit=wal.end_position``)."""
+
+    def __init__(self, directory: str | os.PathLike[str], limit: Callable[[], tuple[int, int]] | None = None) -> None:
+        self.directory = Path(directory)
+        self._limit = limit
+        self.corrupt_records = 0
+        self._fd = -1
+        self._fd_seg = -1
+
+    def _open(self, seg: int) -> int:
+        if self._fd_seg != seg:
+            self.close()
+            self._fd = os.open(self.directory / segment_name(seg), os.O_RDONLY | os.O_CLOEXEC)
+            self._fd_seg = seg
+        return self._fd
+
+    def _resolve(self, cursor: WalCursor, segs: list[int]) -> tuple[int, int]:
+        """(segment, offset) to start from: the cursor's own, or (deleted / start cursor) the one holding seq."""
+        if cursor.offset >= _HDR and cursor.segment in segs:
+            return cursor.segment, cursor.offset
+        i = bisect.bisect_right(segs, cursor.seq) - 1
+        return segs[max(i, 0)], _HDR
+
+    def _items(self, fd: int, off: int, end: int) -> Iterator[tuple[int, Record | Gap]]:
+        """``scan`` over a sliding window of the file; yields (absolute offset, item)."""
+        base, want = off, _CHUNK
+        while base < end:
+            buf = os.pread(fd, min(want, end - base), base)
+            if len(buf) < min(want, end - base):  # file shorter than expected: scan what is there
+                end = base + len(buf)
+            complete = base + len(buf) >= end
+            for item in scan(buf, 0, len(buf)):
+                if isinstance(item, Gap) and item.tail and not complete:
+                    # Window edge or damage needing more context: refetch from here, bigger if stuck.
+                    want = want * 4 if item.offset == 0 else _CHUNK
+                    base += item.offset
+                    break
+                yield base + item.offset, item
+            else:
+                if complete:
+                    return
+                base += len(buf)
+
+    def read(
+        self, cursor: WalCursor, max_events: int = 1000, max_bytes: int = 8 << 20
+    ) -> tuple[list[tuple[int, memoryview]], WalCursor]:
+        """Up to ``max_events`` (seq, payload) pairs from ``cursor`` on, and the cursor to resume from.
+
+        ``max_bytes`` bounds the framed size (payload + length + padding) of a batch; at least one event is
+        returned when one is available. Payloads are views into a read buffer: copy what you keep long.
+        """
+        out: list[tuple[int, memoryview]] = []
+        limit = self._limit() if self._limit is not None else None  # before listing: its segment then exists
+        segs = _list_segments(self.directory)
+        if not segs or max_events <= 0:
+            return out, cursor
+        seg, off = self._resolve(cursor, segs)
+        seq, nbytes = cursor.seq, 0
+        while limit is None or seg <= limit[0]:
+            try:
+                fd = self._open(seg)
+            except FileNotFoundError:  # deleted under us: the next read resolves by seq
+                break
+            i = bisect.bisect_right(segs, seg)
+            later = segs[i] if i < len(segs) else None
+            if limit is not None and seg == limit[0]:
+                end, live = limit[1], False
+            else:
+                # Segments were listed before this fstat: if a later one existed, this file was complete.
+                end, live = os.fstat(fd).st_size, later is None and limit is None
+            full = False
+            for at, item in self._items(fd, off, end):
+                if isinstance(item, Gap):
+                    if item.tail and live:
+                        break  # possibly a record still being written: "nothing more yet"
+                    self.corrupt_records += 1
+                    off = at + item.length
+                    continue
+                last = item.first_seq + item.count
+                if last <= seq:  # already delivered
+                    off = at + item.size
+                    continue
+                s = max(seq, item.first_seq)  # seqs may jump over a skipped corrupt record
+                mark = len(out)
+                frames = islice(iter_frames(item.frames), s - item.first_seq, item.count)
+                try:
+                    if len(out) + last - s <= max_events and nbytes + len(item.frames) <= max_bytes:
+                        # Whole rest of the record fits: no per-frame budget checks (the reader's hot path).
+                        out.extend(zip(range(s, last), frames))
+                        s, nbytes = last, nbytes + len(item.frames)
+                        full = len(out) >= max_events or nbytes >= max_bytes
+                    else:
+                        for p in frames:
+                            out.append((s, p))
+                            s += 1
+                            nbytes += (len(p) + 11) & ~7
+                            if len(out) >= max_events or nbytes >= max_bytes:
+                                full = True
+                                break
+                except ProtocolError:  # CRC good but frames malformed: a writer bug; treat as corrupt
+                    del out[mark:]
+                    self.corrupt_records += 1
+                    full = False
+                    s = last
+                if s >= last or not full:
+                    seq, off = last, at + item.size
+                else:
+                    seq, off = s, at  # batch ended mid-record: resume at this record, seq advanced
+                if full:
+                    break
+            else:
+                if later is not None and (limit is None or seg < limit[0]):
+                    seg, off = later, _HDR
+                    continue
+            break
+        return out, WalCursor(seg, off, seq)
+
+    def backlog(self, cursor: WalCursor, next_seq: int | None = None) -> tuple[int, int]:
+        """(events, bytes) not yet read; events needs the writer's ``next_seq`` (else -1)."""
+        events = max(0, next_seq - cursor.seq) if next_seq is not None else -1
+        limit = self._limit() if self._limit is not None else None
+        segs = _list_segments(self.directory)
+        if not segs:
+            return events, 0
+        seg, off = self._resolve(cursor, segs)
+        total = 0
+        for first in segs[bisect.bisect_left(segs, seg) :]:
+            if limit is not None and first > limit[0]:
+                break
+            if limit is not None and first == limit[0]:
+                size = limit[1]
+            else:
+                try:
+                    size = (self.directory / segment_name(first)).stat().st_size
+                except FileNotFoundError:
+                    continue
+            total += max(0, size - off) if first == seg else size
+        return events, total
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._fd_seg = -1, -1
+
+    def __enter__(self) -> WALReader:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+def inspect_wal(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read-only report of a WAL directory (for ``flightlog wal inspect``); never modifies a file."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise WALError(f"{d}: not a WAL directory (it does not exist or is a file); pass the agent's WAL directory")
+    names = sorted(n for n in os.listdir(d) if n.endswith(".wal"))
+    for n in names:
+        if not _is_segment_name(n):
+            raise WALError(f"{d / n}: not a WAL segment name (want 20 digits + .wal); move it out of {d}")
+    segments: list[dict[str, Any]] = []
+    for i, name in enumerate(names):
+        first = int(name[:20])
+        if i == len(names) - 1 and (size := (d / name).stat().st_size) < _HDR:
+            # Crash while creating it: recovery deletes it; report it as a torn tail, not an error.
+            segments.append({"name": name, "first_seq": first, "last_seq": None, "schema_version": None,
+                             "created_ns": None, "records": 0, "events": 0, "bytes": size, "producers": {},
+                             "corrupt": [], "torn_tail_bytes": size})
+            continue
+        hdr, buf = _read_segment(d / name, first)
+        records = events = torn = 0
+        last_seq: int | None = None
+        producers: dict[str, int] = {}
+        corrupt: list[dict[str, Any]] = []
+        for item in scan(buf, _HDR, len(buf)):
+            if isinstance(item, Record):
+                records += 1
+                events += item.count
+                producers[item.producer_id] = producers.get(item.producer_id, 0) + item.count
+                if item.count:
+                    last_seq = item.first_seq + item.count - 1
+            elif item.tail and i == len(names) - 1:
+                torn = item.length  # what the writer's recovery would cut off
+            else:
+                corrupt.append({"offset": item.offset, "length": item.length, "reason": item.reason})
+        segments.append({
+            "name": name, "first_seq": first, "last_seq": last_seq, "schema_version": hdr.schema_version,
+            "created_ns": hdr.created_ns, "records": records, "events": events, "bytes": len(buf),
+            "producers": producers, "corrupt": corrupt, "torn_tail_bytes": torn,
+        })
+    last_seqs = [s["last_seq"] for s in segments if s["last_seq"] is not None]
+    totals = {
+        "segments": len(segments),
+        "records": sum(s["records"] for s in segments),
+        "events": sum(s["events"] for s in segments),
+        "bytes": sum(s["bytes"] for s in segments),
+        "corrupt_records": sum(len(s["corrupt"]) for s in segments),
+        "corrupt_bytes": sum(c["length"] for s in segments for c in s["corrupt"]),
+        "torn_tail_bytes": sum(s["torn_tail_bytes"] for s in segments),
+        "first_seq": segments[0]["first_seq"] if segments else None,
+        "last_seq": max(last_seqs) if last_seqs else None,
+    }
+    return {"directory": str(d), "segments": segments, "totals": totals}
