@@ -83,13 +83,17 @@ def connect(paths: AgentPaths, timeout: float = 5.0) -> AgentClient | None:
     return client
 
 
+#: Sidecars this process started; kept referenced so Popen never warns about a running child.
+_sidecars: list[subprocess.Popen[bytes]] = []
+
+
 def start_sidecar(paths: AgentPaths, settings: dict[str, Any]) -> subprocess.Popen[bytes]:
     """Start ``python -m flightlog.agent`` detached: it outlives the trainer until it has drained."""
     ensure_private_dir(paths.data_dir)
     ensure_private_dir(paths.socket.parent)
     logfile = open(paths.log, "ab")
     try:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [
                 sys.executable, "-m", "flightlog.agent", "--sidecar",
                 "--data-dir", str(paths.data_dir), "--socket", str(paths.socket),
@@ -100,6 +104,8 @@ def start_sidecar(paths: AgentPaths, settings: dict[str, Any]) -> subprocess.Pop
         )
     finally:
         logfile.close()
+    _sidecars.append(proc)
+    return proc
 
 
 def connect_or_start(paths: AgentPaths, settings: dict[str, Any], *, autostart: bool, timeout: float) -> AgentClient | None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import operator
 import os
 import socket as _socket
 import threading
@@ -206,23 +207,31 @@ class ExperimentTracker:
 
         A step lower than the previous one is recorded as given (one warning per run).
         """
-        for k, v in metrics.items():
-            if (type(v) is not float and type(v) is not int) or type(k) is not str:
-                metrics = _coerce_metrics(metrics)
-                break
+        try:
+            for k, v in metrics.items():
+                if (type(v) is not float and type(v) is not int) or type(k) is not str:
+                    metrics = _coerce_metrics(metrics)
+                    break
+        except AttributeError:
+            metrics = _coerce_metrics(metrics)  # not a mapping: raises a clear TypeError
         if step is None:
             step = self._step + 1
-        elif step < self._step and not self._warned_backwards:
-            self._warn_backwards(step)
+        elif type(step) is not int or step < self._step:
+            step = self._check_step(step)
         self._step = step
         self._encode_into(Metrics(self.run_id, step, time.time(), metrics), self._buf, 4)
         self._write(self._buf)
 
-    def _warn_backwards(self, step: int) -> None:
-        if type(step) is not int:
-            raise TypeError(f"step must be an int, got {type(step).__name__}")
-        self._warned_backwards = True
-        log.warning("flightlog: step went backwards (%d after %d); points are recorded as given", step, self._step)
+    def _check_step(self, step: Any) -> int:
+        try:
+            step = operator.index(step)  # ints, numpy integers, 0-dim integer tensors
+        except TypeError:
+            raise TypeError(f"step must be an int, got {type(step).__name__}: {step!r:.40}") from None
+        if step < self._step and not self._warned_backwards:
+            self._warned_backwards = True
+            log.warning("flightlog: step went backwards (%d after %d); points are recorded as given",
+                        step, self._step)
+        return int(step)
 
     def log_hyperparameters(self, params: Mapping[str, Any]) -> None:
         """Log hyper-parameters (values: numbers, strings, bools, None, or nested lists/dicts)."""
@@ -287,18 +296,29 @@ class ExperimentTracker:
             self._ckpt.wait_all(timeout)
         if self._producer is None:
             return
-        if self._client is None:
-            self._connect()
-            if self._client is None:
-                raise AgentUnavailable(
-                    f"cannot flush: no flightlog agent on {self.paths.socket}; start one with `flightlog agent`"
-                )
         w, gen, spill_pos = self._producer.positions()
-        reply = self._client.request(
-            FlushRequest(self.producer_id, w, gen, spill_pos, timeout), timeout=timeout + 5
-        )
+        reply = self._request(FlushRequest(self.producer_id, w, gen, spill_pos, timeout), timeout + 5)
         if not reply.ok:
             raise FlightlogError(f"flush failed: {reply.error}")
+
+    def _request(self, message: Any, timeout: float = 30.0) -> Any:
+        """A control request; reconnects once (an agent restarted after a crash is found again)."""
+        for attempt in (1, 2):
+            if self._client is None:
+                self._connect()
+                if self._client is None:
+                    raise AgentUnavailable(
+                        f"no flightlog agent on {self.paths.socket}; start one with `flightlog agent` "
+                        "(events logged so far are kept in shared memory and spill files until then)"
+                    )
+            try:
+                return self._client.request(message, timeout=timeout)
+            except AgentUnavailable:
+                self._client.close()
+                self._client = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def finish(self, status: str = "completed", error: str = "") -> None:
         """End the run: record its status, make every event durable, release the ring."""
@@ -315,8 +335,11 @@ class ExperimentTracker:
             log.warning("flightlog: %d events were dropped because the ring was full (agent.on_full=drop)", dropped)
         self._emit(RunEnd(self.run_id, status, self.metadata.ended_at, error, dropped))
         try:
+            if self._client is None:
+                self._connect()  # an agent may have come up since (or autostart starts one now)
             if self._client is not None:
                 self.flush()
+            if self._client is not None:
                 self._client.request(Unregister(self.producer_id))
         except FlightlogError as exc:
             log.warning("flightlog: could not confirm the end of run %s with the agent: %s", self.run_id, exc)

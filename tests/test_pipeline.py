@@ -1,0 +1,336 @@
+"""The event pipeline end to end, with real processes: SDK -> ring -> agent -> WAL -> local store."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import flightlog
+from flightlog.agent.store import Store
+from flightlog.paths import AgentPaths, resolve_paths
+
+from conftest import AgentProcess, new_id
+
+
+def wait_points(paths: AgentPaths, run_id: str, n: int, timeout: float = 60.0) -> list[dict]:
+    """Poll the local store until the run has n metric points (or time out); return them."""
+    deadline = time.monotonic() + timeout
+    points: list[dict] = []
+    while time.monotonic() < deadline:
+        if paths.store.exists():
+            store = Store(paths.store, readonly=True)
+            try:
+                points = list(store.metric_points(run_id))
+            except Exception:
+                points = []
+            finally:
+                store.close()
+            if len(points) >= n:
+                time.sleep(0.3)  # would more (duplicates) arrive?
+                store = Store(paths.store, readonly=True)
+                points = list(store.metric_points(run_id))
+                store.close()
+                return points
+        time.sleep(0.1)
+    return points
+
+
+def run_child(code: str, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_exactly_once(points: list[dict], keys: list[str], n: int) -> None:
+    counts = Counter((p["key"], p["step"]) for p in points)
+    missing = [(k, s) for k in keys for s in range(n) if counts[(k, s)] == 0]
+    dupes = [ks for ks, c in counts.items() if c > 1]
+    assert not missing, f"{len(missing)} points missing, e.g. {missing[:5]}"
+    assert not dupes, f"{len(dupes)} points duplicated, e.g. {dupes[:5]}"
+    assert len(points) == len(keys) * n
+
+
+def test_log_flush_and_export(agent: AgentProcess, base_config: dict) -> None:
+    with flightlog.experiment_tracking("export-me", base_config, description="d", tags=["a", "b"]) as t:
+        t.log_hyperparameters({"lr": 1e-4, "batch_size": 32, "layers": [1, 2]})
+        for i in range(1000):
+            t.log_metrics({"loss": 1.0 / (i + 1), "acc": i / 1000, "nan": float("nan"), "inf": float("inf")}, step=i)
+        t.flush()
+        run_id = t.run_id
+        assert t.metadata.status == "running"
+    assert t.metadata.status == "completed" and t.metadata.ended_at is not None
+    points = wait_points(agent.paths, run_id, 4000)
+    assert_exactly_once(points, ["loss", "acc", "nan", "inf"], 1000)
+    out = subprocess.run(
+        [sys.executable, "-m", "flightlog.agent.cli", "runs", "export", run_id, "--format", "jsonl"],
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()
+    rows = [json.loads(line) for line in out]
+    assert len(rows) == 4000
+    assert set(rows[0]) == {"run", "key", "step", "timestamp", "value"}
+    by_key = {(r["key"], r["step"]): r["value"] for r in rows}
+    assert by_key[("loss", 9)] == pytest.approx(0.1)
+    assert by_key[("nan", 3)] == "NaN" and by_key[("inf", 3)] == "Infinity"
+    store = Store(agent.paths.store, readonly=True)
+    run = store.run(run_id)
+    store.close()
+    assert run["status"] == "completed" and run["description"] == "d"
+    assert json.loads(run["tags"]) == ["a", "b"]
+    assert run["params"] == {"lr": 1e-4, "batch_size": 32, "layers": [1, 2]}
+    assert run["config_hash"] == flightlog.config_hash(base_config)
+
+
+def test_failed_run_records_traceback(agent: AgentProcess, base_config: dict) -> None:
+    with pytest.raises(ZeroDivisionError):
+        with flightlog.experiment_tracking("boom", base_config) as t:
+            t.log_metrics({"x": 1.0})
+            1 / 0
+    assert t.metadata.status == "failed" and "ZeroDivisionError" in t.metadata.error
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        store = Store(agent.paths.store, readonly=True)
+        run = store.run(t.run_id) if store.runs() else {}
+        store.close()
+        if run.get("status") == "failed":
+            break
+        time.sleep(0.1)
+    assert run["status"] == "failed" and "ZeroDivisionError" in run["error"]
+
+
+def test_bad_values_are_type_errors_and_numbers_are_coerced(agent: AgentProcess, base_config: dict) -> None:
+    import numpy as np
+
+    t = flightlog.ExperimentTracker("types", base_config)
+    with pytest.raises(TypeError, match="'loss' must be a number"):
+        t.log_metrics({"loss": "high"}, step=0)
+    with pytest.raises(TypeError, match="must be str"):
+        t.log_metrics({1: 0.5}, step=0)  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="dict"):
+        t.log_metrics([("a", 1.0)], step=0)  # type: ignore[arg-type]
+    t.log_metrics({"np32": np.float32(0.5), "np64": np.float64(0.25), "flag": True, "i": 3}, step=5)
+    with pytest.raises(TypeError, match="step must be an int"):
+        t.log_metrics({"x": 1.0}, step=1.5)  # type: ignore[arg-type]
+    t.log_metrics({"back": 1.0}, step=np.int64(2))  # steps going backwards: recorded as given
+    t.log_metrics({"auto": 1.0})  # no step: previous + 1
+    t.finish()
+    points = {(p["key"], p["step"]): p["value"] for p in wait_points(agent.paths, t.run_id, 6)}
+    assert points == {("np32", 5): 0.5, ("np64", 5): 0.25, ("flag", 5): 1.0, ("i", 5): 3,
+                      ("back", 2): 1.0, ("auto", 3): 1.0}
+
+
+def test_sidecar_starts_by_itself_and_exits_after_draining(agent_paths: AgentPaths, base_config: dict) -> None:
+    cfg = {**base_config, "agent": {"autostart": True, "idle_exit_seconds": 0.5}}
+    with flightlog.experiment_tracking("sidecar", cfg) as t:
+        for i in range(5000):
+            t.log_metrics({"loss": float(i)}, step=i)
+    assert_exactly_once(wait_points(agent_paths, t.run_id, 5000), ["loss"], 5000)
+    from flightlog.client import _sidecars
+
+    sidecar = _sidecars[-1]
+    assert sidecar.wait(30) == 0, "the sidecar should exit once drained"
+    assert not agent_paths.socket.exists()
+
+
+TRAINER = """
+    import os, signal, sys, flightlog
+    n = int(sys.argv[2])
+    t = flightlog.ExperimentTracker("crash", {"agent": {"autostart": False},
+                                     "tracking": {"use_tensorboard": False}}, run_id=sys.argv[1])
+    for i in range(n):
+        t.log_metrics({"x": float(i), "y": -float(i)}, step=i)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_trainer_sigkill_right_after_last_log_loses_nothing(agent: AgentProcess) -> None:
+    run_id = "crash" + new_id()
+    proc = run_child(TRAINER, run_id, "20000")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert_exactly_once(wait_points(agent.paths, run_id, 40000), ["x", "y"], 20000)
+
+
+PRODUCER = """
+    import sys, time, flightlog
+    n = int(sys.argv[2])
+    t = flightlog.ExperimentTracker("steady", {"agent": {"autostart": False, "ring_bytes": 65536},
+                                     "tracking": {"use_tensorboard": False}}, run_id=sys.argv[1])
+    for i in range(n):
+        t.log_metrics({"x": float(i)}, step=i)
+        if i % 500 == 0:
+            time.sleep(0.002)
+    t.finish()
+    print("done", t._producer.spilled)
+"""
+
+
+def test_agent_sigkill_while_producer_logs_exactly_once(agent: AgentProcess) -> None:
+    run_id = "agentkill" + new_id()
+    n = 200_000
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PRODUCER), run_id, str(n)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    agent.kill()
+    time.sleep(0.5)
+    agent.start()
+    time.sleep(0.5)
+    agent.kill()  # twice, for good measure
+    agent.start()
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err
+    assert_exactly_once(wait_points(agent.paths, run_id, n, timeout=90), ["x"], n)
+
+
+def test_agent_down_at_start_spills_then_drains(agent_paths: AgentPaths) -> None:
+    run_id = "down" + new_id()
+    n = 50_000  # ~2.5 MB of frames through a 64 KiB ring
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(PRODUCER), run_id, str(n)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)  # the producer runs with no agent at all for a while
+    spill_files = list(agent_paths.spill_dir.glob("*.spill"))
+    assert spill_files, "the ring should have overflowed into a spill file"
+    agent = AgentProcess(agent_paths).start()
+    try:
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err
+        assert int(out.split()[1]) > 0  # events went through the spill file
+        assert_exactly_once(wait_points(agent_paths, run_id, n, timeout=90), ["x"], n)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and list(agent_paths.spill_dir.glob("*.spill")):
+            time.sleep(0.1)
+        assert not list(agent_paths.spill_dir.glob("*.spill")), "drained spill files are deleted"
+    finally:
+        agent.stop()
+
+
+RANK = """
+    import os, sys, flightlog
+    rank = int(os.environ["RANK"])
+    t = flightlog.ExperimentTracker("ddp", {"agent": {"autostart": False},
+                                     "tracking": {"use_tensorboard": False}}, run_id=sys.argv[1])
+    assert t.rank == rank
+    for i in range(int(sys.argv[2])):
+        t.log_metrics({f"loss/rank{rank}": float(i)}, step=i)
+    t.finish()
+"""
+
+
+def test_four_ranks_and_a_second_job_share_one_agent(agent: AgentProcess) -> None:
+    job1, job2, n = "job1" + new_id(), "job2" + new_id(), 20_000
+    procs = [
+        subprocess.Popen([sys.executable, "-c", textwrap.dedent(RANK), job1, str(n)],
+                         env={**os.environ, "RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+        for r in range(4)
+    ]
+    procs.append(subprocess.Popen([sys.executable, "-c", textwrap.dedent(RANK), job2, str(n)],
+                                  env={**os.environ, "RANK": "0"}, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    assert_exactly_once(wait_points(agent.paths, job1, 4 * n), [f"loss/rank{r}" for r in range(4)], n)
+    assert_exactly_once(wait_points(agent.paths, job2, n), ["loss/rank0"], n)
+
+
+def test_two_agents_side_by_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, agent_paths: AgentPaths,
+                                 base_config: dict) -> None:
+    other_data = tmp_path / "other-data"
+    other_sock = agent_paths.socket.parent / "b.sock"
+    a = AgentProcess(agent_paths).start()
+    monkeypatch.setenv("FLIGHTLOG_DATA_DIR", str(other_data))
+    monkeypatch.setenv("FLIGHTLOG_AGENT_SOCKET", str(other_sock))
+    other_data.mkdir()
+    b_paths = resolve_paths()
+    assert b_paths.ring_dir != agent_paths.ring_dir
+    b = AgentProcess(b_paths).start()
+    try:
+        tb = flightlog.ExperimentTracker("on-b", base_config)
+        tb.log_metrics({"b": 1.0}, step=0)
+        tb.finish()
+        monkeypatch.setenv("FLIGHTLOG_DATA_DIR", str(agent_paths.data_dir))
+        monkeypatch.setenv("FLIGHTLOG_AGENT_SOCKET", str(agent_paths.socket))
+        ta = flightlog.ExperimentTracker("on-a", base_config)
+        ta.log_metrics({"a": 1.0}, step=0)
+        ta.finish()
+        assert len(wait_points(agent_paths, ta.run_id, 1)) == 1
+        assert len(wait_points(b_paths, tb.run_id, 1)) == 1
+        for paths, mine, theirs in ((agent_paths, ta.run_id, tb.run_id), (b_paths, tb.run_id, ta.run_id)):
+            store = Store(paths.store, readonly=True)
+            ids = {r["run_id"] for r in store.runs()}
+            store.close()
+            assert mine in ids and theirs not in ids
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_socket_is_private_and_other_uids_are_refused(agent: AgentProcess) -> None:
+    sock = agent.paths.socket
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    if os.getuid() != 0:
+        pytest.skip("needs root to connect from another uid")
+    # Open the file permissions so that only the agent's SO_PEERCRED check stands in the way.
+    os.chmod(sock.parent, 0o711)
+    os.chmod(sock, 0o666)
+    try:
+        pid = os.fork()
+        if pid == 0:  # child: become nobody, connect, expect a refusal
+            code = 1
+            try:
+                os.setuid(65534)
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(5)
+                s.connect(str(sock))
+                from flightlog.proto.codec import decode_control
+
+                data = b""
+                while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4], "little"):
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                reply = decode_control(data[4:])
+                code = 0 if (not reply.ok and "uid 65534" in reply.error) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.chmod(sock.parent, 0o700)
+        os.chmod(sock, 0o600)
+
+
+def test_cli_status_inspect_and_errors(agent: AgentProcess, base_config: dict) -> None:
+    t = flightlog.ExperimentTracker("cli", base_config)
+    t.log_metrics({"a": 1.0}, step=0)
+    t.flush()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "flightlog.agent.cli", *args], capture_output=True, text=True)
+
+    st = cli("status")
+    assert st.returncode == 0 and "agent: up" in st.stdout and "store:" in st.stdout
+    data = json.loads(cli("status", "--json").stdout)
+    assert any(p["producer"] == t.producer_id for p in data["producers"])
+    assert set(data["sinks"]["store"]) >= {"state", "backlog_events", "backlog_bytes", "last_error"}
+    t.finish()
+    ins = cli("wal", "inspect", str(agent.paths.wal_dir))
+    assert ins.returncode == 0 and "records" in ins.stdout
+    ls = cli("runs", "ls")
+    assert t.run_id in ls.stdout
+    bad = cli("runs", "export", "no-such-run")
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "no run 'no-such-run'" in bad.stderr
+    bad = cli("wal", "inspect", "/nonexistent/wal")
+    assert bad.returncode == 1 and bad.stderr.startswith("flightlog: error:") and bad.stderr.count("\n") == 1
+    agent.stop()
+    down = cli("status")
+    assert down.returncode == 1 and "not running" in down.stdout
