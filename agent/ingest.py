@@ -18,7 +18,7 @@ import psutil
 
 from flightlog.proto.errors import ProtocolError, RingError
 from flightlog.proto.frames import PAD_MARKER, U32
-from flightlog.ring import RingView, spill_path
+from flightlog.ring import RingView, cursor_distance, cursor_reached, spill_path
 
 from .wal import SRC_RING, SRC_SPILL
 
@@ -103,8 +103,11 @@ class Ingestor:
         """Move cursors past what the WAL already holds (a crash between WAL append and cursor store)."""
         pid = view.producer_id
         ring_pos = self._positions.get((pid, SRC_RING))
-        if ring_pos is not None and ring_pos[1] > view.read_cursor:
-            view.read_cursor = min(ring_pos[1], view.write_cursor)
+        if ring_pos is not None:
+            recorded = ring_pos[1]
+            _, ahead = cursor_distance(view.read_word, recorded)
+            if 0 < ahead < 1 << 35:  # the WAL already holds frames the read word does not count yet
+                view.read_word = recorded
         spill_pos = self._positions.get((pid, SRC_SPILL))
         if spill_pos is not None and spill_pos > view.consumed:
             view.set_consumed(*spill_pos)
@@ -138,22 +141,16 @@ class Ingestor:
     def _drain_ring(self, view: RingView) -> int:
         pid = view.producer_id
         spill_gen = view.spill_gen  # read before the write cursor: see RingProducer._spill
-        w = view.write_cursor
-        r = view.read_cursor
+        w = view.write_word
+        r = view.read_word
         n = 0
-        append = self._append
-        if w > r:
-            data = view.data
-            for start, stop, count, after in view.spans(r, w):
-                # Split huge spans so one WAL record stays bounded.
-                pos = start
-                while pos < stop:
-                    nbytes, cnt = split_frames(data[pos:stop])
-                    chunk_end = pos + nbytes
-                    append(data[pos:chunk_end], cnt, pid, SRC_RING, 0, after - (stop - chunk_end))
-                    view.read_cursor = after - (stop - chunk_end)
-                    n += cnt
-                    pos = chunk_end
+        if w != r:
+            taken = view.take(r, w)
+            if taken is not None:
+                frames, count, after = taken
+                self._append(frames, count, pid, SRC_RING, 0, after)
+                view.read_word = after
+                n = count
         if spill_gen:
             n += self._drain_spill(view, spill_gen)
         return n
@@ -196,7 +193,7 @@ class Ingestor:
         view = ring.view
         if not (view.closed or not _pid_alive(view.pid)):
             return
-        if view.write_cursor != view.read_cursor:
+        if view.write_word != view.read_word:
             return
         gen = view.spill_gen
         if gen:
@@ -225,7 +222,7 @@ class Ingestor:
         view = self.find(producer_id)
         if view is None:
             return not (self.ring_dir / f"{producer_id}.ring").exists()
-        if view.read_cursor < ring_position:
+        if not cursor_reached(view.read_word, ring_position):
             return False
         return not spill_gen or view.consumed >= (spill_gen, spill_position)
 
@@ -235,7 +232,7 @@ class Ingestor:
             v = ring.view
             out.append({
                 "producer": v.producer_id, "pid": v.pid, "rank": v.rank, "events": ring.events,
-                "backlog_bytes": v.write_cursor - v.read_cursor, "spilled": v.spilled, "dropped": v.dropped,
+                "backlog_bytes": v.pending[1], "spilled": v.spilled, "dropped": v.dropped,
                 "closed": v.closed,
             })
         return out

@@ -1,9 +1,10 @@
 """The producer side of a single-producer/single-consumer ring in shared memory, plus spill files.
 
-Layout (one file in /dev/shm): a 4096-byte header, then a power-of-two data area. Cursors are u64 byte
-counters that only grow, each on its own cache line. The producer copies a frame in, then publishes the
-write cursor with one aligned 8-byte store; the agent publishes the read cursor only after the frames are
-in its WAL. On x86-64 stores become visible in program order, so no lock, no syscall and no thread is
+Layout (one file in /dev/shm): a 4096-byte header, then a power-of-two data area. Each cursor is one u64
+word on its own cache line packing a frame counter (high 28 bits) and a byte counter (low 36 bits), both
+modular: the agent learns how many frames a span holds without walking them, so ingest is a memcpy and a
+CRC. The producer copies a frame in, then publishes the write word with one aligned 8-byte store; the
+agent publishes the read word only after the frames are in its WAL. On x86-64 stores become visible in program order, so no lock, no syscall and no thread is
 needed; elsewhere the SDK falls back to the control socket (see ``ring_supported``).
 """
 from __future__ import annotations
@@ -19,7 +20,10 @@ from flightlog.proto.errors import RingError
 from flightlog.proto.events import SCHEMA_VERSION
 from flightlog.proto.frames import PAD_MARKER
 
-__all__ = ["RingProducer", "RingView", "HEADER_SIZE", "RING_MAGIC", "ring_supported", "spill_path"]
+__all__ = [
+    "RingProducer", "RingView", "HEADER_SIZE", "RING_MAGIC", "ring_supported", "spill_path",
+    "pack_cursor", "unpack_cursor", "cursor_distance", "cursor_reached",
+]
 
 RING_MAGIC = b"FLRING01"
 HEADER_SIZE = 4096
@@ -36,15 +40,39 @@ OFF_READ = 128  # u64 read cursor (consumer)
 OFF_SPILL_GEN = 192  # u64 newest spill generation the producer opened (producer)
 OFF_DROPPED = 200  # u64 events dropped by policy "drop" (producer)
 OFF_SPILLED = 208  # u64 events written to spill files (producer)
+OFF_PAD = 216  # u64 byte counter (mod 2**36) where the newest padding frame starts (producer)
 OFF_CONSUMED_OFF = 256  # u64 bytes of the current spill generation the agent has made durable (consumer)
 OFF_CONSUMED_GEN = 264  # u64 spill generation the agent is reading (consumer)
 OFF_PRODUCER_ID = 512  # u16 length + utf-8
 OFF_SPILL_DIR = 1024  # u16 length + utf-8
 LAYOUT_VERSION = 1
 
+BYTE_BITS = 36
+BYTE_MASK = (1 << BYTE_BITS) - 1  # rings are at most 1 GiB, so spans never reach 2**35
+FRAME_MASK = (1 << 28) - 1  # at most 2**27 frames (8 bytes each) fit in a 1 GiB ring
+
 _U64 = struct.Struct("=Q")  # native: pack_into is a single 8-byte store, no byte-by-byte loop
 _U16 = struct.Struct("<H")
 _HDR = struct.Struct("<I")
+
+
+def pack_cursor(frames: int, nbytes: int) -> int:
+    return ((frames & FRAME_MASK) << BYTE_BITS) | (nbytes & BYTE_MASK)
+
+
+def unpack_cursor(word: int) -> tuple[int, int]:
+    return word >> BYTE_BITS, word & BYTE_MASK
+
+
+def cursor_distance(older: int, newer: int) -> tuple[int, int]:
+    """(frames, bytes) from cursor word ``older`` to ``newer``, modular."""
+    return ((newer >> BYTE_BITS) - (older >> BYTE_BITS)) & FRAME_MASK, ((newer - older) & BYTE_MASK)
+
+
+def cursor_reached(read_word: int, target_bytes: int) -> bool:
+    """True when the read cursor is at or past ``target_bytes`` (a producer byte counter)."""
+    d = (target_bytes - read_word) & BYTE_MASK
+    return d == 0 or d >= 1 << (BYTE_BITS - 1)
 
 
 def ring_supported() -> bool:
@@ -83,8 +111,8 @@ class RingProducer:
         on_full: str = "spill",
         block_timeout: float = 5.0,
     ) -> None:
-        if size & (size - 1) or size < 4096:
-            raise RingError(f"ring size must be a power of two >= 4096, got {size}")
+        if size & (size - 1) or size < 4096 or size > 1 << 30:
+            raise RingError(f"ring size must be a power of two from 4 KiB to 1 GiB, got {size}")
         self.path = Path(path)
         self.size = size
         self.producer_id = producer_id
@@ -114,7 +142,8 @@ class RingProducer:
         self._view = memoryview(mm)
         self._data = self._view[HEADER_SIZE:]
         self._cursors = self._view[:HEADER_SIZE].cast("Q")  # native u64 stores
-        self._w = 0
+        self._w = 0  # bytes written (unbounded here; published modulo 2**36)
+        self._frames = 0  # frames published, modulo 2**28
         self._free_until = size  # cached: write cursor may reach this without re-reading the read cursor
         self._mask = size - 1
         self._spill_fd = -1
@@ -138,18 +167,26 @@ class RingProducer:
         wrap = self.size - pos if pos + stride > self.size else 0
         if w + wrap + stride > self._free_until:
             # Re-read the consumer's cursor only when the cached bound says we might be full.
-            self._free_until = self._cursors[OFF_READ // 8] + self.size
+            self._refresh_free()
             if w + wrap + stride > self._free_until and not self._wait_or_spill(buf, stride, wrap):
                 return
         if wrap:
             _HDR.pack_into(self._data, pos, PAD_MARKER)
+            self._cursors[OFF_PAD // 8] = w & BYTE_MASK
             w += wrap
             pos = 0
         self._data[pos : pos + n] = buf
         self._w = w = w + stride
-        self._cursors[OFF_WRITE // 8] = w  # publish: one aligned 8-byte store, after the copy
+        self._frames = f = (self._frames + 1) & FRAME_MASK
+        # Publish: one aligned 8-byte store, after the copy.
+        self._cursors[OFF_WRITE // 8] = (f << BYTE_BITS) | (w & BYTE_MASK)
 
     # --- slow paths ----------------------------------------------------------------------------
+
+    def _refresh_free(self) -> None:
+        read_bytes = self._cursors[OFF_READ // 8] & BYTE_MASK
+        behind = (self._w - read_bytes) & BYTE_MASK  # bytes the agent has not consumed yet
+        self._free_until = self._w - behind + self.size
 
     def _wait_or_spill(self, buf: bytearray, stride: int, wrap: int) -> bool:
         """Ring full. Returns True if the frame may now go into the ring."""
@@ -161,7 +198,7 @@ class RingProducer:
             deadline = time.monotonic() + self.block_timeout
             while time.monotonic() < deadline:
                 time.sleep(0.0005)
-                self._free_until = self._cursors[OFF_READ // 8] + self.size
+                self._refresh_free()
                 if self._w + wrap + stride <= self._free_until:
                     return True
             self._drop()
@@ -205,14 +242,14 @@ class RingProducer:
         if gen == self._spill_gen and off == self._spill_size:
             os.close(self._spill_fd)
             self._spill_fd = -1
-            self._free_until = self._cursors[OFF_READ // 8] + self.size
+            self._refresh_free()
             return True
         return False
 
     # --- positions, for flush ------------------------------------------------------------------
 
     def positions(self) -> tuple[int, int, int]:
-        """(ring write cursor, spill generation, spill bytes written) for a flush request."""
+        """(ring bytes written, spill generation, spill bytes written) for a flush request."""
         return self._w, self._spill_gen, self._spill_size if self._spill_fd >= 0 else 0
 
     def close(self, *, unlink: bool = False) -> None:
@@ -266,16 +303,21 @@ class RingView:
         self._c = self._view[:HEADER_SIZE].cast("Q")
 
     @property
-    def write_cursor(self) -> int:
+    def write_word(self) -> int:
         return self._c[OFF_WRITE // 8]
 
     @property
-    def read_cursor(self) -> int:
+    def read_word(self) -> int:
         return self._c[OFF_READ // 8]
 
-    @read_cursor.setter
-    def read_cursor(self, value: int) -> None:
+    @read_word.setter
+    def read_word(self, value: int) -> None:
         self._c[OFF_READ // 8] = value
+
+    @property
+    def pending(self) -> tuple[int, int]:
+        """(frames, bytes) published by the producer and not yet consumed."""
+        return cursor_distance(self.read_word, self.write_word)
 
     @property
     def closed(self) -> bool:
@@ -304,35 +346,31 @@ class RingView:
             self._c[OFF_CONSUMED_GEN // 8] = gen
         self._c[OFF_CONSUMED_OFF // 8] = offset
 
-    def spans(self, r: int, w: int) -> list[tuple[int, int, int, int]]:
-        """Contiguous runs of frames between cursors r and w: (start, end, frame count, cursor after).
+    def take(self, read_word: int, write_word: int) -> tuple[bytes | memoryview, int, int] | None:
+        """The frames between two cursor words: (frames bytes, frame count, read word after).
 
-        One pass over the frame headers both counts the frames (the WAL record needs the count) and
-        finds the padding frame before a wrap.
+        No frame is walked: the count comes from the cursor words, and a padding frame is cut out using
+        the position the producer recorded (at most one wrap lies between the cursors).
         """
-        out: list[tuple[int, int, int, int]] = []
+        count, nbytes = cursor_distance(read_word, write_word)
+        if not nbytes:
+            return None
         size = self.size
-        data = self.data
-        unpack = _HDR.unpack_from
-        while r < w:
-            pos = r & (size - 1)
-            end = min(pos + (w - r), size)
-            stop = pos
-            count = 0
-            while stop < end:
-                (n,) = unpack(data, stop)
-                if n == PAD_MARKER:
-                    break
-                stop += (n + 11) & ~7
-                count += 1
-            if stop > end:
-                raise RingError(f"ring {self.path}: frame at {stop} runs past the write cursor")
-            if count:
-                out.append((pos, stop, count, r + (stop - pos)))
-            r += stop - pos
-            if stop < end:  # padding frame: skip to the physical start
-                r += size - stop
-        return out
+        pos = read_word & (size - 1)
+        if pos + nbytes <= size:
+            return self.data[pos : pos + nbytes], count, write_word
+        pad = self._c[OFF_PAD // 8]
+        pad_offset = (pad - read_word) & BYTE_MASK  # bytes from the read cursor to the padding frame
+        if pad_offset < nbytes:
+            head = self.data[pos : pos + pad_offset]
+            skipped = size - pos - pad_offset
+        else:  # the frame before the wrap ended exactly at the end: no padding frame
+            head = self.data[pos:size]
+            skipped = 0
+        tail_len = nbytes - len(head) - skipped
+        if tail_len < 0 or len(head) + skipped != size - pos:
+            raise RingError(f"ring {self.path}: inconsistent padding record at byte {pad}")
+        return bytes(head) + bytes(self.data[0:tail_len]), count, write_word
 
     def close(self) -> None:
         self._c.release()

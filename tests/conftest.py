@@ -26,6 +26,8 @@ class AgentProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> AgentProcess:
+        if getattr(self, "log", None) is not None:
+            self.log.close()
         self.log = open(self.paths.data_dir / "agent-test.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flightlog.agent", "--data-dir", str(self.paths.data_dir),
@@ -58,16 +60,17 @@ class AgentProcess:
         self.log.close()
 
     def stop(self, timeout: float = 30.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait(10)
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
         self.log.close()
-        return code
+        return self.proc.returncode
 
 
 @pytest.fixture

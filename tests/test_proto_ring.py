@@ -74,11 +74,13 @@ class Consumer:
 
     def drain(self) -> None:
         v = self.view
-        for start, stop, count, after in v.spans(v.read_cursor, v.write_cursor):
-            frames = [bytes(f) for f in iter_frames(v.data[start:stop])]
-            assert len(frames) == count == count_frames(v.data[start:stop])
+        taken = v.take(v.read_word, v.write_word)
+        if taken is not None:
+            data, count, after = taken
+            frames = [bytes(f) for f in iter_frames(data)]
+            assert len(frames) == count == count_frames(data)
             self.got.extend(frames)
-            v.read_cursor = after
+            v.read_word = after
         gen = v.spill_gen
         if gen:
             cgen, off = v.consumed
@@ -135,9 +137,9 @@ def test_ring_full_spills_then_returns_to_ring(tmp_path: Path) -> None:
     assert prod.spilled > 0 and cons.view.spill_gen == 1
     cons.drain()
     assert len(cons.got) == 100
-    w_before = cons.view.write_cursor
+    w_before = cons.view.write_word
     prod.write_frame(_frame(payload))  # the agent consumed the spill: back to the ring
-    assert cons.view.write_cursor > w_before
+    assert cons.view.write_word != w_before
     cons.drain()
     assert len(cons.got) == 101
 
@@ -173,3 +175,28 @@ def test_encode_into_reuses_buffer() -> None:
     buf = bytearray(8)
     event_encoder.encode_into(Metrics("r", 1, 0.0, {"a": 1.0}), buf, 4)
     assert decode_event(bytes(buf[4:])) == Metrics("r", 1, 0.0, {"a": 1.0})
+
+
+def test_cursor_words_wrap_their_counters(tmp_path: Path) -> None:
+    """Start just below the 2**36 byte and 2**28 frame counters: spans across the wrap stay exact."""
+    from flightlog.ring import BYTE_MASK, FRAME_MASK, OFF_READ, OFF_WRITE, cursor_reached, pack_cursor
+
+    prod, cons = _ring(tmp_path)
+    start_bytes = (BYTE_MASK + 1) - 4096 * 3 + 512  # not ring-aligned, so the wrap lands mid-ring
+    start_frames = FRAME_MASK - 20
+    prod._w = start_bytes
+    prod._frames = start_frames
+    prod._free_until = start_bytes + prod.size
+    word = pack_cursor(start_frames, start_bytes)
+    prod._cursors[OFF_WRITE // 8] = word
+    prod._cursors[OFF_READ // 8] = word
+    sent = []
+    for i in range(400):
+        payload = i.to_bytes(4, "little") + bytes(i % 90)
+        prod.write_frame(_frame(payload))
+        sent.append(payload)
+        if i % 7 == 0:
+            cons.drain()
+    cons.drain()
+    assert cons.got == sent
+    assert prod._w > BYTE_MASK and cursor_reached(cons.view.read_word, prod.positions()[0])

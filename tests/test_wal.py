@@ -332,11 +332,11 @@ def test_producer_positions_after_reopen(tmp_path: Path) -> None:
         wal.append(f, 1, "a", src_kind=0, src_end=100)
         wal.append(f, 1, "a", src_kind=0, src_end=300)
         wal.append(f, 1, "a", src_kind=1, src_gen=2, src_end=10)
-        wal.append(f, 1, "a", src_kind=1, src_gen=1, src_end=9999)  # older generation: not the max
+        wal.append(f, 1, "a", src_kind=1, src_gen=3, src_end=20)
         wal.append(f, 1, "b", src_kind=2, src_end=5)
-        wal.append(f, 1, "a", src_kind=0, src_end=200)  # out of order: max wins
+        wal.append(f, 1, "a", src_kind=0, src_end=200)  # a wrapped (modular) ring word: newest wins, not max
     with WAL(tmp_path) as wal:
-        assert wal.recovery.producer_positions == {("a", 0): (0, 300), ("a", 1): (2, 10), ("b", 2): (0, 5)}
+        assert wal.recovery.producer_positions == {("a", 0): (0, 200), ("a", 1): (3, 20), ("b", 2): (0, 5)}
         assert wal.recovery.next_seq == 6 and wal.recovery.segments == len(wal.segments())
 
 

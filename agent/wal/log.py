@@ -78,7 +78,8 @@ class RecoveryReport:
     skipped_bytes: int = 0
     next_seq: int = 0
     segments: int = 0
-    #: (producer_id, src_kind) -> max (src_gen, src_end) of any valid record: where to resume each source.
+    #: (producer_id, src_kind) -> (src_gen, src_end) of the newest valid record (WAL order): where each
+    #: source resumes. Newest, not largest: ring cursor words are modular and may wrap.
     producer_positions: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
 
 
@@ -114,9 +115,7 @@ def _recover(directory: Path) -> RecoveryReport:
         for item in scan(buf, _HDR, len(buf)):
             if isinstance(item, Record):
                 rep.next_seq = max(rep.next_seq, item.first_seq + item.count)
-                key, pos = (item.producer_id, item.src_kind), (item.src_gen, item.src_end)
-                if key not in positions or positions[key] < pos:
-                    positions[key] = pos
+                positions[(item.producer_id, item.src_kind)] = (item.src_gen, item.src_end)
             elif item.tail and is_last:
                 with open(path, "r+b") as f:
                     f.truncate(item.offset)
