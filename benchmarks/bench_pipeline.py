@@ -119,7 +119,7 @@ def bench_ingest_prefilled(work: Path, events: int) -> dict:
         buf = bytearray(256)
         now = time.time()
         for i in range(events):
-            event_encoder.encode_into(Metrics("0123456789abcdef", i, now, METRICS), buf, 4)
+            event_encoder.encode_into(Metrics("0123456789abcdef", i, now, METRICS), buf, 0)
             prod.write_frame(buf)
         assert prod.spilled == 0, "ring too small for the pre-fill"
         wal = WAL(work / "wal-ingest", fsync="interval")

@@ -1,9 +1,9 @@
 """The producer side of a single-producer/single-consumer ring in shared memory, plus spill files.
 
 Layout (one file in /dev/shm): a 4096-byte header, then a power-of-two data area. Each cursor is one u64
-word on its own cache line packing a frame counter (high 28 bits) and a byte counter (low 36 bits), both
-modular: the agent learns how many frames a span holds without walking them, so ingest is a memcpy and a
-CRC. The producer copies a frame in, then publishes the write word with one aligned 8-byte store; the
+word on its own cache line packing a frame counter (high 29 bits, counted modulo 2**28) and a byte counter
+(low 35 bits, modulo 2**35): the agent learns how many frames a span holds without walking them, so ingest
+is a memcpy and a CRC. The producer copies a frame in, then publishes the write word with one aligned 8-byte store; the
 agent publishes the read word only after the frames are in its WAL. On x86-64 stores become visible in program order, so no lock, no syscall and no thread is
 needed; elsewhere the SDK falls back to the control socket (see ``ring_supported``).
 """
@@ -15,6 +15,7 @@ import platform
 import struct
 import time
 from pathlib import Path
+from typing import Any
 
 from flightlog.proto.errors import RingError
 from flightlog.proto.events import SCHEMA_VERSION
@@ -47,9 +48,14 @@ OFF_PRODUCER_ID = 512  # u16 length + utf-8
 OFF_SPILL_DIR = 1024  # u16 length + utf-8
 LAYOUT_VERSION = 1
 
-BYTE_BITS = 36
-BYTE_MASK = (1 << BYTE_BITS) - 1  # rings are at most 1 GiB, so spans never reach 2**35
-FRAME_MASK = (1 << 28) - 1  # at most 2**27 frames (8 bytes each) fit in a 1 GiB ring
+BYTE_BITS = 35
+BYTE_MASK = (1 << BYTE_BITS) - 1  # rings are at most 1 GiB, so spans never reach 2**34
+FRAME_MASK = (1 << 28) - 1  # frames are counted modulo 2**28; at most 2**27 (8 bytes each) fit in 1 GiB
+_FRAME_ONE = 1 << BYTE_BITS
+# The producer adds ``stride + _FRAME_ONE`` to its word on the fast path (two small additions instead of
+# shifts and masks) and renormalises in the slow path, which runs at least once per lap of the ring: so the
+# byte field never carries (the fast path never reaches the physical end) and the frame field stays below
+# 2**28 + 2**27, inside its 29 bits.
 
 _U64 = struct.Struct("=Q")  # native: pack_into is a single 8-byte store, no byte-by-byte loop
 _U16 = struct.Struct("<H")
@@ -61,7 +67,7 @@ def pack_cursor(frames: int, nbytes: int) -> int:
 
 
 def unpack_cursor(word: int) -> tuple[int, int]:
-    return word >> BYTE_BITS, word & BYTE_MASK
+    return (word >> BYTE_BITS) & FRAME_MASK, word & BYTE_MASK
 
 
 def cursor_distance(older: int, newer: int) -> tuple[int, int]:
@@ -141,10 +147,12 @@ class RingProducer:
         mm[OFF_MAGIC : OFF_MAGIC + 8] = RING_MAGIC  # last: the agent ignores rings without magic
         self._view = memoryview(mm)
         self._data = self._view[HEADER_SIZE:]
+        self._data32 = self._data.cast("I")  # frame headers: one native u32 store
         self._cursors = self._view[:HEADER_SIZE].cast("Q")  # native u64 stores
-        self._w = 0  # bytes written (unbounded here; published modulo 2**36)
-        self._frames = 0  # frames published, modulo 2**28
+        self._w = 0  # bytes written (unbounded here)
+        self._word = 0  # the published write word (see pack_cursor)
         self._free_until = size  # cached: write cursor may reach this without re-reading the read cursor
+        self._limit = size - 1  # see _update_limit
         self._mask = size - 1
         self._spill_fd = -1
         self._spill_gen = 0
@@ -154,41 +162,69 @@ class RingProducer:
 
     # --- the hot path --------------------------------------------------------------------------
 
-    def write_frame(self, buf: bytearray) -> None:
-        """Write one frame whose first 4 bytes are reserved for the length (``buf`` = header + payload)."""
-        n = len(buf)
-        _HDR.pack_into(buf, 0, n - 4)
-        stride = (n + 7) & ~7
+    def write_frame(self, payload: bytearray | bytes, _one: int = _FRAME_ONE, _w_index: int = OFF_WRITE // 8) -> None:
+        """Write one frame: ``u32 length`` then ``payload``, padded to 8 bytes; then publish it.
+
+        The keyword defaults bind constants as fast locals: this is the hot path of every log call.
+        """
+        n = len(payload)
+        stride = (n + 11) & ~7
         w = self._w
-        if self._spill_fd >= 0 and not self._leave_spill():
-            self._spill(buf, stride)
+        if w + stride > self._limit:
+            # Full, wrapping, or spilling: one comparison keeps all of that off the common path.
+            self._write_slow(payload, stride)
             return
+        pos = w & self._mask
+        self._data[pos + 4 : pos + 4 + n] = payload
+        self._data32[pos >> 2] = n
+        self._w = w + stride
+        self._word = word = self._word + stride + _one
+        self._cursors[_w_index] = word  # publish: one aligned 8-byte store, after the copy
+
+    # --- slow paths ----------------------------------------------------------------------------
+
+    def _update_limit(self) -> None:
+        """The byte counter up to which frames go in without a check: free space, and the physical end."""
+        w = self._w
+        end = w - (w & self._mask) + self.size
+        # end - 1: a frame that reaches the physical end exactly takes the slow path (see _FRAME_ONE).
+        self._limit = -1 if self._spill_fd >= 0 else min(self._free_until, end - 1)
+
+    def _write_slow(self, payload: bytearray | bytes, stride: int) -> None:
+        if self._spill_fd >= 0 and not self._leave_spill():
+            self._spill(payload, stride)
+            self._update_limit()
+            return
+        w = self._w
         pos = w & self._mask
         wrap = self.size - pos if pos + stride > self.size else 0
         if w + wrap + stride > self._free_until:
             # Re-read the consumer's cursor only when the cached bound says we might be full.
             self._refresh_free()
-            if w + wrap + stride > self._free_until and not self._wait_or_spill(buf, stride, wrap):
+            if w + wrap + stride > self._free_until and not self._wait_or_spill(payload, stride, wrap):
+                self._update_limit()
                 return
         if wrap:
             _HDR.pack_into(self._data, pos, PAD_MARKER)
             self._cursors[OFF_PAD // 8] = w & BYTE_MASK
             w += wrap
             pos = 0
-        self._data[pos : pos + n] = buf
+        n = len(payload)
+        self._data[pos + 4 : pos + 4 + n] = payload
+        self._data32[pos >> 2] = n
         self._w = w = w + stride
-        self._frames = f = (self._frames + 1) & FRAME_MASK
-        # Publish: one aligned 8-byte store, after the copy.
-        self._cursors[OFF_WRITE // 8] = (f << BYTE_BITS) | (w & BYTE_MASK)
-
-    # --- slow paths ----------------------------------------------------------------------------
+        frames = ((self._word >> BYTE_BITS) + 1) & FRAME_MASK
+        self._word = word = (frames << BYTE_BITS) | (w & BYTE_MASK)
+        self._cursors[OFF_WRITE // 8] = word
+        self._refresh_free()
+        self._update_limit()
 
     def _refresh_free(self) -> None:
         read_bytes = self._cursors[OFF_READ // 8] & BYTE_MASK
         behind = (self._w - read_bytes) & BYTE_MASK  # bytes the agent has not consumed yet
         self._free_until = self._w - behind + self.size
 
-    def _wait_or_spill(self, buf: bytearray, stride: int, wrap: int) -> bool:
+    def _wait_or_spill(self, buf: bytearray | bytes, stride: int, wrap: int) -> bool:
         """Ring full. Returns True if the frame may now go into the ring."""
         if stride + wrap > self.size:
             # Larger than the whole ring: can only go through a spill file.
@@ -213,7 +249,7 @@ class RingProducer:
         self.dropped += 1
         self._cursors[OFF_DROPPED // 8] = self.dropped
 
-    def _spill(self, buf: bytearray, stride: int) -> None:
+    def _spill(self, payload: bytearray | bytes, stride: int) -> None:
         if self._spill_fd < 0:
             self._spill_gen += 1
             self._spill_size = 0
@@ -229,8 +265,8 @@ class RingProducer:
                 ) from exc
             # Published after the ring frames before it: the agent drains the ring before the spill.
             self._cursors[OFF_SPILL_GEN // 8] = self._spill_gen
-        pad = stride - len(buf)
-        os.write(self._spill_fd, bytes(buf) + b"\0" * pad if pad else buf)
+        frame = _HDR.pack(len(payload)) + bytes(payload) + bytes(stride - 4 - len(payload))
+        os.write(self._spill_fd, frame)
         self._spill_size += stride
         self.spilled += 1
         self._cursors[OFF_SPILLED // 8] = self.spilled
@@ -261,6 +297,7 @@ class RingProducer:
             return
         self._cursors[OFF_CLOSED // 8] = 1
         self._cursors.release()
+        self._data32.release()
         self._data.release()
         self._view.release()
         self._view = None  # type: ignore[assignment]

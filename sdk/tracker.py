@@ -40,6 +40,7 @@ __all__ = ["ExperimentTracker", "ExperimentMetadata", "experiment_tracking"]
 log = logging.getLogger("flightlog")
 
 _STATUSES = ("running", "completed", "failed", "killed")
+_now = time.time
 
 
 class ExperimentMetadata(msgspec.Struct, kw_only=True):
@@ -134,7 +135,7 @@ class ExperimentTracker:
         self._step = -1
         self._warned_backwards = False
         self._producer = self._open_producer()
-        self._buf = bytearray(512)
+        self._buf = bytearray(512)  # reused: encode_into resizes it to each payload
         self._encode_into = event_encoder.encode_into
         self._write = self._producer.write_frame if self._producer else self._write_via_socket
         self._connect()
@@ -219,8 +220,9 @@ class ExperimentTracker:
         elif type(step) is not int or step < self._step:
             step = self._check_step(step)
         self._step = step
-        self._encode_into(Metrics(self.run_id, step, time.time(), metrics), self._buf, 4)
-        self._write(self._buf)
+        buf = self._buf
+        self._encode_into(Metrics(self.run_id, step, _now(), metrics), buf, 0)
+        self._write(buf)
 
     def _check_step(self, step: Any) -> int:
         try:
@@ -252,7 +254,7 @@ class ExperimentTracker:
 
     def _emit(self, event: Event) -> None:
         with self._lock:
-            self._encode_into(event, self._buf, 4)
+            self._encode_into(event, self._buf, 0)
             self._write(self._buf)
 
     # --- checkpoints (flightlog.checkpoint, imported on first use: it needs torch) ---------------
@@ -344,6 +346,8 @@ class ExperimentTracker:
         except FlightlogError as exc:
             log.warning("flightlog: could not confirm the end of run %s with the agent: %s", self.run_id, exc)
         finally:
+            if self._ckpt is not None:
+                self._ckpt.close()  # waits for checkpoint writes still running, frees the staging buffers
             if self._client is not None:
                 self._client.close()
             if self._producer is not None:

@@ -106,8 +106,8 @@ def _ring(tmp_path: Path, size: int = 4096, on_full: str = "spill") -> tuple[Rin
     return prod, Consumer(path)
 
 
-def _frame(payload: bytes) -> bytearray:
-    return bytearray(4) + payload
+def _frame(payload: bytes) -> bytes:
+    return payload
 
 
 @settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
@@ -178,16 +178,16 @@ def test_encode_into_reuses_buffer() -> None:
 
 
 def test_cursor_words_wrap_their_counters(tmp_path: Path) -> None:
-    """Start just below the 2**36 byte and 2**28 frame counters: spans across the wrap stay exact."""
+    """Start just below the 2**35 byte and 2**28 frame counters: spans across the wrap stay exact."""
     from flightlog.ring import BYTE_MASK, FRAME_MASK, OFF_READ, OFF_WRITE, cursor_reached, pack_cursor
 
     prod, cons = _ring(tmp_path)
     start_bytes = (BYTE_MASK + 1) - 4096 * 3 + 512  # not ring-aligned, so the wrap lands mid-ring
     start_frames = FRAME_MASK - 20
     prod._w = start_bytes
-    prod._frames = start_frames
-    prod._free_until = start_bytes + prod.size
     word = pack_cursor(start_frames, start_bytes)
+    prod._word = word
+    prod._free_until = start_bytes + prod.size
     prod._cursors[OFF_WRITE // 8] = word
     prod._cursors[OFF_READ // 8] = word
     sent = []
