@@ -26,6 +26,7 @@ from flightlog.proto.events import (
     CheckpointRequest,
     CheckpointWait,
     Event,
+    EventBatch,
     FlushRequest,
     Hello,
     Register,
@@ -37,7 +38,7 @@ from flightlog.proto.events import (
 from .ingest import Ingestor
 from .runner import CursorStore, SinkRunner
 from .sinks.base import Sink
-from flightlog.proto.frames import append_frame
+from flightlog.proto.frames import append_frame, count_frames
 
 from .wal import SRC_INTERNAL, WAL, WALReader
 
@@ -337,11 +338,28 @@ class Agent:
             return Reply(ok=True)
         if isinstance(msg, FlushRequest):
             return await self._flush(msg)
+        if isinstance(msg, EventBatch):
+            return await anyio.to_thread.run_sync(self._ingest_batch, msg)
         if isinstance(msg, (CheckpointRequest, CheckpointWait)):
             return await self.checkpoints.handle(msg)  # type: ignore[no-any-return]
         if isinstance(msg, StatusRequest):
             return Reply(ok=True, data=self.status())
         return Reply(ok=False, error=f"unexpected message {type(msg).__name__}")
+
+    def _ingest_batch(self, msg: EventBatch) -> Reply:
+        """Frames sent over the socket (the fallback where rings are not safe): into the WAL as they are."""
+        try:
+            count = count_frames(msg.frames)
+        except ProtocolError as exc:
+            return Reply(ok=False, error=f"malformed event batch: {exc}")
+        if count != msg.count:
+            return Reply(ok=False, error=f"event batch claims {msg.count} frames, holds {count}")
+        with self.wal_lock:
+            self.wal.append(msg.frames, count, msg.producer_id, SRC_INTERNAL)
+        self.ingestor.events_total += count
+        for runner in self.runners:
+            runner.wake()
+        return Reply(ok=True)
 
     async def _flush(self, msg: FlushRequest) -> Reply:
         ing = self.ingestor

@@ -26,6 +26,7 @@ __all__ = [
     "Register",
     "Unregister",
     "FlushRequest",
+    "EventBatch",
     "StatusRequest",
     "CheckpointRequest",
     "CheckpointWait",
@@ -153,6 +154,14 @@ class FlushRequest(msgspec.Struct, tag="flush", array_like=True):
     timeout: float = 30.0
 
 
+class EventBatch(msgspec.Struct, tag="events", array_like=True):
+    """Frames sent over the socket by a producer that cannot use a ring (CPUs other than x86-64)."""
+
+    producer_id: str
+    frames: bytes
+    count: int
+
+
 class StatusRequest(msgspec.Struct, tag="status", array_like=True):
     pass
 
@@ -178,5 +187,5 @@ class Reply(msgspec.Struct, tag="reply", array_like=True):
 
 
 Control = Union[
-    Hello, Register, Unregister, FlushRequest, StatusRequest, CheckpointRequest, CheckpointWait, Reply
+    Hello, Register, Unregister, FlushRequest, EventBatch, StatusRequest, CheckpointRequest, CheckpointWait, Reply
 ]

@@ -5,6 +5,7 @@ import atexit
 import logging
 import operator
 import os
+import platform
 import socket as _socket
 import threading
 import time
@@ -23,6 +24,7 @@ from flightlog.proto.codec import event_encoder
 from flightlog.proto.errors import AgentUnavailable, FlightlogError
 from flightlog.proto.events import (
     Event,
+    EventBatch,
     FlushRequest,
     HyperParams,
     Metrics,
@@ -33,6 +35,7 @@ from flightlog.proto.events import (
     Text,
     Unregister,
 )
+from flightlog.proto.frames import append_frame
 from flightlog.ring import RingProducer, ring_supported
 
 __all__ = ["ExperimentTracker", "ExperimentMetadata", "experiment_tracking"]
@@ -84,6 +87,22 @@ def _coerce_metrics(metrics: Any) -> dict[str, float | int]:
     return out
 
 
+def _absolute_paths(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config as the agent must see it: relative paths resolved against this process's cwd."""
+    t = dict(cfg["tracking"])
+    for key in ("tensorboard_log_dir", "wandb_dir"):
+        if t.get(key):
+            t[key] = os.path.abspath(t[key])
+    uri = t.get("mlflow_tracking_uri") or ""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        t["mlflow_tracking_uri"] = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    elif uri and "://" not in uri:  # a plain local path is a file store
+        t["mlflow_tracking_uri"] = os.path.abspath(uri)
+    c = dict(cfg["checkpointing"])
+    c["checkpoint_dir"] = os.path.abspath(c["checkpoint_dir"])
+    return {**cfg, "tracking": t, "checkpointing": c}
+
+
 def _default_rank() -> int:
     for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
         value = os.environ.get(var)
@@ -132,6 +151,8 @@ class ExperimentTracker:
         self._finished = False
         self._client: AgentClient | None = None
         self._ckpt: Any = None
+        self._pending = bytearray()  # socket fallback only
+        self._pending_count = 0
         self._step = -1
         self._warned_backwards = False
         self._producer = self._open_producer()
@@ -143,7 +164,7 @@ class ExperimentTracker:
             RunStart(
                 run_id=self.run_id, name=name, timestamp=self.metadata.created_at,
                 description=self.metadata.description, tags=self.metadata.tags,
-                config=self.metadata.config, config_hash=self.metadata.config_hash,
+                config=_absolute_paths(self.metadata.config), config_hash=self.metadata.config_hash,
                 sinks=self._sinks(), pid=os.getpid(), rank=self.rank, host=self.metadata.host,
             )
         )
@@ -163,10 +184,11 @@ class ExperimentTracker:
         return sinks
 
     def _open_producer(self) -> RingProducer | None:
-        if not ring_supported():
-            log.info("flightlog: this CPU is not x86-64; events go to the agent over its socket, batched")
-            return None
         self.producer_id = f"{self.run_id}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        if not ring_supported():
+            log.info("flightlog: no shared-memory ring on this CPU (%s); events go to the agent over its "
+                     "socket, in batches", platform.machine())
+            return None
         a = self.config.agent
         return RingProducer(
             self.paths.ring_dir / f"{self.producer_id}.ring", a.ring_bytes, self.producer_id,
@@ -195,11 +217,11 @@ class ExperimentTracker:
                 )
             log.warning("flightlog: no agent on %s yet; logging into %s", self.paths.socket, self.paths.ring_dir)
             return
-        if self._producer is not None:
-            self._client.request(
-                Register(producer_id=self.producer_id, ring_path=str(self._producer.path), pid=os.getpid(),
-                         rank=self.rank, run_id=self.run_id)
-            )
+        ring_path = str(self._producer.path) if self._producer is not None else ""
+        self._client.request(
+            Register(producer_id=self.producer_id, ring_path=ring_path, pid=os.getpid(), rank=self.rank,
+                     run_id=self.run_id)
+        )
 
     # --- logging ---------------------------------------------------------------------------------
 
@@ -286,8 +308,27 @@ class ExperimentTracker:
         freq = self.config.checkpointing.save_frequency
         return freq > 0 and step > 0 and step % freq == 0
 
-    def _write_via_socket(self, buf: bytearray) -> None:  # pragma: no cover - non-x86 fallback
-        raise AgentUnavailable("socket transport is used only on CPUs without the ring; not reachable here")
+    # --- the socket fallback (CPUs without the ring's store ordering) -----------------------------
+
+    def _write_via_socket(self, payload: bytearray) -> None:
+        """Batch frames in memory and send them to the agent every 64 KiB and at flush.
+
+        Weaker than the ring: events not yet sent are lost if the trainer dies, and a batch re-sent after
+        an agent crash may be ingested twice. Documented in the README.
+        """
+        append_frame(self._pending, bytes(payload))
+        self._pending_count += 1
+        if len(self._pending) >= 64 << 10:
+            self._send_pending()
+
+    def _send_pending(self) -> None:
+        if not self._pending_count:
+            return
+        reply = self._request(EventBatch(self.producer_id, bytes(self._pending), self._pending_count))
+        if not reply.ok:
+            raise FlightlogError(f"the agent refused a batch of events: {reply.error}")
+        self._pending.clear()
+        self._pending_count = 0
 
     # --- durability and lifecycle ----------------------------------------------------------------
 
@@ -297,6 +338,8 @@ class ExperimentTracker:
         if self._ckpt is not None:
             self._ckpt.wait_all(timeout)
         if self._producer is None:
+            with self._lock:
+                self._send_pending()
             return
         w, gen, spill_pos = self._producer.positions()
         reply = self._request(FlushRequest(self.producer_id, w, gen, spill_pos, timeout), timeout + 5)

@@ -334,3 +334,19 @@ def test_cli_status_inspect_and_errors(agent: AgentProcess, base_config: dict) -
     agent.stop()
     down = cli("status")
     assert down.returncode == 1 and "not running" in down.stdout
+
+
+def test_socket_fallback_where_rings_are_unsafe(agent: AgentProcess, base_config: dict,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPUs other than x86-64 events travel over the control socket in batches (forced here)."""
+    monkeypatch.setenv("FLIGHTLOG_TRANSPORT", "socket")
+    with flightlog.experiment_tracking("no-ring", base_config) as t:
+        assert t._producer is None
+        t.log_hyperparameters({"lr": 0.1})
+        for i in range(5000):  # several 64 KiB batches, then the rest at finish
+            t.log_metrics({"x": float(i)}, step=i)
+    assert_exactly_once(wait_points(agent.paths, t.run_id, 5000), ["x"], 5000)
+    store = Store(agent.paths.store, readonly=True)
+    run = store.run(t.run_id)
+    store.close()
+    assert run["status"] == "completed" and run["params"] == {"lr": 0.1}
