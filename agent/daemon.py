@@ -379,7 +379,7 @@ class Agent:
         sinks = {}
         for r in self.runners:
             st = r.stats
-            _events, nbytes = r.reader.backlog(st.cursor) if hasattr(r.reader, "backlog") else (0, 0)
+            _events, nbytes = r.reader.backlog(st.cursor)
             sinks[r.sink.name] = {
                 "state": st.state, "backlog_events": max(0, next_seq - st.cursor.seq), "backlog_bytes": nbytes,
                 "last_error": st.last_error, "events_per_second": round(st.rate, 1), "delivered": st.delivered,

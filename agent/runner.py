@@ -160,12 +160,7 @@ class SinkRunner:
                 ack = await anyio.to_thread.run_sync(self.sink.write, batch)
             except RetryableBackendError as exc:
                 attempt += 1
-                self.breaker.record_failure()
-                self.stats.state = "retrying"
-                self.stats.last_error = str(exc)
-                delay = self.policy.delay(attempt, self.rng, exc.retry_after)
-                log.warning("sink %s: %s; retry %d in %.1f s", self.sink.name, exc, attempt, delay)
-                await anyio.sleep(delay)
+                await self._backoff(attempt, str(exc), exc.retry_after)
                 continue
             except PermanentBackendError as exc:
                 self.stats.state = "parked"
@@ -174,16 +169,20 @@ class SinkRunner:
                 return None
             except Exception as exc:  # an unclassified library error: retry, never crash the agent
                 attempt += 1
-                self.breaker.record_failure()
-                self.stats.state = "retrying"
-                self.stats.last_error = f"{type(exc).__name__}: {exc}"
-                delay = self.policy.delay(attempt, self.rng)
-                log.exception("sink %s: unexpected error; retry %d in %.1f s", self.sink.name, attempt, delay)
-                await anyio.sleep(delay)
+                log.debug("sink %s: unexpected error", self.sink.name, exc_info=True)
+                await self._backoff(attempt, f"{type(exc).__name__}: {exc}", None)
                 continue
             self.breaker.record_success()
             self.stats.state = "ok"
             return ack
+
+    async def _backoff(self, attempt: int, error: str, retry_after: float | None) -> None:
+        self.breaker.record_failure()
+        self.stats.state = "retrying"
+        self.stats.last_error = error
+        delay = self.policy.delay(attempt, self.rng, retry_after)
+        log.warning("sink %s: %s; retry %d in %.2f s", self.sink.name, error, attempt, delay)
+        await anyio.sleep(delay)
 
     def _undecodable(self, seq: int, exc: ProtocolError) -> None:
         self.stats.undecodable += 1

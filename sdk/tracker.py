@@ -114,8 +114,8 @@ def _default_rank() -> int:
 class ExperimentTracker:
     """Logs one run. ``log_metrics`` encodes an event and copies it into a shared-memory ring.
 
-    Not thread-safe: a thread that logs concurrently should create its own tracker view with
-    ``tracker.for_thread()``.
+    ``log_metrics`` is not thread-safe (it is lock-free): log from one thread, or give each logging thread
+    its own tracker. The other methods take a lock.
     """
 
     def __init__(
