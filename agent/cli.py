@@ -216,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("--key", help="only this metric")
     re_.add_argument("--out", help="file to write (default: stdout)")
     re_.set_defaults(func=_runs_export)
+
+    from flightlog.agent.ckpt_cli import add_subparsers as add_ckpt
+
+    add_ckpt(sub)
     return p
 
 

@@ -1,22 +1,118 @@
-"""TEMPORARY interface placeholder; replaced by the checkpoint writer service."""
+"""The agent's checkpoint service: accepts staged checkpoints over the control socket, writes them one
+at a time on a worker thread, emits CheckpointSaved once durable, and answers waiters."""
 from __future__ import annotations
 
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from flightlog.proto.events import Reply
+from flightlog.proto.errors import FlightlogError
+from flightlog.proto.events import CheckpointRequest, CheckpointSaved, CheckpointWait, Reply
+
+from .format import CODECS
+from .writer import commit_checkpoint, recover_interrupted
+
+__all__ = ["CheckpointService", "validate_spec", "SPEC_KEYS"]
+
+log = logging.getLogger("flightlog.agent.checkpoint")
+
+#: Keys every request spec carries (see flightlog.checkpoint for how the SDK builds it).
+SPEC_KEYS = ("path", "staging", "data_bytes", "tensors", "metadata", "codec", "level", "epoch", "step")
+_KEEP_FINISHED = 256
+
+
+def validate_spec(spec: Any) -> str:
+    """An error message for a malformed spec, or ''."""
+    if not isinstance(spec, dict):
+        return "checkpoint spec must be a mapping"
+    missing = [k for k in SPEC_KEYS if k not in spec]
+    if missing:
+        return f"checkpoint spec lacks {', '.join(missing)}"
+    if not os.path.isabs(str(spec["path"])):
+        return f"checkpoint path {spec['path']!r} must be absolute"
+    if spec["codec"] not in CODECS:
+        return f"unknown checkpoint codec {spec['codec']!r}"
+    return ""
+
+
+@dataclass
+class _Job:
+    request_id: str
+    spec: dict[str, Any]
+    done: anyio.Event
+    result: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
 
 
 class CheckpointService:
     def __init__(self, agent: Any) -> None:
         self.agent = agent
+        self._jobs: dict[str, _Job] = {}
+        self._send: MemoryObjectSendStream[_Job]
+        self._recv: MemoryObjectReceiveStream[_Job]
+        self._send, self._recv = anyio.create_memory_object_stream[_Job](math.inf)
 
     def busy(self) -> bool:
-        return False
+        return any(not j.done.is_set() for j in self._jobs.values())
 
     async def run(self) -> None:
-        await anyio.sleep_forever()
+        interrupted = await anyio.to_thread.run_sync(recover_interrupted, self.agent.paths.store)
+        for path in interrupted:
+            log.warning("checkpoint %s was interrupted by an earlier agent's exit; its trainer re-sends it", path)
+        async with self._recv:
+            async for job in self._recv:
+                try:
+                    job.result = await anyio.to_thread.run_sync(self._commit, job.spec)
+                except FlightlogError as exc:
+                    job.error = str(exc)
+                    log.warning("checkpoint %s failed: %s", job.spec.get("path"), exc)
+                except Exception as exc:  # a bug must not kill the agent; the trainer hears about it
+                    log.exception("checkpoint %s failed unexpectedly", job.spec.get("path"))
+                    job.error = f"unexpected error writing {job.spec.get('path')}: {exc!r}"
+                finally:
+                    job.done.set()
+                    self._prune()
 
-    async def handle(self, msg: Any) -> Reply:
-        return Reply(ok=False, error="checkpoint writer not built yet")
+    def _commit(self, spec: dict[str, Any]) -> dict[str, Any]:
+        row = commit_checkpoint(spec, self.agent.paths.store)
+        metrics = {k: float(v) for k, v in (row.get("metrics") or {}).items() if isinstance(v, (int, float))}
+        self.agent.emit(CheckpointSaved(
+            run_id=row.get("run_id") or "", path=row["path"], epoch=int(row["epoch"]), step=int(row["step"]),
+            timestamp=time.time(), metrics=metrics, size=int(row["size"]), checksum=row["checksum"],
+            is_best=bool(row["is_best"]),
+        ))
+        return row
+
+    def _prune(self) -> None:
+        finished = [rid for rid, j in self._jobs.items() if j.done.is_set()]
+        for rid in finished[:-_KEEP_FINISHED]:
+            del self._jobs[rid]
+
+    async def handle(self, msg: CheckpointRequest | CheckpointWait) -> Reply:
+        if isinstance(msg, CheckpointRequest):
+            if msg.request_id in self._jobs:
+                return Reply(ok=True, data={"known": True})  # a re-send after a lost reply: idempotent
+            error = validate_spec(msg.spec)
+            if error:
+                return Reply(ok=False, error=error)
+            job = _Job(msg.request_id, msg.spec, anyio.Event())
+            self._jobs[msg.request_id] = job
+            await self._send.send(job)
+            return Reply(ok=True)
+        job = self._jobs.get(msg.request_id)
+        if job is None:
+            return Reply(ok=False, error=f"this agent has no checkpoint request {msg.request_id} (it restarted?)",
+                         data={"unknown": True})
+        with anyio.move_on_after(msg.timeout):
+            await job.done.wait()
+        if not job.done.is_set():
+            return Reply(ok=False, error="still writing", data={"pending": True})
+        if job.error:
+            return Reply(ok=False, error=job.error)
+        return Reply(ok=True, data=job.result)

@@ -1,0 +1,251 @@
+"""Reading and verifying checkpoint files: checksum, trailer, frame index and safetensors bounds, then
+one tensor (decompressing only its frames) or the whole data section (frames in parallel)."""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from flightlog.proto.errors import CheckpointCorrupt, CheckpointError
+
+from .codecs import decompress_frame
+from .format import (
+    FOOTER,
+    FOOTER_TENSOR,
+    GZIP_MAGIC,
+    GZIP_TAIL_LEN,
+    SKIPPABLE_MAGIC,
+    ZSTD_MAGIC,
+    TensorInfo,
+    checksum_text,
+    decode_footer,
+    gzip_trailer_member,
+    parse_header,
+    validate_frames,
+)
+
+__all__ = ["CheckpointReader", "verify_file"]
+
+_HASH_BLOCK = 64 << 20
+
+
+class CheckpointReader:
+    """An open, verified checkpoint file.
+
+    Opening checks the trailer's CRC, the payload's xxh3-128 (``verify=True``), the agreement with
+    ``expected_checksum`` (from the registry) and the safetensors header's bounds; any failure is
+    CheckpointCorrupt naming the file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True, expected_checksum: str | None = None) -> None:
+        self.path = Path(path)
+        self.name = str(self.path)
+        self.frames_decompressed = 0
+        try:
+            with open(self.path, "rb") as f:
+                self.size = os.fstat(f.fileno()).st_size
+                self._mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) if self.size else None
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"no checkpoint file {self.path}") from exc
+        except OSError as exc:
+            raise CheckpointError(f"cannot read checkpoint {self.path}: {exc.strerror}") from exc
+        try:
+            self._open(verify, expected_checksum)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- opening -------------------------------------------------------------------------------
+
+    def _open(self, verify: bool, expected: str | None) -> None:
+        name, buf = self.name, self._mm
+        if buf is None or self.size < FOOTER.size + 8:
+            raise CheckpointCorrupt(f"{name}: truncated ({self.size} bytes)")
+        magic = buf[:4]
+        if magic == ZSTD_MAGIC:
+            self._open_indexed(buf, self.size, "zstd")
+        elif magic[:2] == GZIP_MAGIC:
+            self._open_indexed(buf, self.size - GZIP_TAIL_LEN, "gzip")
+        else:
+            self._open_plain(buf)
+        self.checksum = checksum_text(self.footer.digest)
+        if expected and expected != self.checksum:
+            raise CheckpointCorrupt(f"{name}: its footer says checksum {self.checksum}, the registry recorded "
+                                    f"{expected}; the file was replaced or damaged")
+        if verify:
+            actual = self._hash(self.footer.payload_len)
+            if actual != self.footer.digest:
+                raise CheckpointCorrupt(f"{name}: checksum mismatch (recorded {self.checksum}, content hashes to "
+                                        f"{checksum_text(actual)}): the file is damaged")
+
+    def _hash(self, n: int) -> bytes:
+        h = xxhash.xxh3_128()
+        assert self._mm is not None
+        view = memoryview(self._mm)
+        try:
+            for off in range(0, n, _HASH_BLOCK):
+                h.update(view[off:min(n, off + _HASH_BLOCK)])
+        finally:
+            view.release()
+        return h.digest()
+
+    def _open_indexed(self, buf: mmap.mmap, end: int, container: str) -> None:
+        name = self.name
+        raw = buf[end - FOOTER.size:end]
+        footer = decode_footer(raw, None, name)
+        start = end - FOOTER.size - footer.index_len
+        if footer.index_len > (16 << 20) or start < 0:
+            raise CheckpointCorrupt(f"{name}: damaged trailer (index length {footer.index_len})")
+        index_raw = buf[start:end - FOOTER.size]
+        self.footer = decode_footer(raw, index_raw, name)
+        if container == "zstd":
+            frame_start = start - 8
+            ok = frame_start == footer.payload_len and buf[frame_start:frame_start + 8] == struct.pack(
+                "<II", SKIPPABLE_MAGIC, footer.index_len + FOOTER.size)
+        else:
+            frame_start = start - 16  # gzip header (10) + XLEN (2) + subfield id and length (4)
+            member = gzip_trailer_member(bytes(footer.index_len + FOOTER.size))
+            ok = (frame_start == footer.payload_len and buf[frame_start:start] == member[:16]
+                  and buf[end:self.size] == member[-GZIP_TAIL_LEN:])
+        if not ok or end + (GZIP_TAIL_LEN if container == "gzip" else 0) != self.size:
+            raise CheckpointCorrupt(f"{name}: the trailer does not sit where the footer says (truncated or extended)")
+        try:
+            index = json.loads(index_raw)
+            self.codec: str = index["codec"]
+            self.frames: list[list[Any]] = index["frames"]
+            total, header_len = int(index["total"]), int(index["header_len"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointCorrupt(f"{name}: the frame index is malformed: {exc}") from exc
+        if self.codec not in (("zstd", "zstd-bytegroup") if container == "zstd" else ("gzip",)):
+            raise CheckpointCorrupt(f"{name}: codec {self.codec!r} does not match the container")
+        validate_frames(self.frames, footer.payload_len, total, name)
+        if not self.frames or self.frames[0][3] != header_len:
+            raise CheckpointCorrupt(f"{name}: the first frame is not the safetensors header")
+        self.total = total
+        head = self._frame(0)
+        self.header_len, self.metadata, tensors = parse_header(head, name, total - header_len)
+        if self.header_len != header_len:
+            raise CheckpointCorrupt(f"{name}: header length disagrees with the index")
+        self.tensors = {t.name: t for t in tensors}
+
+    def _open_plain(self, buf: mmap.mmap) -> None:
+        name = self.name
+        self.codec = "none"
+        (n,) = struct.unpack_from("<Q", buf)
+        if n > self.size - 8:
+            raise CheckpointCorrupt(f"{name}: safetensors header length {n} exceeds the file ({self.size} bytes)")
+        self.header_len, self.metadata, tensors = parse_header(buf[:8 + n], name, self.size - 8 - n)
+        foot = tensors[-1] if tensors else None
+        if foot is None or foot.name != FOOTER_TENSOR or foot.end - foot.begin != FOOTER.size:
+            raise CheckpointCorrupt(
+                f"{name}: no flightlog footer: the file was not written by flightlog or its header is damaged"
+            )
+        raw = buf[self.size - FOOTER.size:]
+        self.footer = decode_footer(raw, b"", name)
+        if self.footer.payload_len != self.size - FOOTER.size:
+            raise CheckpointCorrupt(f"{name}: footer says {self.footer.payload_len} payload bytes, file has "
+                                    f"{self.size - FOOTER.size} (truncated or extended)")
+        self.tensors = {t.name: t for t in tensors[:-1]}
+        self.total = self.size - FOOTER.size
+        self.frames = [[0, self.total, 0, self.total]]
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def _frame(self, i: int) -> bytes:
+        f = self.frames[i]
+        assert self._mm is not None
+        self.frames_decompressed += 1
+        return decompress_frame(self.codec, self._mm[f[0]:f[0] + f[1]], f, self.name)
+
+    def read_range(self, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the uncompressed safetensors stream, from the frames that overlap it."""
+        if self.codec == "none":
+            assert self._mm is not None
+            return self._mm[start:end]
+        parts = []
+        for i, f in enumerate(self.frames):
+            if f[2] < end and f[2] + f[3] > start:
+                blob = self._frame(i)
+                parts.append(blob[max(0, start - f[2]):end - f[2]])
+        return b"".join(parts)
+
+    def tensor_bytes(self, name: str) -> bytes:
+        t = self.tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"{self.name} has no tensor {name!r}")
+        return self.read_range(self.header_len + t.begin, self.header_len + t.end)
+
+    def read_data(self, threads: int = 0) -> bytearray:
+        """The whole data section as one writable buffer (frames decompressed in parallel)."""
+        n = self.total - self.header_len
+        out = bytearray(n)
+        if self.codec == "none":
+            assert self._mm is not None
+            out[:] = self._mm[self.header_len:self.total]
+            return out
+        frames = range(1, len(self.frames))
+
+        def one(i: int) -> None:
+            f = self.frames[i]
+            blob = self._frame(i)
+            out[f[2] - self.header_len:f[2] - self.header_len + f[3]] = blob
+
+        workers = threads or os.cpu_count() or 1
+        if workers > 1 and len(frames) > 1:
+            with ThreadPoolExecutor(workers, thread_name_prefix="flightlog-unzstd") as pool:
+                for fut in [pool.submit(one, i) for i in frames]:
+                    fut.result()
+        else:
+            for i in frames:
+                one(i)
+        return out
+
+    def export(self, dest: str | os.PathLike[str], names: list[str] | None = None,
+               metadata: dict[str, str] | None = None) -> None:
+        """Write a plain safetensors file (all tensors, or ``names``) with this metadata (default: the same)."""
+        from .format import build_header
+
+        keep = [self.tensors[n] for n in sorted(self.tensors, key=lambda n: self.tensors[n].begin)
+                if names is None or n in names]
+        pos, out_infos = 0, []
+        for t in keep:
+            out_infos.append(TensorInfo(t.name, t.dtype, t.shape, pos, pos + t.end - t.begin))
+            pos += t.end - t.begin
+        tmp = Path(f"{dest}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(build_header(out_infos, self.metadata if metadata is None else metadata))
+            if names is None and self.codec != "none":
+                for i in range(1, len(self.frames)):
+                    f.write(self._frame(i))
+            else:
+                for t in keep:
+                    f.write(self.tensor_bytes(t.name))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+
+    def close(self) -> None:
+        if getattr(self, "_mm", None) is not None:
+            self._mm.close()  # type: ignore[union-attr]
+            self._mm = None
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def verify_file(path: str | os.PathLike[str], expected_checksum: str | None = None, *, deep: bool = True) -> str:
+    """Verify ``path`` (checksum, trailer, bounds; ``deep`` also decompresses every frame); returns its
+    checksum or raises CheckpointCorrupt/CheckpointError."""
+    with CheckpointReader(path, expected_checksum=expected_checksum) as r:
+        if deep and r.codec != "none":
+            r.read_data()
+        return r.checksum

@@ -1,0 +1,235 @@
+"""The checkpoint writer: staged tensor bytes -> compressed file, atomically and durably, then the
+registry, the best pointer and retention. Used by the agent's CheckpointService and, in-process, by a
+ModelCheckpointer that has no agent."""
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import shutil
+import uuid
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import xxhash
+
+from flightlog.proto.errors import CheckpointError
+
+from .codecs import check_level, compress_chunk
+from .format import (
+    FORMAT_VERSION,
+    SKIPPABLE_MAGIC,
+    TensorInfo,
+    build_header,
+    checksum_text,
+    chunk_size_for,
+    encode_footer,
+    gzip_trailer_member,
+    plan_chunks,
+)
+from .registry import Registry
+
+__all__ = ["write_container", "commit_checkpoint", "recover_interrupted", "tensors_of_spec", "fsync_dir", "TMP_MARK"]
+
+log = logging.getLogger("flightlog.checkpoint")
+
+#: Temporary files are ``.<final name>.tmp-<pid>-<random>``: hidden, and never under a final name.
+TMP_MARK = ".tmp-"
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tensors_of_spec(spec: dict[str, Any]) -> list[TensorInfo]:
+    return [TensorInfo(n, d, tuple(s), b, e) for n, d, s, b, e in spec["tensors"]]
+
+
+def _pipelined(pieces: Sequence[tuple[memoryview, int, bool]], codec: str, level: int, threads: int
+               ) -> Iterator[tuple[bytes, list[int]]]:
+    """Compress chunks on a thread pool, yielding results in order with a bounded number in flight."""
+    if threads <= 1 or len(pieces) <= 1:
+        for chunk, width, is_float in pieces:
+            yield compress_chunk(codec, level, chunk, width, is_float)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="flightlog-zstd") as pool:
+        pending: deque[Future[tuple[bytes, list[int]]]] = deque()
+        for chunk, width, is_float in pieces:
+            pending.append(pool.submit(compress_chunk, codec, level, chunk, width, is_float))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def write_container(out: BinaryIO, tensors: Sequence[TensorInfo], metadata: dict[str, str], data: memoryview,
+                    codec: str, level: int, *, threads: int = 0, chunk_bytes: int = 0) -> tuple[int, bytes]:
+    """Write one checkpoint file to ``out``; returns (size, xxh3-128 digest of the payload)."""
+    check_level(codec, level)
+    threads = threads or os.cpu_count() or 1
+    h = xxhash.xxh3_128()
+    size = 0
+
+    def put(b: bytes | memoryview, hashed: bool = True) -> None:
+        nonlocal size
+        out.write(b)
+        if hashed:
+            h.update(b)
+        size += len(b)
+
+    total_data = len(data)
+    header = build_header(tensors, metadata, footer_tensor=codec == "none")
+    chunk = chunk_bytes or chunk_size_for(total_data)
+    if codec == "none":
+        put(header)
+        for off in range(0, total_data, chunk):
+            put(data[off:off + chunk])
+        put(encode_footer(size, h.digest(), b""), hashed=False)
+        return size, h.digest()
+
+    plan = plan_chunks(tensors, total_data, chunk, grouped=codec == "zstd-bytegroup")
+    first, _ = compress_chunk("zstd" if codec.startswith("zstd") else codec, level, header)
+    frames: list[list[Any]] = [[0, len(first), 0, len(header)]]
+    put(first)
+    pieces = [(data[off:off + n], w, f) for off, n, w, f in plan]
+    for (off, n, w, f), (blob, planes) in zip(plan, _pipelined(pieces, codec, level, threads)):
+        frames.append([size, len(blob), len(header) + off, n, w, planes, int(f)] if planes else
+                      [size, len(blob), len(header) + off, n])
+        put(blob)
+    index = _json_bytes({"v": FORMAT_VERSION, "codec": codec, "level": level, "header_len": len(header),
+                         "total": len(header) + total_data, "frames": frames})
+    digest = h.digest()
+    tail = index + encode_footer(size, digest, index)
+    if codec == "gzip":
+        put(gzip_trailer_member(tail), hashed=False)
+    else:
+        put(SKIPPABLE_MAGIC.to_bytes(4, "little") + len(tail).to_bytes(4, "little") + tail, hashed=False)
+    return size, digest
+
+
+def _json_bytes(obj: Any) -> bytes:
+    import json
+
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _check_space(directory: Path, need: int, path: str) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        raise CheckpointError(
+            f"not enough free space to write {path}: {free} bytes free in {directory}, {need} needed "
+            "(checkpoint size before compression + checkpointing.min_free_bytes); free some space or lower "
+            "checkpointing.max_checkpoints. Earlier checkpoints are intact."
+        )
+
+
+def _open_staging(spec: dict[str, Any]) -> tuple[mmap.mmap | None, int]:
+    n = int(spec["data_bytes"])
+    if n == 0:
+        return None, 0
+    try:
+        fd = os.open(spec["staging"], os.O_RDONLY)
+    except OSError as exc:
+        raise CheckpointError(f"cannot open the staging buffer {spec['staging']}: {exc.strerror}; "
+                              "the trainer that staged it is gone") from exc
+    try:
+        if os.fstat(fd).st_size < n:
+            raise CheckpointError(f"staging buffer {spec['staging']} is smaller than the checkpoint ({n} bytes)")
+        return mmap.mmap(fd, n, prot=mmap.PROT_READ), n
+    finally:
+        os.close(fd)
+
+
+def commit_checkpoint(spec: dict[str, Any], registry_path: str | os.PathLike[str], *, threads: int = 0
+                      ) -> dict[str, Any]:
+    """Write the staged checkpoint ``spec`` to its final path durably, register it, move the best pointer,
+    apply retention. Returns the registry row. Raises CheckpointError (the registry marks it failed and
+    no file appears under the final name)."""
+    path = Path(spec["path"])
+    directory = path.parent
+    check_level(spec["codec"], int(spec["level"]))
+    tensors = tensors_of_spec(spec)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create the checkpoint directory {directory}: {exc.strerror}") from exc
+    _check_space(directory, int(spec["data_bytes"]) + (1 << 20) + int(spec.get("min_free_bytes", 0)), str(path))
+    tmp = directory / f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with Registry(registry_path) as reg:
+        reg.begin(spec, str(tmp))
+        try:
+            mm, n = _open_staging(spec)
+            try:
+                view = memoryview(mm) if mm is not None else memoryview(b"")
+                try:
+                    with open(tmp, "xb") as f:
+                        size, digest = write_container(f, tensors, spec["metadata"], view[:n], spec["codec"],
+                                                       int(spec["level"]), threads=threads)
+                        f.flush()
+                        os.fsync(f.fileno())
+                finally:
+                    view.release()
+            finally:
+                if mm is not None:
+                    mm.close()
+            os.replace(tmp, path)
+            fsync_dir(directory)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            reg.fail(str(path), f"{type(exc).__name__}: {exc}")
+            if isinstance(exc, OSError):
+                hint = ("not enough space; free some or lower checkpointing.max_checkpoints"
+                        if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "check the directory")
+                raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc} ({hint}); "
+                                      "earlier checkpoints are intact") from exc
+            raise
+        row, doomed = reg.commit(spec, size, checksum_text(digest))
+    for p in doomed:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("checkpoint retention could not delete %s: %s", p, exc)
+    if doomed:
+        fsync_dir(directory)
+    return row
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_interrupted(registry_path: str | os.PathLike[str]) -> list[str]:
+    """Mark checkpoints whose writer died mid-write as failed and delete their temporary files; returns
+    their final paths. (The final names never held partial data: only temporary files did.)"""
+    out = []
+    with Registry(registry_path) as reg:
+        for row in reg.entries(None, ("writing",)):
+            pid = int(row.get("writer_pid") or 0)
+            if pid != os.getpid() and _pid_alive(pid):
+                continue  # another live process is writing it
+            if row.get("tmp_path"):
+                try:
+                    os.unlink(row["tmp_path"])
+                except OSError:
+                    pass
+            reg.mark_interrupted(row["path"])
+            out.append(row["path"])
+    return out

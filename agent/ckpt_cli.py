@@ -1,0 +1,168 @@
+"""`flightlog ckpt ls|show|verify|export`: the checkpoint registry and files from the command line."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from flightlog.proto.errors import CheckpointError, FlightlogError
+
+__all__ = ["add_subparsers"]
+
+
+def add_subparsers(sub: Any) -> None:
+    """Add the ``ckpt`` command to the ``flightlog`` parser's subparsers."""
+    c = sub.add_parser("ckpt", help="checkpoints: list, show, verify, export")
+    csub = c.add_subparsers(dest="ckpt_command", required=True)
+
+    def where(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--data-dir", help="agent data directory whose store holds the registry")
+        sp.add_argument("--dir", help="only this checkpoint directory (a standalone one: its registry.db)")
+        sp.add_argument("--registry", help="a registry database file to read instead")
+
+    ls = csub.add_parser("ls", help="list registered checkpoints")
+    where(ls)
+    ls.add_argument("--all", action="store_true", help="also failed, interrupted and deleted ones")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_ls)
+
+    show = csub.add_parser("show", help="one checkpoint: metadata, tensors, frames")
+    where(show)
+    show.add_argument("path")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=_show)
+
+    verify = csub.add_parser("verify", help="verify checksums and bounds (all registered, or the given files)")
+    where(verify)
+    verify.add_argument("paths", nargs="*")
+    verify.add_argument("--quick", action="store_true", help="checksum and index only; do not decompress")
+    verify.set_defaults(func=_verify)
+
+    export = csub.add_parser("export", help="write a plain safetensors file")
+    where(export)
+    export.add_argument("path")
+    export.add_argument("--to", required=True, help="destination .safetensors file")
+    export.add_argument("--model-only", action="store_true", help="leave out optimizer, scheduler and RNG tensors")
+    export.set_defaults(func=_export)
+
+
+def _registry_path(args: argparse.Namespace) -> Path:
+    from flightlog.agent.checkpoint.registry import STANDALONE_NAME
+
+    if args.registry:
+        return Path(args.registry)
+    if args.dir and (Path(args.dir) / STANDALONE_NAME).exists():
+        return Path(args.dir) / STANDALONE_NAME
+    if args.data_dir:
+        return Path(args.data_dir) / "flightlog.db"
+    from flightlog.paths import resolve_paths
+
+    return resolve_paths().store
+
+
+def _open_registry(args: argparse.Namespace) -> Any:
+    from flightlog.agent.checkpoint.registry import Registry
+
+    path = _registry_path(args)
+    if not path.exists():
+        raise FlightlogError(f"no checkpoint registry at {path}; pass --dir, --data-dir or --registry")
+    return Registry(path, readonly=True)
+
+
+def _scope(args: argparse.Namespace) -> str | None:
+    return str(Path(args.dir).absolute()) if args.dir else None
+
+
+def _ls(args: argparse.Namespace) -> int:
+    states = ("writing", "done", "failed", "deleted") if args.all else ("done",)
+    with _open_registry(args) as reg:
+        rows = reg.entries(_scope(args), states)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'STATE':8} {'EPOCH':>5} {'STEP':>9} {'SIZE':>12} BEST  {'SAVED':19}  PATH / METRICS")
+    for r in rows:
+        saved = datetime.datetime.fromtimestamp(r["saved"] or r["created"] or 0).isoformat(timespec="seconds")
+        metrics = " ".join(f"{k}={v:.6g}" for k, v in r["metrics"].items())
+        print(f"{r['state']:8} {r['epoch']:>5} {r['step']:>9} {r['size'] or 0:>12} {'*' if r['is_best'] else ' ':4}"
+              f"  {saved:19}  {r['path']}  {metrics}")
+    return 0
+
+
+def _row_for(args: argparse.Namespace, path: str) -> dict[str, Any] | None:
+    try:
+        with _open_registry(args) as reg:
+            return reg.get(str(Path(path).absolute()))  # type: ignore[no-any-return]
+    except FlightlogError:
+        return None
+
+
+def _show(args: argparse.Namespace) -> int:
+    from flightlog.agent.checkpoint.reader import CheckpointReader
+
+    row = _row_for(args, args.path)
+    with CheckpointReader(args.path, expected_checksum=row["checksum"] if row and row["state"] == "done" else None) as r:
+        try:
+            meta = json.loads(r.metadata.get("flightlog", "{}"))
+        except ValueError:
+            meta = {}
+        info = {
+            "path": str(r.path), "size": r.size, "codec": r.codec, "checksum": r.checksum, "frames": len(r.frames),
+            "uncompressed": r.total, "epoch": meta.get("epoch"), "step": meta.get("step"),
+            "metrics": meta.get("metrics", {}), "run_id": meta.get("run_id", ""),
+            "config_hash": meta.get("config_hash", ""), "git_commit": meta.get("git_commit", ""),
+            "aliases": meta.get("aliases", {}), "registry": row,
+            "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.end - t.begin}
+                        for t in sorted(r.tensors.values(), key=lambda t: t.begin)],
+        }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['path']}: {info['codec']}, {info['size']} bytes ({info['uncompressed']} uncompressed, "
+          f"{info['frames']} frames), {info['checksum']}")
+    print(f"epoch {info['epoch']}, step {info['step']}, metrics {info['metrics']}, run {info['run_id']}, "
+          f"git {info['git_commit'] or '-'}")
+    if row:
+        print(f"registry: {row['state']}{', best' if row['is_best'] else ''}")
+    for t in info["tensors"]:
+        print(f"  {t['name']:48} {t['dtype']:6} {str(t['shape']):24} {t['bytes']:>12}")
+    for alias, target in info["aliases"].items():
+        print(f"  {alias:48} -> {target}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from flightlog.agent.checkpoint.reader import verify_file
+
+    if args.paths:
+        targets = [(p, (_row_for(args, p) or {}).get("checksum")) for p in args.paths]
+    else:
+        with _open_registry(args) as reg:
+            targets = [(r["path"], r["checksum"]) for r in reg.entries(_scope(args))]
+    bad = 0
+    for path, checksum in targets:
+        try:
+            verify_file(path, checksum, deep=not args.quick)
+            print(f"OK       {path}")
+        except CheckpointError as exc:
+            bad += 1
+            print(f"CORRUPT  {path}: {exc}")
+    print(f"{len(targets) - bad} ok, {bad} bad")
+    return 1 if bad else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from flightlog.agent.checkpoint.reader import CheckpointReader
+
+    row = _row_for(args, args.path)
+    with CheckpointReader(args.path, expected_checksum=row["checksum"] if row and row["state"] == "done" else None) as r:
+        if args.model_only:  # the JSON state refers to the optimizer tensors left out: keep only the basics
+            names = [n for n in r.tensors if not n.startswith("@")]
+            r.export(args.to, names, {k: v for k, v in r.metadata.items() if k != "flightlog"})
+        else:
+            r.export(args.to)
+    print(f"wrote {args.to} ({os.path.getsize(args.to)} bytes)")
+    return 0

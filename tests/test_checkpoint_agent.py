@@ -1,0 +1,127 @@
+"""Checkpoints through a real agent process: the write, the registry in the agent's store, the
+CheckpointSaved event reaching the store sink, SIGKILL of the agent mid-write, and no agent at all."""
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flightlog import ExperimentTracker
+from flightlog.agent.checkpoint import Registry, verify_file
+from flightlog.checkpoint import CheckpointMetadata
+from flightlog.paths import AgentPaths
+
+from conftest import AgentProcess
+
+
+def _size(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except FileNotFoundError:  # renamed into place meanwhile
+        return 0
+
+
+def _seen(store: Path, deadline_s: float = 30.0) -> list[tuple[Any, ...]]:
+    """Rows of the store sink's checkpoints_seen table, once there are any (or [] at the deadline)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            db = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+            try:
+                rows = db.execute("SELECT path, size, checksum, is_best, step FROM checkpoints_seen ORDER BY step").fetchall()
+            finally:
+                db.close()
+        except sqlite3.OperationalError:
+            rows = []
+        if rows:
+            return rows
+        time.sleep(0.05)
+    return []
+
+
+def test_tracker_saves_through_the_agent_and_sinks_see_it(agent: AgentProcess, base_config: dict,
+                                                          tmp_path: Path) -> None:
+    base_config["checkpointing"].update(monitor="val_loss", max_checkpoints=2)
+    model = torch.nn.Linear(32, 32)
+    opt = torch.optim.Adam(model.parameters())
+    with ExperimentTracker("ck", base_config) as tracker:
+        assert tracker._client is not None
+        paths = []
+        for step, val in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5)]:
+            paths.append(tracker.save_checkpoint(model=model, epoch=0, step=step, optimizer=opt,
+                                                 train_loss=val + 1, val_loss=val))
+        tracker.flush()
+        metas = [p.wait() for p in paths]
+        assert all(isinstance(m, CheckpointMetadata) and m.run_id == tracker.run_id for m in metas)
+        assert tracker.get_best_checkpoint() == paths[1]
+        assert tracker.load_checkpoint("best", model, opt) == (0, 2)
+        assert tracker.should_checkpoint(4) is False  # save_frequency 0: only explicit saves
+    ckdir = Path(base_config["checkpointing"]["checkpoint_dir"])
+    assert sorted(p.name for p in ckdir.iterdir()) == sorted(Path(p).name for p in (paths[1], paths[2], paths[3]))
+    with Registry(agent.paths.store) as reg:
+        rows = reg.entries(str(ckdir), ("done", "deleted"))
+    assert [r["state"] for r in rows] == ["deleted", "done", "done", "done"]
+    seen = _seen(agent.paths.store)
+    assert len(seen) == 4, seen
+    by_step = {r[4]: r for r in seen}
+    assert by_step[2][0] == paths[1] and by_step[2][1] == metas[1].size and by_step[2][2] == metas[1].checksum
+    assert [by_step[s][3] for s in (1, 2, 3, 4)] == [1, 1, 0, 0]
+
+
+def test_sigkill_agent_mid_write_never_leaves_a_loadable_corrupt_file(agent: AgentProcess, agent_paths: AgentPaths,
+                                                                      base_config: dict) -> None:
+    ckdir = Path(base_config["checkpointing"]["checkpoint_dir"])
+    torch.manual_seed(0)
+    state = {"big": torch.randn(48 << 20), "small": torch.arange(10)}  # 192 MiB of incompressible floats
+    tracker = ExperimentTracker("kill", base_config)
+    restarted: AgentProcess | None = None
+    try:
+        pending = tracker.save_checkpoint(state, 0, 7)
+        tmp: list[Path] = []
+        while not tmp and not pending.done():
+            tmp = [p for p in ckdir.glob(".*.tmp-*") if _size(p) > 0] if ckdir.exists() else []
+            time.sleep(0.001)
+        assert tmp, "the write finished before the test could see its temporary file"
+        agent.kill()
+        # Nothing under a final name may be partial: whatever is there verifies.
+        for p in ckdir.iterdir():
+            if not p.name.startswith("."):
+                verify_file(p)
+        assert not Path(pending).exists()
+        with Registry(agent_paths.store) as reg:
+            assert reg.get(str(pending))["state"] == "writing"
+        restarted = AgentProcess(agent_paths).start()
+        meta = pending.wait(timeout=120)  # the SDK re-sent it: written from the staged buffer
+        assert meta.path == pending and verify_file(pending) == meta.checksum
+        assert not list(ckdir.glob(".*.tmp-*")), "the dead agent's temporary file was not cleaned up"
+        holder: dict[str, torch.Tensor] = {}
+
+        class Holder:
+            def load_state_dict(self, sd: dict[str, torch.Tensor], strict: bool = True) -> None:
+                holder.update(sd)
+
+        assert tracker.load_checkpoint(pending, Holder()) == (0, 7)
+        assert torch.equal(holder["big"], state["big"]) and torch.equal(holder["small"], state["small"])
+        with Registry(agent_paths.store) as reg:
+            assert reg.get(str(pending))["state"] == "done"
+        assert [r[0] for r in _seen(agent_paths.store)] == [pending]  # written by the restarted agent
+    finally:
+        tracker.finish()
+        if restarted is not None:
+            restarted.stop()
+
+
+def test_without_an_agent_the_tracker_writes_in_process(agent_paths: AgentPaths, base_config: dict) -> None:
+    model = torch.nn.Linear(8, 8)
+    with ExperimentTracker("noagent", base_config) as tracker:
+        assert tracker._client is None
+        p = tracker.save_checkpoint(model, 0, 1, None, is_best=True)
+        tracker.save_checkpoint(model, 0, 2)
+        assert p.wait().is_best
+        assert tracker.get_best_checkpoint() == p
+        assert tracker.load_checkpoint("latest", model) == (0, 2)
+    with Registry(agent_paths.store) as reg:  # the same registry the agent uses
+        assert [r["step"] for r in reg.entries()] == [1, 2]
