@@ -1,4 +1,4 @@
-"""The `flightlog` command line: agent, status, wal inspect/replay, runs ls/export."""
+"""The `flightlog` command line: agent, status, wal inspect/replay, runs ls/export, plot."""
 from __future__ import annotations
 
 import argparse
@@ -175,6 +175,26 @@ def _runs_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flightlog.agent.plots import render_plots
+
+    paths, _ = _paths(args)
+    store = _store(args)
+    try:
+        run_id = store.resolve_run(args.run)
+    finally:
+        store.close()
+    out = Path(args.out) if args.out else paths.data_dir / "runs" / run_id / "plots"
+    written = render_plots(paths.store, run_id, out)
+    if not written:
+        print(f"run {run_id} has no loss or accuracy metrics to plot")
+    for path in written:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flightlog", description="flightlog: experiment tracking and checkpoints")
     sub = p.add_subparsers(dest="command", required=True)
@@ -216,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("--key", help="only this metric")
     re_.add_argument("--out", help="file to write (default: stdout)")
     re_.set_defaults(func=_runs_export)
+
+    pl = sub.add_parser("plot", help="render a run's plots (loss, accuracy, log scale, overfitting) as PNGs")
+    common(pl)
+    pl.add_argument("run", help="run id, id prefix or name")
+    pl.add_argument("--out", help="directory for the PNGs (default: <data dir>/runs/<run id>/plots)")
+    pl.set_defaults(func=_plot)
 
     from flightlog.agent.ckpt_cli import add_subparsers as add_ckpt
 

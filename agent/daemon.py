@@ -36,6 +36,8 @@ from flightlog.proto.events import (
 )
 
 from .ingest import Ingestor
+from .monitor import Monitor
+from .plots import PlotService
 from .runner import CursorStore, SinkRunner
 from .sinks.base import Sink
 from flightlog.proto.frames import append_frame, count_frames
@@ -150,6 +152,8 @@ class Agent:
         from .checkpoint.service import CheckpointService
 
         self.checkpoints = CheckpointService(self)
+        self.monitor = Monitor(self.paths, self.ingestor.producers, self.emit, s.extra)
+        self.plots = PlotService(self.paths, self.emit)
         cursors = CursorStore(self.paths.store)
         for sink in self._build_sinks():
             reader = WALReader(self.paths.wal_dir, limit=self.wal.end_position)
@@ -170,6 +174,8 @@ class Agent:
                     tg.start_soon(runner.run)
                 tg.start_soon(self._retention_loop)
                 tg.start_soon(self.checkpoints.run)
+                tg.start_soon(self.monitor.run)
+                tg.start_soon(self.plots.run)
                 tg.start_soon(listener.serve, self._handle, tg)
                 if s.sidecar:
                     tg.start_soon(self._idle_exit_loop)
@@ -393,4 +399,5 @@ class Agent:
             "wal": {"next_seq": next_seq, "bytes": self.wal.total_bytes(), "segments": len(self.wal.segments()),
                     "corrupt_records_recovered": self.wal.recovery.corrupt_records},
             "sinks": sinks,
+            "alerts": self.monitor.alerts(),
         }

@@ -20,6 +20,9 @@ __all__ = [
     "SystemStats",
     "CheckpointSaved",
     "Artifact",
+    "Histogram",
+    "Image",
+    "Alert",
     "Event",
     "EVENT_TYPES",
     "Hello",
@@ -118,9 +121,52 @@ class Artifact(msgspec.Struct, tag="ar", array_like=True):
     size: int = 0
 
 
-Event = Union[RunStart, RunEnd, HyperParams, Metrics, Tags, Text, SystemStats, CheckpointSaved, Artifact]
+class Histogram(msgspec.Struct, tag="hi", array_like=True):
+    """A distribution at a step (weights, gradients, a data batch): ``bucket_counts[i]`` values fell at or
+    below ``bucket_limits[i]`` and above the previous limit (TensorBoard's layout)."""
+
+    run_id: str
+    key: str
+    step: int
+    timestamp: float
+    bucket_limits: list[float]
+    bucket_counts: list[float]
+    min: float = 0.0
+    max: float = 0.0
+    count: float = 0.0
+    sum: float = 0.0
+    sum_squares: float = 0.0
+
+
+class Image(msgspec.Struct, tag="im", array_like=True):
+    """A PNG (a plot): its bytes in ``data``, and where it lies on the node that made it, if anywhere."""
+
+    run_id: str
+    key: str
+    step: int
+    timestamp: float
+    path: str = ""
+    data: bytes = b""
+    caption: str = ""
+
+
+class Alert(msgspec.Struct, tag="al", array_like=True):
+    """Something a person should act on (disk almost full); ``level`` is "info", "warning" or "error"."""
+
+    run_id: str
+    level: str
+    message: str
+    timestamp: float
+    key: str = ""
+
+
+Event = Union[
+    RunStart, RunEnd, HyperParams, Metrics, Tags, Text, SystemStats, CheckpointSaved, Artifact, Histogram, Image,
+    Alert,
+]
 EVENT_TYPES: tuple[type, ...] = (
-    RunStart, RunEnd, HyperParams, Metrics, Tags, Text, SystemStats, CheckpointSaved, Artifact,
+    RunStart, RunEnd, HyperParams, Metrics, Tags, Text, SystemStats, CheckpointSaved, Artifact, Histogram, Image,
+    Alert,
 )
 
 

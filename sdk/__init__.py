@@ -2,6 +2,9 @@
 
 Importing this package stays light (no torch, wandb, mlflow or tensorboardX).
 """
+from typing import Any
+
+from flightlog.capture import seed_everything
 from flightlog.config import Config, config_hash, load_config
 from flightlog.proto.errors import (
     AgentUnavailable,
@@ -19,6 +22,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ExperimentTracker",
+    "ModelCheckpointer",
+    "CheckpointMetadata",
+    "seed_everything",
     "ExperimentMetadata",
     "experiment_tracking",
     "Config",
@@ -33,3 +39,15 @@ __all__ = [
     "CheckpointError",
     "CheckpointCorrupt",
 ]
+
+
+_LAZY = {"ModelCheckpointer", "CheckpointMetadata", "PendingCheckpoint"}
+
+
+def __getattr__(name: str) -> Any:
+    # Checkpointing needs torch: imported on first use, so `import flightlog` stays light.
+    if name in _LAZY:
+        from flightlog import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module 'flightlog' has no attribute {name!r}")

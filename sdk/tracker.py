@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import atexit
+import hashlib
 import logging
 import operator
 import os
 import platform
+import shutil
 import socket as _socket
 import threading
 import time
@@ -13,20 +15,26 @@ import traceback
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from flightlog import capture as _capture
 from flightlog.client import AgentClient, connect_or_start
 from flightlog.config import Config, config_hash, config_to_dict, load_config
 from flightlog.paths import resolve_paths
 from flightlog.proto.codec import event_encoder
 from flightlog.proto.errors import AgentUnavailable, FlightlogError
+from flightlog.progress import NEVER, Progress
 from flightlog.proto.events import (
+    Artifact,
     Event,
     EventBatch,
     FlushRequest,
+    Histogram,
     HyperParams,
+    Image,
     Metrics,
     Register,
     RunEnd,
@@ -62,6 +70,11 @@ class ExperimentMetadata(msgspec.Struct, kw_only=True):
     host: str = ""
     pid: int = 0
     rank: int = 0
+    environment: dict[str, Any] = {}  # python, OS, host, CPU, RAM, GPUs, packages, allow-listed env vars
+    git: dict[str, Any] = {}  # commit, branch, dirty, remote_url (no credentials), diff_bytes, diff_artifact
+    command: dict[str, Any] = {}  # argv (secrets masked), cwd, executable
+    seed: dict[str, Any] = {}  # what flightlog.seed_everything did
+    total_steps: int | None = None
 
 
 def _coerce_metrics(metrics: Any) -> dict[str, float | int]:
@@ -127,6 +140,7 @@ class ExperimentTracker:
         tags: list[str] | None = None,
         run_id: str | None = None,
         rank: int | None = None,
+        total_steps: int | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError("experiment name must be a non-empty string")
@@ -140,12 +154,13 @@ class ExperimentTracker:
             description=cfg.description if description is None else description,
             tags=list(cfg.tags if tags is None else tags),
             created_at=time.time(),
-            config=config_to_dict(cfg),
+            config=_capture.redact(config_to_dict(cfg)),  # secrets never reach the WAL; the hash is of the real one
             config_hash=config_hash(cfg),
             host=_socket.gethostname(),
             pid=os.getpid(),
             rank=self.rank,
         )
+        git_diff = self._capture_run_info()
         self.paths = resolve_paths(cfg.agent.data_dir, cfg.agent.socket)
         self._lock = threading.Lock()
         self._finished = False
@@ -155,6 +170,8 @@ class ExperimentTracker:
         self._pending_count = 0
         self._step = -1
         self._warned_backwards = False
+        self._progress: Progress | None = None
+        self._progress_next = NEVER  # log_metrics' one extra comparison: progress off
         self._producer = self._open_producer()
         self._buf = bytearray(512)  # reused: encode_into resizes it to each payload
         self._encode_into = event_encoder.encode_into
@@ -166,8 +183,14 @@ class ExperimentTracker:
                 description=self.metadata.description, tags=self.metadata.tags,
                 config=_absolute_paths(self.metadata.config), config_hash=self.metadata.config_hash,
                 sinks=self._sinks(), pid=os.getpid(), rank=self.rank, host=self.metadata.host,
+                metadata=self._run_metadata(),
             )
         )
+        if git_diff:
+            self._save_git_diff(git_diff)
+        _capture._listen_for_seed(self)
+        if total_steps is not None:
+            self.progress(total_steps)
         atexit.register(self._atexit)
 
     # --- setup -----------------------------------------------------------------------------------
@@ -245,6 +268,8 @@ class ExperimentTracker:
         buf = self._buf
         self._encode_into(Metrics(self.run_id, step, _now(), metrics), buf, 0)
         self._write(buf)
+        if step >= self._progress_next:  # progress off: never true; on: about every 0.5 s
+            self._progress_tick(step)
 
     def _check_step(self, step: Any) -> int:
         try:
@@ -261,7 +286,7 @@ class ExperimentTracker:
         """Log hyper-parameters (values: numbers, strings, bools, None, or nested lists/dicts)."""
         if not isinstance(params, Mapping):
             raise TypeError(f"log_hyperparameters expects a dict, got {type(params).__name__}")
-        clean = {str(k): v for k, v in params.items()}
+        clean = _capture.redact({str(k): v for k, v in params.items()})
         try:
             msgspec.msgpack.encode(clean)
         except TypeError as exc:
@@ -269,7 +294,7 @@ class ExperimentTracker:
         self._emit(HyperParams(self.run_id, clean, time.time()))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._emit(Tags(self.run_id, {str(k): str(v) for k, v in tags.items()}, time.time()))
+        self._emit(Tags(self.run_id, _capture.redact({str(k): str(v) for k, v in tags.items()}), time.time()))
 
     def log_text(self, key: str, text: str, step: int | None = None) -> None:
         self._emit(Text(self.run_id, key, str(text), self._step if step is None else step, time.time()))
@@ -378,6 +403,9 @@ class ExperimentTracker:
         dropped = self._producer.dropped if self._producer else 0
         if dropped:
             log.warning("flightlog: %d events were dropped because the ring was full (agent.on_full=drop)", dropped)
+        if self._progress is not None:
+            self._progress.close()
+            self._progress, self._progress_next = None, NEVER
         self._emit(RunEnd(self.run_id, status, self.metadata.ended_at, error, dropped))
         try:
             if self._client is None:
@@ -411,6 +439,203 @@ class ExperimentTracker:
             self.finish("killed", "KeyboardInterrupt")
         else:
             self.finish("failed", "".join(traceback.format_exception(exc_type, exc, tb)))
+
+    # --- reproducibility capture (flightlog.capture) ------------------------------------------------
+
+    @property
+    def run_dir(self) -> Path:
+        """This run's directory in the agent's data directory (artifacts, plots)."""
+        return self.paths.data_dir / "runs" / self.run_id
+
+    def _capture_run_info(self) -> str:
+        """Fill the metadata's environment, git, command and seed; returns the uncommitted git diff."""
+        md = self.metadata
+        try:
+            md.environment = _capture.capture_environment()
+            md.command = _capture.capture_command()
+            md.git, diff = _capture.capture_git()
+        except Exception as exc:  # capture is best effort: it must never stop a run from starting
+            log.warning("flightlog: reproducibility capture incomplete: %r", exc)
+            diff = ""
+        md.seed = _capture.last_seed()
+        return diff
+
+    def _run_metadata(self) -> dict[str, Any]:
+        md = self.metadata
+        info = {"environment": md.environment, "git": md.git, "command": md.command, "seed": md.seed}
+        return _capture.redact(msgspec.to_builtins(info, enc_hook=str))  # plain data only on the wire
+
+    def _save_git_diff(self, diff: str) -> None:
+        try:
+            path = self.run_dir / "artifacts" / "git_diff.patch"
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            data = diff.encode()
+            path.write_bytes(data)
+            self.metadata.git["diff_artifact"] = str(path)
+            self._emit(Artifact(self.run_id, "git_diff.patch", str(path), time.time(), "git-diff",
+                                "sha256:" + hashlib.sha256(data).hexdigest(), len(data)))
+        except OSError as exc:
+            log.warning("flightlog: could not save the uncommitted git diff: %s", exc)
+
+    def _record_seed(self, info: dict[str, Any]) -> None:
+        """Called by flightlog.seed_everything while this run is alive."""
+        if self._finished:
+            return
+        self.metadata.seed = info
+        self._emit(HyperParams(self.run_id, {"seed": info["seed"], "deterministic": info["deterministic"]},
+                               time.time()))
+
+    # --- progress and ETA (flightlog.progress) --------------------------------------------------------
+
+    def progress(self, total_steps: int) -> None:
+        """Track progress towards ``total_steps``: a bar on a terminal (rank 0 only), and the metrics
+        ``progress/eta_seconds`` and ``progress/steps_per_second``, from the steps log_metrics sees."""
+        if self._progress is not None:
+            self._progress.close()
+        self._progress = Progress(total_steps, bar=None if self.rank == 0 else False)
+        self.metadata.total_steps = total_steps
+        self._progress_next = 0
+
+    def _progress_tick(self, step: int) -> None:
+        p = self._progress
+        if p is None:
+            self._progress_next = NEVER
+            return
+        try:
+            self._progress_next, metrics = p.tick(step)
+            if metrics is not None:
+                self._emit(Metrics(self.run_id, step, _now(), metrics))
+        except Exception as exc:  # a broken terminal must not stop training
+            log.warning("flightlog: progress display disabled: %r", exc)
+            self._progress, self._progress_next = None, NEVER
+
+    # --- artifacts ----------------------------------------------------------------------------------
+
+    def log_artifact(self, path: str | os.PathLike[str], name: str | None = None, type: str | None = None) -> Path:
+        """Copy a file or directory into the run's directory, with a sha256, and hand it to the sinks.
+
+        Returns the copy's path. A second artifact of the same name replaces the first.
+        """
+        src = Path(path)
+        if not src.exists():
+            raise FileNotFoundError(f"log_artifact: {src} does not exist")
+        name = name or src.name
+        if not name or name in (".", "..") or "/" in name or os.sep in name:
+            raise ValueError(f"artifact name must be a plain file name, got {name!r}")
+        dest_dir = self.run_dir / "artifacts"
+        dest_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        dest = dest_dir / name
+        tmp = dest_dir / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+        if src.is_dir():
+            shutil.copytree(src, tmp, symlinks=True)
+        else:
+            shutil.copyfile(src, tmp)
+        checksum, size = _sha256_tree(tmp)
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+        self._emit(Artifact(self.run_id, name, str(dest), time.time(), type or ("dir" if src.is_dir() else "file"),
+                            checksum, size))
+        return dest
+
+    # --- visualisation (flightlog.viz: imports torch on first use) --------------------------------------
+
+    def _at(self, step: int | None) -> int:
+        return max(self._step, 0) if step is None else int(step)
+
+    def log_gradient_flow(self, model: Any, step: int | None = None, *, plot: bool = True) -> dict[str, float]:
+        """Per-layer gradient L2 norms as ``grad_norm/<param>`` metrics, and (``plot=True``) a gradient-flow
+        bar chart as the image ``gradient_flow``. Call after ``backward()``; does not move the step."""
+        from flightlog import viz
+
+        step = self._at(step)
+        norms = viz.gradient_norms(model)
+        if norms:
+            self._emit(Metrics(self.run_id, step, _now(), norms))
+        if plot:
+            png = viz.gradient_flow_png(model)
+            if png is not None:
+                self._emit(Image(self.run_id, "gradient_flow", step, _now(), "", png))
+        return norms
+
+    def log_histograms(self, model: Any, step: int | None = None, *, bins: int = 64,
+                       gradients: bool = True) -> int:
+        """``weights/<param>`` and ``gradients/<param>`` histograms; returns how many were logged."""
+        from flightlog import viz
+
+        return self._emit_histograms(viz.parameter_histograms(model, bins=bins, gradients=gradients),
+                                     self._at(step))
+
+    def log_data_distribution(self, batch: Any, step: int | None = None, *, bins: int = 64) -> int:
+        """``data/<name>`` histograms (and ``data/<name>/mean``, ``/std`` metrics) of a batch's tensors."""
+        from flightlog import viz
+
+        step = self._at(step)
+        hists = viz.data_distribution(batch, bins=bins)
+        stats = {f"{key}/{k}": v for key, h in hists for k, v in h.extra.items()}
+        if stats:
+            self._emit(Metrics(self.run_id, step, _now(), stats))
+        return self._emit_histograms(hists, step)
+
+    def _emit_histograms(self, hists: Any, step: int) -> int:
+        n = 0
+        for key, h in hists:
+            self._emit(Histogram(self.run_id, key, step, _now(), h.bucket_limits, h.bucket_counts, h.min, h.max,
+                                 h.count, h.sum, h.sum_squares))
+            n += 1
+        return n
+
+    def log_model_summary(self, model: Any) -> str:
+        """The model's layers and parameter counts as the text ``model/summary``; counts as parameters."""
+        from flightlog import viz
+
+        text, counts = viz.model_summary(model)
+        self._emit(Text(self.run_id, "model/summary", text, max(self._step, 0), time.time()))
+        self._emit(HyperParams(self.run_id, {f"model/{k}": v for k, v in counts.items()}, time.time()))
+        return text
+
+    def memory_stats(self, *, log: bool = True) -> dict[str, float]:
+        """CUDA memory of this process per device (allocated, max allocated, reserved, max reserved bytes),
+        logged as ``memory/cuda:<i>/...`` metrics at the current step. {} when torch is not loaded or has
+        no GPU (torch is never imported here)."""
+        import sys
+
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available():
+            return {}
+        out: dict[str, float] = {}
+        for i in range(torch.cuda.device_count()):
+            p = f"memory/cuda:{i}/"
+            out[p + "allocated_bytes"] = float(torch.cuda.memory_allocated(i))
+            out[p + "max_allocated_bytes"] = float(torch.cuda.max_memory_allocated(i))
+            out[p + "reserved_bytes"] = float(torch.cuda.memory_reserved(i))
+            out[p + "max_reserved_bytes"] = float(torch.cuda.max_memory_reserved(i))
+        if log and out:
+            self._emit(Metrics(self.run_id, max(self._step, 0), _now(), out))
+        return out
+
+
+def _sha256_tree(path: Path) -> tuple[str, int]:
+    """sha256 of a file, or of a directory's (relative path, file sha256) list; and the total size."""
+    def file_hash(p: Path) -> tuple[str, int]:
+        h = hashlib.sha256()
+        n = 0
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                n += len(chunk)
+        return h.hexdigest(), n
+
+    if not path.is_dir():
+        digest, size = file_hash(path)
+        return "sha256:" + digest, size
+    outer = hashlib.sha256()
+    total = 0
+    for p in sorted(q for q in path.rglob("*") if q.is_file() and not q.is_symlink()):
+        digest, size = file_hash(p)
+        outer.update(f"{p.relative_to(path).as_posix()}\0{digest}\n".encode())
+        total += size
+    return "sha256:" + outer.hexdigest(), total
 
 
 @contextmanager

@@ -1,0 +1,507 @@
+"""The system monitor: one sampler per agent (per node), whatever the number of runs and ranks.
+
+Every tick it reads the running runs from the local store (their config says what to log and how often),
+finds their trainer processes among the registered producers, samples CPU, memory, disk, network and the
+runs' GPUs (NVML) once, and emits one ``SystemStats`` per due run into the WAL, so every sink gets
+``system/...`` metrics. It also watches free disk space and raises alerts (``flightlog status``).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import socket
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+
+from flightlog.paths import AgentPaths
+from flightlog.proto.events import Alert, Event, SystemStats
+
+__all__ = ["Monitor", "RunInfo", "GpuReader", "Rates", "DiskWatch", "gpu_selection"]
+
+log = logging.getLogger("flightlog.agent")
+
+DEFAULT_INTERVAL = 5.0
+DEFAULT_FLOOR = 1 << 30
+_DISCOVER_SECONDS = 1.0  # how soon a new run gets its first sample (one small SQLite query)
+_MIN_SLEEP = 0.05
+
+
+# --- sans-IO parts ---------------------------------------------------------------------------------------
+
+
+class Rates:
+    """Per-second rates of monotonically growing counters (bytes read, sent...) between two samples."""
+
+    def __init__(self) -> None:
+        self._prev: dict[str, tuple[float, float]] = {}
+
+    def update(self, now: float, counters: Mapping[str, float]) -> dict[str, float]:
+        out = {}
+        for key, value in counters.items():
+            prev = self._prev.get(key)
+            self._prev[key] = (now, value)
+            if prev is not None and now > prev[0] and value >= prev[1]:  # a reset counter gives no rate
+                out[key] = (value - prev[1]) / (now - prev[0])
+        return out
+
+
+@dataclass
+class DiskWatch:
+    """Free space against a floor, with hysteresis (5 %) so a disk hovering at the floor does not flap."""
+
+    alerts: dict[str, str] = field(default_factory=dict)
+
+    def check(self, key: str, path: str, free: int, floor: int) -> tuple[str, str] | None:
+        """("raised" | "cleared", message) when the state of ``key`` changes, else None."""
+        if floor <= 0:
+            return None
+        if free < floor and key not in self.alerts:
+            msg = (f"low disk space: {free / 2**30:.2f} GiB free on {path} ({key}), below the floor of "
+                   f"{floor / 2**30:.2f} GiB (monitoring.disk_free_floor_bytes); free space or the WAL and "
+                   "checkpoints will fail")
+            self.alerts[key] = msg
+            return "raised", msg
+        if free >= floor * 1.05 and key in self.alerts:
+            del self.alerts[key]
+            return "cleared", f"disk space on {path} ({key}) is back above the floor: {free / 2**30:.2f} GiB free"
+        return None
+
+
+def gpu_selection(cuda_visible: str | None, all_gpus: bool) -> list[tuple[str, str]] | None:
+    """[(label, device ref)] for a run, or None for every GPU (labelled by NVML index).
+
+    ``CUDA_VISIBLE_DEVICES="2,3"`` → [("0", "2"), ("1", "3")]: labels are the job's cuda ordinals; refs are
+    NVML indexes or ``GPU-…`` UUIDs. An empty value means the job sees no GPU. (CUDA numbers GPUs fastest
+    first unless ``CUDA_DEVICE_ORDER=PCI_BUS_ID``; on the usual node of identical GPUs both orders are NVML's.)
+    """
+    if all_gpus or cuda_visible is None:
+        return None
+    out = []
+    for i, ref in enumerate(p.strip() for p in cuda_visible.split(",")):
+        if not ref:
+            continue
+        if not (ref.isdigit() or ref.startswith("GPU-")):
+            break  # CUDA stops at the first invalid entry; MIG devices are not sampled here
+        out.append((str(i), ref))
+    return out
+
+
+# --- NVML ------------------------------------------------------------------------------------------------
+
+
+class GpuReader:
+    """Per-GPU stats through NVML (``nvidia-ml-py``); absent library, driver or GPU → one info line, {}."""
+
+    def __init__(self, module_name: str = "pynvml") -> None:
+        self.module_name = module_name
+        self.nvml: Any = None
+        self.available: bool | None = None  # None: not tried yet
+        self.reason = ""
+        self._handles: dict[str, Any] = {}
+        self._unsupported: set[tuple[str, str]] = set()
+
+    def start(self) -> bool:
+        if self.available is not None:
+            return self.available
+        try:
+            nvml = importlib.import_module(self.module_name)
+            nvml.nvmlInit()
+            self.count = int(nvml.nvmlDeviceGetCount())
+        except Exception as exc:  # ImportError, NVMLError_LibraryNotFound, DriverNotLoaded, ...
+            self.available = False
+            self.reason = f"{type(exc).__name__}: {exc}"
+            log.info("GPU monitoring off: NVML is not available (%s); CPU, memory, disk and network stats "
+                     "go on", self.reason)
+            return False
+        self.nvml = nvml
+        self.available = True
+        log.info("GPU monitoring: NVML sees %d GPU(s)", self.count)
+        return True
+
+    def _handle(self, ref: str) -> Any:
+        h = self._handles.get(ref)
+        if h is None:
+            nvml = self.nvml
+            if ref.startswith("GPU-"):
+                h = nvml.nvmlDeviceGetHandleByUUID(ref.encode() if isinstance(ref, str) else ref)
+            else:
+                h = nvml.nvmlDeviceGetHandleByIndex(int(ref))
+            self._handles[ref] = h
+        return h
+
+    def read(self, refs: Iterable[str]) -> dict[str, dict[str, float]]:
+        """ref → {metric: value}; a device or a field that fails is left out (and not asked again)."""
+        if not self.start():
+            return {}
+        out = {}
+        for ref in refs:
+            try:
+                h = self._handle(ref)
+            except Exception as exc:
+                if ("dev", ref) not in self._unsupported:
+                    self._unsupported.add(("dev", ref))
+                    log.warning("GPU %s: NVML cannot open it (%s); it is not monitored", ref, exc)
+                continue
+            out[ref] = self._fields(ref, h)
+        return out
+
+    def all_refs(self) -> list[str]:
+        return [str(i) for i in range(self.count)] if self.start() else []
+
+    def _fields(self, ref: str, h: Any) -> dict[str, float]:
+        nvml = self.nvml
+        vals: dict[str, float] = {}
+
+        def get(name: str, fn: Callable[[], Any]) -> Any:
+            if (ref, name) in self._unsupported:
+                return None
+            try:
+                return fn()
+            except Exception:  # NVMLError_NotSupported on some boards (power, clocks); ask once
+                self._unsupported.add((ref, name))
+                return None
+
+        util = get("util", lambda: nvml.nvmlDeviceGetUtilizationRates(h))
+        if util is not None:
+            vals["utilization_percent"] = float(util.gpu)
+            vals["memory_utilization_percent"] = float(util.memory)
+        mem = get("mem", lambda: nvml.nvmlDeviceGetMemoryInfo(h))
+        if mem is not None:
+            vals["memory_used_bytes"] = float(mem.used)
+            vals["memory_total_bytes"] = float(mem.total)
+            if mem.total:
+                vals["memory_percent"] = 100.0 * mem.used / mem.total
+        temp = get("temp", lambda: nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU))
+        if temp is not None:
+            vals["temperature_c"] = float(temp)
+        power = get("power", lambda: nvml.nvmlDeviceGetPowerUsage(h))
+        if power is not None:
+            vals["power_watts"] = power / 1000.0
+        clock = get("clock", lambda: nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM))
+        if clock is not None:
+            vals["sm_clock_mhz"] = float(clock)
+        return vals
+
+    def close(self) -> None:
+        if self.available and self.nvml is not None:
+            try:
+                self.nvml.nvmlShutdown()
+            except Exception:
+                pass
+        self.available = None
+        self._handles.clear()
+
+
+# --- runs ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunInfo:
+    run_id: str
+    config: dict[str, Any]
+    metadata: dict[str, Any]
+    pids: dict[int, int] = field(default_factory=dict)  # pid -> rank
+    next_due: float = 0.0
+    created_at: float = 0.0
+    last_step: int = -1
+
+    def next_step(self, wall: float) -> int:
+        """Seconds since the run started: comparable across runs, and still increasing after an agent
+        restart (a new monitor does not start again at 0); bumped by one if two samples share a second."""
+        self.last_step = max(int(wall - self.created_at) if self.created_at else 0, self.last_step + 1)
+        return self.last_step
+
+    def monitoring(self, key: str, default: Any) -> Any:
+        return (self.config.get("monitoring") or {}).get(key, default)
+
+    @property
+    def interval(self) -> float:
+        try:
+            v = float(self.monitoring("interval_seconds", DEFAULT_INTERVAL))
+        except (TypeError, ValueError):
+            return DEFAULT_INTERVAL
+        return v if v > 0 else DEFAULT_INTERVAL
+
+    def dirs(self, data_dir: Path) -> dict[str, str]:
+        out = {"data": str(data_dir)}
+        t = self.config.get("tracking") or {}
+        c = self.config.get("checkpointing") or {}
+        if c.get("checkpoint_dir"):
+            out["checkpoint"] = str(c["checkpoint_dir"])
+        if t.get("use_tensorboard") and t.get("tensorboard_log_dir"):
+            out["tensorboard"] = str(t["tensorboard_log_dir"])
+        if t.get("use_wandb") and t.get("wandb_dir"):
+            out["wandb"] = str(t["wandb_dir"])
+        return out
+
+    def cuda_visible(self) -> str | None:
+        env = (self.metadata.get("environment") or {}).get("env")
+        if not isinstance(env, dict):
+            return None  # an SDK without capture: all GPUs
+        value = env.get("CUDA_VISIBLE_DEVICES")
+        return None if value is None else str(value)
+
+
+def _existing(path: str) -> str:
+    """The path itself or its nearest existing parent (a checkpoint dir not created yet)."""
+    p = Path(path)
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    return str(p)
+
+
+class Monitor:
+    """The agent's system sampler. ``run`` is one task in the agent's task group."""
+
+    def __init__(self, paths: AgentPaths, producers: Callable[[], list[dict[str, Any]]],
+                 emit: Callable[[Event], None], settings: Mapping[str, Any] | None = None, *,
+                 gpu: GpuReader | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.paths = paths
+        self._producers = producers
+        self.emit = emit
+        mon = dict((settings or {}).get("monitoring") or {})
+        self.agent_floor = int(mon.get("disk_free_floor_bytes", DEFAULT_FLOOR))
+        self.gpu = gpu or GpuReader()
+        self.clock = clock
+        self.host = socket.gethostname()
+        self.disk = DiskWatch()
+        self.runs: dict[str, RunInfo] = {}
+        self.samples_total = 0
+        self._rates = Rates()
+        self._procs: dict[int, psutil.Process] = {}
+        self._proc_cpu = Rates()
+        self._db: sqlite3.Connection | None = None
+        self._system(self.clock())  # prime CPU and I/O counters: the first real sample has rates
+
+    # --- the loop ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            while True:
+                producers = self._producer_list()
+                delay = await anyio.to_thread.run_sync(self.tick, producers)
+                await anyio.sleep(delay)
+        finally:
+            with anyio.CancelScope(shield=True):
+                self.close()
+
+    def _producer_list(self) -> list[dict[str, Any]]:
+        for _ in range(3):  # the ingest thread may add or retire a ring meanwhile
+            try:
+                return self._producers()
+            except RuntimeError:
+                continue
+        return []
+
+    def alerts(self) -> list[str]:
+        return list(self.disk.alerts.values())
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        self.gpu.close()
+
+    def tick(self, producers: list[dict[str, Any]]) -> float:
+        """One pass (in a worker thread): refresh runs, watch disks, sample and emit for due runs.
+        Returns the seconds until the next pass."""
+        try:
+            self._refresh_runs(producers)
+        except sqlite3.Error as exc:
+            log.debug("monitor: cannot read the runs table yet: %s", exc)
+            self._close_db()
+        wall = time.time()
+        self._watch_disks(wall)
+        if not self.runs:
+            return _DISCOVER_SECONDS
+        now = self.clock()
+        due = [r for r in self.runs.values() if r.next_due <= now]
+        if due:
+            self._sample_and_emit(due, wall, now)
+        nxt = min(r.next_due for r in self.runs.values())
+        return min(max(_MIN_SLEEP, nxt - self.clock()), _DISCOVER_SECONDS)
+
+    # --- runs --------------------------------------------------------------------------------------
+
+    def _close_db(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _query_running(self) -> list[tuple[Any, ...]]:
+        if self._db is None:
+            if not self.paths.store.exists():
+                return []
+            self._db = sqlite3.connect(f"file:{self.paths.store}?mode=ro", uri=True, timeout=5,
+                                       check_same_thread=False)
+        return self._db.execute(
+            "SELECT run_id, config, metadata, pid, rank, host, created_at FROM runs WHERE status='running'"
+        ).fetchall()
+
+    def _refresh_runs(self, producers: list[dict[str, Any]]) -> None:
+        live: dict[str, dict[int, int]] = {}
+        for p in producers:
+            if p.get("closed"):
+                continue
+            pid = int(p.get("pid") or 0)
+            producer = str(p.get("producer") or "")
+            live.setdefault(producer, {})[pid] = int(p.get("rank") or 0)
+        seen = set()
+        for run_id, config, metadata, pid, rank, host, created_at in self._query_running():
+            pids: dict[int, int] = {}
+            for producer, ps in live.items():
+                if producer.startswith(run_id + "-"):  # producer ids are "<run id>-<pid>-<random>"
+                    pids.update(ps)
+            if not pids and pid and host == self.host:
+                pids = {int(pid): int(rank or 0)}
+            pids = {p: r for p, r in pids.items() if psutil.pid_exists(p)}
+            if not pids:
+                continue  # its trainer is gone (killed without a RunEnd): nothing to watch
+            seen.add(run_id)
+            info = self.runs.get(run_id)
+            if info is None:
+                # The first sample comes one interval after discovery, so that it has rates and CPU shares.
+                info = RunInfo(run_id, _json(config), _json(metadata), created_at=float(created_at or 0.0))
+                info.next_due = self.clock() + info.interval
+                self.runs[run_id] = info
+            new_pids = [p for p in pids if p not in info.pids]
+            info.pids = pids
+            for p in new_pids:
+                self._process(p, self.clock())  # prime its CPU counter
+        for run_id in list(self.runs):
+            if run_id not in seen:
+                del self.runs[run_id]
+
+    # --- disks -------------------------------------------------------------------------------------
+
+    def _watch_disks(self, wall: float) -> None:
+        checks = {("data", str(self.paths.data_dir)): self.agent_floor}
+        for r in self.runs.values():
+            floor = int(r.monitoring("disk_free_floor_bytes", DEFAULT_FLOOR) or 0)
+            dirs = r.dirs(self.paths.data_dir)
+            for label in ("data", "checkpoint"):
+                if label in dirs:
+                    key = (label, dirs[label])
+                    checks[key] = max(checks.get(key, 0), floor)
+        for (label, path), floor in checks.items():
+            try:
+                free = psutil.disk_usage(_existing(path)).free
+            except OSError:
+                continue
+            change = self.disk.check(f"{label} directory {path}", path, free, floor)
+            if change is None:
+                continue
+            state, msg = change
+            if state == "raised":
+                log.warning("%s", msg)
+            else:
+                log.info("%s", msg)
+            for r in self.runs.values():
+                self.emit(Alert(r.run_id, "warning" if state == "raised" else "info", msg, wall,
+                                key=f"disk/{label}"))
+
+    # --- sampling ----------------------------------------------------------------------------------
+
+    def _system(self, now: float) -> tuple[dict[str, float], dict[str, float]]:
+        """(cpu and network values, memory values), sampled once for every run."""
+        vals: dict[str, float] = {"system/cpu_percent": psutil.cpu_percent(None)}
+        counters: dict[str, float] = {}
+        io = psutil.disk_io_counters()
+        if io is not None:
+            counters["system/disk/read_bytes_per_second"] = io.read_bytes
+            counters["system/disk/write_bytes_per_second"] = io.write_bytes
+        net = psutil.net_io_counters()
+        if net is not None:
+            counters["system/network/sent_bytes_per_second"] = net.bytes_sent
+            counters["system/network/recv_bytes_per_second"] = net.bytes_recv
+        vals.update(self._rates.update(now, counters))
+        vm = psutil.virtual_memory()
+        sw = psutil.swap_memory()
+        mem = {
+            "system/memory/used_bytes": float(vm.total - vm.available),
+            "system/memory/available_bytes": float(vm.available),
+            "system/memory/percent": float(vm.percent),
+            "system/swap/used_bytes": float(sw.used),
+            "system/swap/percent": float(sw.percent),
+        }
+        return vals, mem
+
+    def _process(self, pid: int, now: float) -> tuple[float | None, float | None]:
+        """(cpu percent of one core since the last sample, RSS bytes) of one trainer process."""
+        proc = self._procs.get(pid)
+        try:
+            if proc is None:
+                proc = self._procs[pid] = psutil.Process(pid)
+            with proc.oneshot():
+                t = proc.cpu_times()
+                rss = float(proc.memory_info().rss)
+        except psutil.Error:
+            self._procs.pop(pid, None)
+            return None, None
+        cpu = self._proc_cpu.update(now, {str(pid): t.user + t.system}).get(str(pid))
+        return (None if cpu is None else 100.0 * cpu), rss
+
+    def _sample_and_emit(self, due: list[RunInfo], wall: float, now: float) -> None:
+        base, mem = self._system(now)
+        procs = {pid: self._process(pid, now) for pid in {p for r in due for p in r.pids}}  # each pid once
+        for pid in [p for p in self._procs if p not in procs and not any(p in r.pids for r in self.runs.values())]:
+            del self._procs[pid]  # forget processes of runs that ended
+        disks: dict[str, dict[str, float]] = {}
+        gpu_refs: set[str] = set()
+        selections: dict[str, list[tuple[str, str]]] = {}
+        for r in due:
+            for path in r.dirs(self.paths.data_dir).values():
+                if path not in disks:
+                    try:
+                        u = psutil.disk_usage(_existing(path))
+                        disks[path] = {"free_bytes": float(u.free), "used_percent": float(u.percent)}
+                    except OSError:
+                        disks[path] = {}
+            if r.monitoring("log_gpu_usage", True):
+                sel = gpu_selection(r.cuda_visible(), bool(r.monitoring("all_gpus", False)))
+                if sel is None:
+                    sel = [(ref, ref) for ref in self.gpu.all_refs()]
+                selections[r.run_id] = sel
+                gpu_refs.update(ref for _, ref in sel)
+        gpus = self.gpu.read(sorted(gpu_refs)) if gpu_refs else {}
+        for r in due:
+            values = dict(base)
+            log_mem = bool(r.monitoring("log_memory_usage", True))
+            if log_mem:
+                values.update(mem)
+            for pid, rank in r.pids.items():
+                cpu, rss = procs.get(pid, (None, None))
+                name = f"system/process/rank{rank}" if list(r.pids.values()).count(rank) == 1 else \
+                    f"system/process/pid{pid}"
+                if cpu is not None:
+                    values[f"{name}/cpu_percent"] = cpu
+                if rss is not None and log_mem:
+                    values[f"{name}/rss_bytes"] = rss
+            for label, path in r.dirs(self.paths.data_dir).items():
+                for k, v in disks.get(path, {}).items():
+                    values[f"system/disk/{label}/{k}"] = v
+            for label, ref in selections.get(r.run_id, []):
+                for k, v in gpus.get(ref, {}).items():
+                    values[f"system/gpu/{label}/{k}"] = v
+            self.emit(SystemStats(r.run_id, wall, values, r.next_step(wall)))
+            r.next_due = max(r.next_due + r.interval, now)
+            self.samples_total += 1
+
+
+def _json(text: Any) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        out = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    return out if isinstance(out, dict) else {}
+

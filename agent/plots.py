@@ -1,0 +1,296 @@
+"""Automatic plots, rendered by the agent with matplotlib (Agg) from the local store: loss curves (train and
+validation), accuracy curves, loss on a log scale, and the overfitting indicator (validation − training loss).
+
+``render_plots`` is the whole job for one run (also behind `flightlog plot`); ``PlotService`` is the agent
+task that calls it when a run ends (``monitoring.create_plots``) and every ``plot_every_minutes``, then emits
+each PNG as an ``Image`` event for the sinks.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from flightlog.paths import AgentPaths
+from flightlog.proto.events import Event, Image
+
+__all__ = ["render_plots", "classify", "pair_train_val", "PlotService", "SIZE_PX", "DPI"]
+
+log = logging.getLogger("flightlog.agent")
+
+SIZE_PX = (800, 500)
+DPI = 100
+_MAX_POINTS = 5000  # per curve: more does not show, and costs render time
+_MAX_IMAGE_BYTES = 2 << 20  # PNGs larger than this travel by path only
+_BACKFILL_SECONDS = 24 * 3600  # at start, runs that ended longer ago than this are not rendered
+_IGNORED_PREFIXES = ("system/", "progress/", "grad_norm/", "memory/", "data/")
+_SPLIT = re.compile(r"(?:^|(?<=[/_.\-]))(val|valid|validation|eval|evaluation|test|dev|train|training)(?=$|[/_.\-])",
+                    re.I)
+_VAL = {"val", "valid", "validation", "eval", "evaluation", "test", "dev"}
+
+
+# --- which metrics go where (sans-IO) -------------------------------------------------------------------
+
+
+def _split_of(key: str) -> tuple[str, str]:
+    """("train" | "val", the key without its split word): ``val/loss`` → ("val", "loss")."""
+    m = _SPLIT.search(key)
+    if m is None:
+        return "train", key
+    split = "val" if m.group(1).lower() in _VAL else "train"
+    base = (key[: m.start()] + key[m.end():]).strip("/_.-")
+    base = re.sub(r"[/_.\-]{2,}", lambda x: x.group(0)[0], base)
+    return split, base or key
+
+
+def classify(keys: list[str]) -> dict[str, list[str]]:
+    """{"loss": [...], "accuracy": [...]} among a run's metric keys (system and progress metrics ignored)."""
+    out: dict[str, list[str]] = {"loss": [], "accuracy": []}
+    for key in sorted(keys):
+        if key.startswith(_IGNORED_PREFIXES):
+            continue
+        low = key.lower()
+        if "loss" in low:
+            out["loss"].append(key)
+        elif re.search(r"(?:^|[/_.\-])acc(?:uracy)?(?:$|[/_.\-@0-9])", low) or low.endswith("accuracy"):
+            out["accuracy"].append(key)
+    return out
+
+
+def pair_train_val(loss_keys: list[str]) -> list[tuple[str, str]]:
+    """(train key, validation key) pairs of the same loss: ``train/loss`` or ``loss`` with ``val/loss``."""
+    train: dict[str, str] = {}
+    val: dict[str, str] = {}
+    for key in loss_keys:
+        split, base = _split_of(key)
+        (val if split == "val" else train).setdefault(base, key)
+    return [(train[b], val[b]) for b in sorted(val) if b in train]
+
+
+# --- reading --------------------------------------------------------------------------------------------
+
+
+def _read_series(db: sqlite3.Connection, run_id: str, keys: list[str]) -> dict[str, tuple[list[int], list[float]]]:
+    out = {}
+    for key in keys:
+        rows = db.execute(
+            "SELECT step, value FROM metrics WHERE run_id=? AND key=? AND value IS NOT NULL ORDER BY step, ts",
+            (run_id, key),
+        ).fetchall()
+        rows = [(s, v) for s, v in rows if v == v and abs(v) != float("inf")]
+        if len(rows) > _MAX_POINTS:
+            stride = -(-len(rows) // _MAX_POINTS)
+            rows = rows[::stride] + ([rows[-1]] if (len(rows) - 1) % stride else [])
+        if rows:
+            out[key] = ([int(s) for s, _ in rows], [float(v) for _, v in rows])
+    return out
+
+
+# --- drawing --------------------------------------------------------------------------------------------
+
+
+def _figure(title: str, ylabel: str) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # no display; harmless if the process already chose Agg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(SIZE_PX[0] / DPI, SIZE_PX[1] / DPI), dpi=DPI)
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _curves(ax: Any, series: Mapping[str, tuple[list[int], list[float]]], *, positive_only: bool = False) -> int:
+    drawn = 0
+    for key, (steps, values) in series.items():
+        if positive_only:
+            pts = [(s, v) for s, v in zip(steps, values) if v > 0]
+            if not pts:
+                continue
+            steps, values = [p[0] for p in pts], [p[1] for p in pts]
+        is_val = _split_of(key)[0] == "val"
+        ax.plot(steps, values, label=key, linestyle="--" if is_val else "-",
+                marker="o" if is_val and len(steps) <= 50 else None, markersize=3)
+        drawn += 1
+    if drawn:
+        ax.legend(loc="best", fontsize=8)
+    return drawn
+
+
+def _save(fig: Any, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
+    os.replace(tmp, path)  # a sink or a reader never sees half a PNG
+    return path
+
+
+def _interp(x: list[int], xs: list[int], ys: list[float]) -> list[float]:
+    import numpy as np
+
+    return list(np.interp(np.asarray(x, dtype=float), np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)))
+
+
+def render_plots(store_path: str | os.PathLike[str], run_id: str, out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Render a run's plots from the local store into ``out_dir`` (created); returns the PNGs written.
+
+    ``loss.png``, ``loss_log.png`` (learning curves, log scale), ``accuracy.png`` and ``overfitting.png``
+    (validation − training loss at the validation steps), each ``SIZE_PX`` pixels; a plot without data is
+    not drawn.
+    """
+    db = sqlite3.connect(f"file:{Path(store_path)}?mode=ro", uri=True, timeout=30)
+    try:
+        keys = [k for (k,) in db.execute("SELECT DISTINCT key FROM metrics WHERE run_id=?", (run_id,))]
+        groups = classify(keys)
+        series = _read_series(db, run_id, groups["loss"] + groups["accuracy"])
+    finally:
+        db.close()
+    loss = {k: series[k] for k in groups["loss"] if k in series}
+    acc = {k: series[k] for k in groups["accuracy"] if k in series}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    if loss:
+        fig, ax = _figure(f"loss — run {run_id}", "loss")
+        _curves(ax, loss)
+        written.append(_save(fig, out / "loss.png"))
+        fig, ax = _figure(f"learning curves (log scale) — run {run_id}", "loss (log)")
+        if _curves(ax, loss, positive_only=True):
+            ax.set_yscale("log")
+            written.append(_save(fig, out / "loss_log.png"))
+    if acc:
+        fig, ax = _figure(f"accuracy — run {run_id}", "accuracy")
+        _curves(ax, acc)
+        written.append(_save(fig, out / "accuracy.png"))
+    pairs = [(t, v) for t, v in pair_train_val(list(loss)) if t in loss and v in loss]
+    if pairs:
+        fig, ax = _figure(f"overfitting indicator: validation − training loss — run {run_id}", "gap")
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        for train_key, val_key in pairs:
+            vs, vv = loss[val_key]
+            ts, tv = loss[train_key]
+            gap = [v - t for v, t in zip(vv, _interp(vs, ts, tv))]
+            ax.plot(vs, gap, marker="o" if len(vs) <= 50 else None, markersize=3,
+                    label=f"{val_key} − {train_key}")
+            ax.fill_between(vs, gap, 0.0, where=[g > 0 for g in gap], color="tab:red", alpha=0.15,
+                            interpolate=True)
+        ax.legend(loc="best", fontsize=8)
+        written.append(_save(fig, out / "overfitting.png"))
+    return written
+
+
+# --- the agent task -------------------------------------------------------------------------------------
+
+
+def _json(text: Any) -> dict[str, Any]:
+    try:
+        out = json.loads(text) if text else {}
+    except (TypeError, ValueError):
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+class PlotService:
+    """Renders plots at run end and every ``monitoring.plot_every_minutes``, into
+    ``<data dir>/runs/<run id>/plots/``, and emits each as an ``Image`` event."""
+
+    MARKER = ".rendered"
+
+    def __init__(self, paths: AgentPaths, emit: Callable[[Event], None], *, poll_seconds: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.paths = paths
+        self.emit = emit
+        self.poll_seconds = poll_seconds
+        self.clock = clock
+        self._done: set[str] = set()  # ended runs already rendered
+        self._last: dict[str, float] = {}  # running run -> last periodic render (clock)
+        self.rendered = 0
+
+    def plot_dir(self, run_id: str) -> Path:
+        return self.paths.data_dir / "runs" / run_id / "plots"
+
+    async def run(self) -> None:
+        while True:
+            await anyio.sleep(self.poll_seconds)
+            try:
+                await anyio.to_thread.run_sync(self.tick)
+            except (sqlite3.Error, OSError) as exc:
+                log.warning("plots: %s; trying again in %.0f s", exc, self.poll_seconds)
+            except Exception:  # a plotting bug must not take the agent down
+                log.exception("plots: rendering failed")
+
+    def tick(self) -> int:
+        """Render what is due; returns the number of runs rendered."""
+        if not self.paths.store.exists():
+            return 0
+        db = sqlite3.connect(f"file:{self.paths.store}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = db.execute("SELECT run_id, status, ended_at, config FROM runs").fetchall()
+        finally:
+            db.close()
+        n = 0
+        now = self.clock()
+        for run_id, status, ended_at, config in rows:
+            if run_id in self._done:
+                continue
+            mon = _json(config).get("monitoring") or {}
+            if not mon.get("create_plots", True):
+                self._done.add(run_id)
+                continue
+            if status != "running":
+                if ended_at is not None and time.time() - float(ended_at) > _BACKFILL_SECONDS:
+                    self._done.add(run_id)  # old runs of a store this agent inherited: `flightlog plot` them
+                    continue
+                marker = self.plot_dir(run_id) / self.MARKER
+                if marker.exists() and marker.read_text().strip() == repr(ended_at):
+                    self._done.add(run_id)  # rendered by an earlier agent
+                    continue
+                self._render(run_id, ended_at)
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(repr(ended_at))
+                self._done.add(run_id)
+                self._last.pop(run_id, None)
+                n += 1
+                continue
+            every = float(mon.get("plot_every_minutes") or 0) * 60
+            if every > 0:
+                last = self._last.setdefault(run_id, now)
+                if now - last >= every:
+                    self._render(run_id, None)
+                    self._last[run_id] = now
+                    n += 1
+        return n
+
+    def _render(self, run_id: str, ended_at: float | None) -> list[Path]:
+        paths = render_plots(self.paths.store, run_id, self.plot_dir(run_id))
+        step = self._last_step(run_id)
+        ts = time.time()
+        for path in paths:
+            data = path.read_bytes()
+            self.emit(Image(run_id, f"plots/{path.stem}", step, ts, str(path),
+                            data if len(data) <= _MAX_IMAGE_BYTES else b"",
+                            "final" if ended_at is not None else "periodic"))
+        self.rendered += 1
+        log.info("plots: %d for run %s in %s", len(paths), run_id, self.plot_dir(run_id))
+        return paths
+
+    def _last_step(self, run_id: str) -> int:
+        db = sqlite3.connect(f"file:{self.paths.store}?mode=ro", uri=True, timeout=5)
+        try:
+            row = db.execute("SELECT MAX(step) FROM metrics WHERE run_id=? AND key NOT LIKE 'system/%'",
+                             (run_id,)).fetchone()
+        finally:
+            db.close()
+        return int(row[0]) if row and row[0] is not None else 0
