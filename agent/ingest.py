@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
+from flightlog._os import pid_alive
 from flightlog.proto.errors import ProtocolError, RingError
 from flightlog.proto.frames import PAD_MARKER, U32
 from flightlog.ring import RingView, cursor_distance, cursor_reached, spill_path
@@ -55,13 +54,6 @@ class _Ring:
     view: RingView
     first_seen: float
     events: int = 0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 class Ingestor:
@@ -191,7 +183,7 @@ class Ingestor:
     def _maybe_retire(self, name: str, ring: _Ring) -> None:
         """Delete a ring (and its spill files) once its producer is gone and everything is in the WAL."""
         view = ring.view
-        if not (view.closed or not _pid_alive(view.pid)):
+        if not (view.closed or not pid_alive(view.pid)):
             return
         if view.write_word != view.read_word:
             return

@@ -31,6 +31,7 @@ from flightlog.agent.checkpoint.format import DTYPE_SIZES, EXTENSIONS
 from flightlog.agent.checkpoint.reader import CheckpointReader
 from flightlog.agent.checkpoint.registry import STANDALONE_NAME, Registry
 from flightlog.agent.checkpoint.writer import commit_checkpoint, recover_interrupted
+from flightlog._os import pid_alive
 from flightlog.paths import ensure_private_dir
 from flightlog.proto.errors import AgentUnavailable, CheckpointCorrupt, CheckpointError, FlightlogError
 from flightlog.proto.events import CheckpointRequest, CheckpointWait
@@ -214,16 +215,6 @@ def _default_staging_dir() -> Path:
     return base / f"flightlog-{os.getuid()}" / "ckpt"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class _StagingBuffer:
     """One shared-memory file, mapped once, pre-faulted, grown when a bigger state comes along."""
 
@@ -279,7 +270,7 @@ class _StagingPool:
                 pid = int(p.name.split("-")[1])
             except (IndexError, ValueError):
                 continue
-            if pid != os.getpid() and not _pid_alive(pid):
+            if pid != os.getpid() and not pid_alive(pid):
                 p.unlink(missing_ok=True)
 
     def acquire(self) -> _StagingBuffer:

@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 
 import xxhash
 
+from flightlog._os import fsync_dir, pid_alive
 from flightlog.proto.errors import CheckpointError
 
 from .codecs import check_level, compress_chunk
@@ -39,14 +40,6 @@ log = logging.getLogger("flightlog.checkpoint")
 
 #: Temporary files are ``.<final name>.tmp-<pid>-<random>``: hidden, and never under a final name.
 TMP_MARK = ".tmp-"
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def tensors_of_spec(spec: dict[str, Any]) -> list[TensorInfo]:
@@ -204,18 +197,6 @@ def commit_checkpoint(spec: dict[str, Any], registry_path: str | os.PathLike[str
     return row
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def recover_interrupted(registry_path: str | os.PathLike[str]) -> list[str]:
     """Mark checkpoints whose writer died mid-write as failed and delete their temporary files; returns
     their final paths. (The final names never held partial data: only temporary files did.)"""
@@ -223,7 +204,7 @@ def recover_interrupted(registry_path: str | os.PathLike[str]) -> list[str]:
     with Registry(registry_path) as reg:
         for row in reg.entries(None, ("writing",)):
             pid = int(row.get("writer_pid") or 0)
-            if pid != os.getpid() and _pid_alive(pid):
+            if pid != os.getpid() and pid_alive(pid):
                 continue  # another live process is writing it
             if row.get("tmp_path"):
                 try:

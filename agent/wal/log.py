@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
+from flightlog._os import fsync_dir
 from flightlog.proto.errors import ProtocolError, WALError
 from flightlog.proto.frames import iter_frames
 
@@ -54,14 +55,6 @@ def _is_segment_name(name: str) -> bool:
 def _list_segments(directory: Path) -> list[int]:
     """First seqs of the segment files, ascending (other files are ignored)."""
     return sorted(int(n[:20]) for n in os.listdir(directory) if _is_segment_name(n))
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +98,7 @@ def _recover(directory: Path) -> RecoveryReport:
             rep.truncated_bytes += size
             rep.next_seq = segs.pop()
             last.unlink()
-            _fsync_dir(directory)
+            fsync_dir(directory)
     positions = rep.producer_positions
     for i, first in enumerate(segs):
         path = directory / segment_name(first)
@@ -179,7 +172,7 @@ class WAL:
         try:
             os.write(fd, encode_segment_header(first, time.time_ns()))
             os.fsync(fd)  # header and directory entry durable before any record relies on them
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except BaseException:
             os.close(fd)
             raise
@@ -281,7 +274,7 @@ class WAL:
             path.unlink(missing_ok=True)
             deleted.append(path)
         if deleted:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         return deleted
 
     def close(self) -> None:
