@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     wi.add_argument("dir")
     wi.add_argument("--json", action="store_true")
     wi.set_defaults(func=_wal_inspect)
+    from flightlog.agent.replay import add_subparsers as add_replay
+
+    add_replay(wsub)
 
     r = sub.add_parser("runs", help="runs in the local store")
     rsub = r.add_subparsers(dest="runs_command", required=True)

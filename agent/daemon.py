@@ -126,12 +126,9 @@ class Agent:
         from .sinks.store import LocalStoreSink
 
         sinks: list[Sink] = [LocalStoreSink(self.paths.store)]
-        try:
-            from .sinks import backend_sinks
-        except ImportError:
-            backend_sinks = None  # type: ignore[assignment]
-        if backend_sinks is not None:
-            sinks.extend(backend_sinks(self.settings.extra))
+        from .sinks import backend_sinks
+
+        sinks.extend(backend_sinks(self.settings.extra, data_dir=self.paths.data_dir))
         sinks.extend(self._extra_sinks)
         return sinks
 

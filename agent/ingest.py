@@ -6,13 +6,15 @@ there, so nothing is ingested twice.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from flightlog._os import pid_alive
 from flightlog.proto.errors import ProtocolError, RingError
@@ -24,6 +26,7 @@ from .wal import SRC_RING, SRC_SPILL
 __all__ = ["Ingestor", "SRC_RING", "SRC_SPILL", "split_frames"]
 
 log = logging.getLogger("flightlog.agent")
+T = TypeVar("T")
 
 _MAX_RECORD = 4 << 20  # bytes of frames per WAL record
 
@@ -49,6 +52,18 @@ def split_frames(buf: bytes | memoryview, limit: int = _MAX_RECORD) -> tuple[int
     return pos, count
 
 
+def _locked(method: Callable[..., T]) -> Callable[..., T]:
+    """Hold the ring table's lock: drain and retire run on a worker thread while the control server's
+    status and flush handlers read the same rings (a retired ring's memory is released)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Ingestor, *args: Any, **kwargs: Any) -> T:
+        with self._rings_lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 @dataclass
 class _Ring:
     view: RingView
@@ -62,7 +77,8 @@ class Ingestor:
     def __init__(self, wal: Any, ring_dir: Path, positions: dict[tuple[str, int], tuple[int, int]] | None = None,
                  *, lock: threading.Lock | None = None) -> None:
         self.wal = wal
-        self._lock = lock or threading.Lock()
+        self._lock = lock or threading.Lock()  # around WAL appends (shared with the agent's own events)
+        self._rings_lock = threading.RLock()  # see _locked
         self.ring_dir = Path(ring_dir)
         self.rings: dict[str, _Ring] = {}
         self._positions = dict(positions or {})
@@ -71,6 +87,7 @@ class Ingestor:
 
     # --- discovery -----------------------------------------------------------------------------
 
+    @_locked
     def scan(self) -> None:
         """Open rings that appeared in the ring directory since the last scan."""
         try:
@@ -110,6 +127,7 @@ class Ingestor:
         with self._lock:
             self.wal.append(frames, count, producer_id, kind, gen, end)
 
+    @_locked
     def drain(self) -> int:
         """One pass over every ring; returns the number of events made durable-in-WAL."""
         total = 0
@@ -203,12 +221,14 @@ class Ingestor:
 
     # --- questions from the control server -------------------------------------------------------
 
+    @_locked
     def find(self, producer_id: str) -> RingView | None:
         for ring in self.rings.values():
             if ring.view.producer_id == producer_id:
                 return ring.view
         return None
 
+    @_locked
     def reached(self, producer_id: str, ring_position: int, spill_gen: int, spill_position: int) -> bool:
         """True once the producer's events up to these positions are in the WAL (or the ring is retired)."""
         view = self.find(producer_id)
@@ -218,6 +238,7 @@ class Ingestor:
             return False
         return not spill_gen or view.consumed >= (spill_gen, spill_position)
 
+    @_locked
     def producers(self) -> list[dict[str, object]]:
         out = []
         for ring in self.rings.values():
@@ -229,6 +250,7 @@ class Ingestor:
             })
         return out
 
+    @_locked
     def close(self) -> None:
         for ring in self.rings.values():
             ring.view.close()

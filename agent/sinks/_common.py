@@ -1,0 +1,207 @@
+"""What the three backend sinks share: the per-run registry (each run's RunStart and the sink's own state,
+one small JSON file per run, written atomically) and the per-run dispatch of a batch.
+
+A sink's cursor may be past a run's RunStart when the agent restarts, so the RunStart (the run's name and
+tracking settings) is kept here, not only in memory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from flightlog.proto.events import Event, Image, RunStart
+
+from .base import Ack, Batch, SinkCursor
+
+__all__ = ["RunRegistry", "RunSinkBase", "atomic_write_json", "group_by_run", "flatten", "safe_name"]
+
+log = logging.getLogger("flightlog.agent.sinks")
+
+
+def atomic_write_json(path: Path, data: Any, *, fsync: bool = True) -> None:
+    """temp file + fsync + rename: a reader sees the old or the new content, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    payload = json.dumps(data, separators=(",", ":"), allow_nan=True).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, payload)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        log.warning("%s is not valid JSON (torn write?); ignoring it", path)
+        return None
+
+
+def group_by_run(events: Iterable[tuple[int, Event]]) -> dict[str, list[tuple[int, Event]]]:
+    """Events of each run, in WAL order (runs are independent of each other in every backend)."""
+    out: dict[str, list[tuple[int, Event]]] = {}
+    for seq, ev in events:
+        lst = out.get(ev.run_id)
+        if lst is None:
+            out[ev.run_id] = lst = []
+        lst.append((seq, ev))
+    return out
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
+    """Nested dicts to dotted keys (``{"opt": {"lr": 1}}`` -> ``{"opt.lr": 1}``); other values as they are."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{sep}{k}" if prefix else str(k)
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key, sep))
+        else:
+            out[key] = v
+    return out
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def image_bytes(ev: Image) -> bytes | None:
+    """The PNG of an Image event: its bytes, or the file it names if that still exists."""
+    if ev.data:
+        return bytes(ev.data)
+    try:
+        return Path(ev.path).read_bytes() if ev.path else None
+    except OSError:
+        log.warning("image %s (%s) is gone; not delivered", ev.key, ev.path)
+        return None
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk; (0, 0) when it is not a PNG."""
+    if len(data) < 24 or data[:8] != b"\x89PNG\r\n\x1a\n":
+        return 0, 0
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def safe_name(text: str, limit: int = 100) -> str:
+    """A file-name-safe form of a run name."""
+    return _UNSAFE.sub("_", text).strip("._")[:limit] or "run"
+
+
+class RunRegistry:
+    """``<dir>/<run_id>.json``: ``{"start": RunStart as builtins, "state": {...}}``, one per run."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._cache: dict[str, dict[str, Any]] = {}
+
+    def ensure(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _path(self, run_id: str) -> Path:
+        return self.directory / f"{safe_name(run_id, 200)}.json"
+
+    def get(self, run_id: str) -> dict[str, Any] | None:
+        entry = self._cache.get(run_id)
+        if entry is None:
+            entry = read_json(self._path(run_id))
+            if entry is not None:
+                self._cache[run_id] = entry
+        return entry
+
+    def put(self, run_id: str, entry: dict[str, Any]) -> None:
+        self.ensure()
+        atomic_write_json(self._path(run_id), entry)
+        self._cache[run_id] = entry
+
+    def start_of(self, run_id: str) -> RunStart | None:
+        entry = self.get(run_id)
+        if entry is None or "start" not in entry:
+            return None
+        return msgspec.convert(entry["start"], RunStart)
+
+    def forget(self, run_id: str) -> None:
+        self._cache.pop(run_id, None)
+
+
+class RunSinkBase:
+    """A sink that serves the runs whose RunStart names it, each with its own backend run and settings.
+
+    Subclasses implement ``_write_run(run_id, start, events)``; settings are the run's ``tracking`` config
+    section, under ``defaults`` (the agent's own config) and over ``overrides`` (``wal replay --to``).
+    """
+
+    name = "backend"
+    batch_size = 1000
+    all_runs = False
+
+    def __init__(self, state_dir: str | os.PathLike[str] | None = None, *,
+                 defaults: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None,
+                 accept_all_runs: bool = False) -> None:
+        if state_dir is None:
+            from flightlog.paths import resolve_paths
+
+            state_dir = resolve_paths().data_dir / "sinks"
+        self.state_dir = Path(state_dir) / self.name
+        self.registry = RunRegistry(self.state_dir / "runs")
+        self.defaults = dict(defaults or {})
+        self.overrides = dict(overrides or {})
+        # wal replay: every run in the WAL goes to this backend, whatever its RunStart asked for.
+        self.all_runs = accept_all_runs
+
+    def open(self) -> SinkCursor | None:
+        self.registry.ensure()
+        return None
+
+    def tracking(self, start: RunStart) -> dict[str, Any]:
+        run_cfg = start.config.get("tracking") if isinstance(start.config, dict) else None
+        return {**self.defaults, **(run_cfg or {}), **self.overrides}
+
+    def _start_for(self, run_id: str, events: list[tuple[int, Event]]) -> RunStart:
+        """The run's RunStart: from this batch (and remembered), or from the registry, or a stand-in."""
+        for _, ev in events:
+            if type(ev) is RunStart:
+                entry = self.registry.get(run_id) or {}
+                if entry.get("start") != msgspec.to_builtins(ev):
+                    entry = {**entry, "start": msgspec.to_builtins(ev)}
+                    entry.setdefault("state", {})
+                    self.registry.put(run_id, entry)
+                return ev
+        start = self.registry.start_of(run_id)
+        if start is None:
+            # The WAL no longer holds the RunStart (a replay of a partial WAL): name the run by its id.
+            log.warning("sink %s: no RunStart for run %s; using its id as the name", self.name, run_id)
+            start = RunStart(run_id=run_id, name=run_id, timestamp=events[0][1].timestamp or 0.0)
+            self.registry.put(run_id, {"start": msgspec.to_builtins(start), "state": {}})
+        return start
+
+    def state_of(self, run_id: str) -> dict[str, Any]:
+        entry = self.registry.get(run_id) or {}
+        return dict(entry.get("state") or {})
+
+    def save_state(self, run_id: str, state: dict[str, Any]) -> None:
+        entry = dict(self.registry.get(run_id) or {})
+        entry["state"] = state
+        self.registry.put(run_id, entry)
+
+    def write(self, batch: Batch) -> Ack:
+        for run_id, events in group_by_run(batch.events).items():
+            start = self._start_for(run_id, events)
+            self._write_run(run_id, start, events)
+        return Ack(delivered=len(batch.events))
+
+    def _write_run(self, run_id: str, start: RunStart, events: list[tuple[int, Event]]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass

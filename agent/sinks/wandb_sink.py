@@ -1,0 +1,231 @@
+"""The W&B sink: each run's events into a wandb run (online, offline or disabled, from ``tracking.wandb_mode``).
+
+The wandb run id is derived from the flightlog run id and runs are opened with ``resume="allow"``, so an
+agent restart or a replay continues the same W&B run. The sink records the last WAL seq and step it handed
+to wandb per run (in its registry, after every batch) and skips those on a re-send. The API key is left to
+wandb's own environment / netrc handling: it is never read, logged or written by flightlog.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+from flightlog.proto.errors import PermanentBackendError, RetryableBackendError
+from flightlog.proto.events import (
+    Alert,
+    CheckpointSaved,
+    Event,
+    Histogram,
+    HyperParams,
+    Image,
+    Metrics,
+    RunEnd,
+    RunStart,
+    Tags,
+    Text,
+)
+
+from ._common import RunSinkBase, flatten, image_bytes
+
+__all__ = ["WandBTracker", "wandb_run_id"]
+
+log = logging.getLogger("flightlog.agent.sinks")
+
+_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def wandb_run_id(run_id: str) -> str:
+    """A stable W&B run id for a flightlog run id (W&B ids: at most 64 of ``[A-Za-z0-9_-]``)."""
+    return ("fl-" + _ID_UNSAFE.sub("-", run_id))[:64]
+
+
+class _WbRun:
+    def __init__(self, run: Any, state: dict[str, Any]) -> None:
+        self.run = run
+        self.state = state
+
+
+class WandBTracker(RunSinkBase):
+    """Sink ``wandb``: history rows by step, config, summary, tags and notes; finish with the exit code."""
+
+    name = "wandb"
+    batch_size = 1000
+
+    def __init__(self, state_dir: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(state_dir, **kwargs)
+        self._runs: dict[str, _WbRun] = {}
+        self._wandb: Any = None
+
+    def _lib(self) -> Any:
+        if self._wandb is None:
+            try:
+                import wandb
+            except ImportError as exc:
+                raise PermanentBackendError(
+                    "a run asks for W&B but wandb is not installed where the agent runs: "
+                    "pip install 'flightlog[wandb]' and restart the agent"
+                ) from exc
+            self._wandb = wandb
+        return self._wandb
+
+    def _open_run(self, run_id: str, start: RunStart) -> _WbRun | None:
+        wb = self._runs.get(run_id)
+        if wb is not None:
+            return wb
+        tracking = self.tracking(start)
+        mode = tracking.get("wandb_mode") or "online"
+        if mode == "disabled":
+            return None
+        wandb = self._lib()
+        state = self.state_of(run_id)
+        directory = tracking.get("wandb_dir") or str(self.state_dir / "files")
+        os.makedirs(directory, exist_ok=True)
+        settings: dict[str, Any] = dict(
+            console="off", silent=True, x_disable_stats=True, x_disable_meta=True, x_disable_machine_info=True,
+            save_code=False, disable_git=True, disable_job_creation=True, x_save_requirements=False,
+        )
+        if not os.environ.get("WANDB_INIT_TIMEOUT"):
+            # wandb.init cannot be cancelled: keep an unreachable server from holding agent shutdown for 90 s.
+            settings["init_timeout"] = 30
+        if os.environ.get("WANDB_BASE_URL"):
+            settings["base_url"] = os.environ["WANDB_BASE_URL"]  # read per run: the agent may outlive a change
+        config = {k: v for k, v in (start.config or {}).items()}
+        try:
+            run = wandb.init(
+                project=tracking.get("wandb_project") or "flightlog", entity=tracking.get("wandb_entity") or None,
+                name=start.name, notes=start.description or None, tags=[str(t)[:64] for t in start.tags] or None,
+                config=config, mode=mode, dir=directory, id=wandb_run_id(run_id), resume="allow",
+                reinit="create_new", settings=wandb.Settings(**settings),
+            )
+        except Exception as exc:
+            raise self._classify(exc, f"starting W&B run {start.name!r} ({mode})") from exc
+        state.setdefault("seq", -1)
+        state.setdefault("step", -1)
+        wb = _WbRun(run, state)
+        self._runs[run_id] = wb
+        return wb
+
+    def _classify(self, exc: Exception, what: str) -> Exception:
+        wandb = self._lib()
+        errors = getattr(wandb, "errors", None)
+        auth = getattr(errors, "AuthenticationError", ())
+        usage = getattr(errors, "UsageError", ())
+        if isinstance(exc, auth) or isinstance(exc, usage):
+            return PermanentBackendError(f"W&B refused {what}: {type(exc).__name__}: {exc}")
+        return RetryableBackendError(f"W&B failed {what}: {type(exc).__name__}: {str(exc)[:500]}")
+
+    def _write_run(self, run_id: str, start: RunStart, events: list[tuple[int, Event]]) -> None:
+        state = self.state_of(run_id)
+        done = int(state.get("seq", -1))
+        events = [(s, ev) for s, ev in events if s > done]
+        if not events or state.get("ended"):
+            return
+        wb = self._open_run(run_id, start)
+        if wb is None:  # wandb_mode: disabled
+            return
+        run, st = wb.run, wb.state
+        step = int(st.get("step", -1))
+        row: dict[str, Any] = {}
+        row_step = step
+        skipped = 0
+        end: RunEnd | None = None
+        try:
+            for seq, ev in events:
+                t = type(ev)
+                if t is Metrics or t is Histogram or t is Image:
+                    if ev.step != row_step and row:
+                        run.log(row, step=row_step)
+                        row = {}
+                    if ev.step < step:
+                        skipped += 1  # W&B steps only go forward; wandb would drop it with a warning
+                        continue
+                    if t is Metrics:
+                        row.update(ev.values)
+                    else:
+                        media = _media(ev)
+                        if media is not None:
+                            row[ev.key] = media
+                    row_step = step = ev.step
+                elif t is HyperParams:
+                    run.config.update(flatten(ev.params), allow_val_change=True)
+                elif t is Tags:
+                    run.tags = tuple(dict.fromkeys([*run.tags, *(f"{k}:{v}"[:64] for k, v in ev.tags.items())]))
+                elif t is Text:
+                    run.summary[f"text/{ev.key}"] = ev.text
+                elif t is CheckpointSaved:
+                    run.summary["checkpoint/last_path"] = ev.path
+                    for k, v in ev.metrics.items():
+                        run.summary[f"checkpoint/{k}"] = v
+                elif t is Alert:
+                    run.summary[f"alerts/{ev.level}"] = ev.message
+                elif t is RunEnd:
+                    end = ev
+            if row:
+                run.log(row, step=row_step)
+        except Exception as exc:
+            # The run object is in an unknown state: reopen it (resume) on the retry.
+            self._forget(run_id)
+            raise self._classify(exc, f"logging to W&B run {start.name!r}") from exc
+        if skipped and not st.get("warned_backwards"):
+            st["warned_backwards"] = True
+            log.warning("W&B: run %s logged %d rows with a step below an earlier one; W&B keeps steps increasing,"
+                        " so they are only in the other backends", run_id, skipped)
+        st["seq"] = events[-1][0]
+        st["step"] = step
+        if end is not None:
+            try:
+                if end.dropped:
+                    run.summary["flightlog/dropped_events"] = end.dropped
+                run.finish(exit_code=0 if end.status == "completed" else 1)
+            except Exception as exc:
+                self._forget(run_id)
+                raise self._classify(exc, f"finishing W&B run {start.name!r}") from exc
+            st["ended"] = True
+            self._runs.pop(run_id, None)
+        self.save_state(run_id, st)
+
+    def _forget(self, run_id: str) -> None:
+        wb = self._runs.pop(run_id, None)
+        if wb is not None:
+            try:
+                wb.run.finish(exit_code=1)
+            except Exception:
+                log.debug("W&B: finishing a broken run failed", exc_info=True)
+
+    def close(self) -> None:
+        # The agent stops but the training may go on: the runs are finished here and resumed
+        # (resume="allow", same id) by the next agent.
+        for run_id in list(self._runs):
+            wb = self._runs.pop(run_id)
+            try:
+                wb.run.finish(exit_code=0)
+            except Exception:
+                log.warning("W&B: closing run %s failed", run_id, exc_info=True)
+        if self._wandb is not None:
+            try:
+                self._wandb.teardown()
+            except Exception:
+                log.warning("W&B: teardown failed", exc_info=True)
+
+
+def _media(ev: Histogram | Image) -> Any:
+    """A wandb Histogram or Image for the event (None when an image file is gone)."""
+    import wandb
+
+    if type(ev) is Histogram:
+        limits = list(ev.bucket_limits)
+        if not limits:
+            return None
+        # TensorBoard buckets are right edges; W&B wants every edge.
+        first = limits[0] - (limits[1] - limits[0]) if len(limits) > 1 else ev.min
+        return wandb.Histogram(np_histogram=(list(ev.bucket_counts), [first, *limits]))
+    png = image_bytes(ev)
+    if png is None:
+        return None
+    import io
+
+    from PIL import Image as PILImage
+
+    return wandb.Image(PILImage.open(io.BytesIO(png)), caption=ev.caption or None)
