@@ -143,7 +143,7 @@ def test_system_stats_and_nan_values(tmp_path: Path) -> None:
     sink = TensorBoardTracker(tmp_path / "state")
     sink.open()
     sink.write(Batch([(0, start), (1, Metrics("n", 0, 1.0, {"x": float("nan"), "y": float("inf")})),
-                      (2, SystemStats("n", 1.0, {"cpu": 50.0}, 0))], SinkCursor(0, 0, 3)))
+                      (2, SystemStats("n", 1.0, {"system/cpu": 50.0}, 0))], SinkCursor(0, 0, 3)))
     sink.close()
     sc = tb_scalars(tb / "nan-n")
     assert sc["y"] == [(0, float("inf"))] and sc["system/cpu"] == [(0, 50.0)]
