@@ -25,6 +25,8 @@ def test_system_stats_and_plots_arrive_in_tensorboard_and_mlflow(agent: AgentPro
         "monitoring": {"interval_seconds": 0.3, "create_plots": True},
         "agent": {"autostart": False},
     }
+    client = MlflowClient(tracking_uri=uri)
+    client.search_experiments()  # create the store's tables now: two processes creating them at once race
     with flightlog.experiment_tracking("monitored", cfg) as t:
         for step in range(40):
             t.log_metrics({"train/loss": 1.0 / (step + 1), "val/loss": 1.2 / (step + 1),
@@ -36,7 +38,6 @@ def test_system_stats_and_plots_arrive_in_tensorboard_and_mlflow(agent: AgentPro
     tags: dict = {}
     artifacts: list[str] = []
     system_keys: set[str] = set()
-    client = MlflowClient(tracking_uri=uri)
     while time.monotonic() < deadline:
         runs = list(tb_dir.glob("*"))
         if runs:

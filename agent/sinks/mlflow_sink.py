@@ -188,7 +188,7 @@ class MLflowTracker(RunSinkBase):
         exp_id = exp.experiment_id if exp is not None else None
         if exp_id is None:
             try:
-                exp_id = client.create_experiment(exp_name)
+                exp_id = client.create_experiment(exp_name, artifact_location=_local_artifact_root(tracking))
             except Exception:
                 exp = client.get_experiment_by_name(exp_name)  # created concurrently by someone else
                 if exp is None:
@@ -324,3 +324,12 @@ class MLflowTracker(RunSinkBase):
         self._runs.clear()
         self._clients.clear()
 
+
+def _local_artifact_root(tracking: dict[str, Any]) -> str | None:
+    """For a ``sqlite:///`` store, artifacts go beside the database (``<db dir>/mlartifacts``), not into
+    the agent's working directory, which MLflow would use by default. Servers choose their own."""
+    uri = str(tracking.get("mlflow_tracking_uri") or "")
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    return (db.parent / "mlartifacts").absolute().as_uri()
