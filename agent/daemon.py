@@ -218,10 +218,14 @@ class Agent:
         t0, n0 = time.monotonic(), 0
         while True:
             now = time.monotonic()
-            if now - last_scan > 0.05:
+            n = 0
+            if now - last_scan > 0.1:
+                # New rings, and retiring finished producers (drain retires idle rings of dead producers).
                 await anyio.to_thread.run_sync(self.ingestor.scan)
+                n = await anyio.to_thread.run_sync(self.ingestor.drain)
                 last_scan = now
-            n = await anyio.to_thread.run_sync(self.ingestor.drain)
+            elif self.ingestor.has_pending():  # a few loads on the loop: no thread hop while idle
+                n = await anyio.to_thread.run_sync(self.ingestor.drain)
             if n:
                 idle = 0.0005
                 for runner in self.runners:

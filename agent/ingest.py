@@ -222,6 +222,12 @@ class Ingestor:
     # --- questions from the control server -------------------------------------------------------
 
     @_locked
+    def has_pending(self) -> bool:
+        """Cheap: does any ring hold frames not yet in the WAL? (Spill files, the overload path, are read on
+        the agent's periodic full pass.)"""
+        return any(r.view.write_word != r.view.read_word for r in self.rings.values())
+
+    @_locked
     def find(self, producer_id: str) -> RingView | None:
         for ring in self.rings.values():
             if ring.view.producer_id == producer_id:

@@ -85,7 +85,7 @@ class SinkRunner:
         policy: RetryPolicy | None = None,
         breaker: CircuitBreaker | None = None,
         rng: random.Random | None = None,
-        idle_sleep: float = 0.05,
+        idle_sleep: float = 0.5,  # new data wakes the runner at once (wake()); this is only a safety net
     ) -> None:
         self.sink = sink
         self.reader = reader
