@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-import flightlog  # noqa: E402
-from flightlog import viz  # noqa: E402
+import flightlog
+from flightlog import viz
 from flightlog.proto.events import Histogram, HyperParams, Image, Metrics, Text  # noqa: E402
 
 from test_capture import wal_events  # noqa: E402
