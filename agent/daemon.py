@@ -20,7 +20,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from flightlog.paths import AgentPaths, ensure_private_dir
 from flightlog.proto.codec import FRAME_HEADER, decode_control, encode_event, frame_control
-from flightlog.proto.errors import FlightlogError, ProtocolError
+from flightlog.proto.errors import FlightlogError, ProtocolError, WALError
 from flightlog.proto.events import (
     SCHEMA_VERSION,
     CheckpointRequest,
@@ -105,6 +105,7 @@ class Agent:
         self._rate = 0.0
         self.wal_lock = threading.Lock()  # ingest and agent-generated events append from worker threads
         self.checkpoints: Any = None
+        self.ingest_error = ""
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -213,6 +214,18 @@ class Agent:
         return n
 
     async def _ingest_loop(self) -> None:
+        while True:
+            try:
+                await self._ingest()
+            except (WALError, OSError) as exc:
+                # Disk full, most likely. The rings keep every event (read cursors were not advanced):
+                # keep the agent up, say so, and try again.
+                self.ingest_error = f"cannot append to the WAL in {self.paths.wal_dir}: {exc}"
+                log.error("%s; events wait in the rings and spill files; retrying in 1 s (free disk space)",
+                          self.ingest_error)
+                await anyio.sleep(1.0)
+
+    async def _ingest(self) -> None:
         idle = 0.001
         last_scan = 0.0
         t0, n0 = time.monotonic(), 0
@@ -227,6 +240,7 @@ class Agent:
             elif self.ingestor.has_pending():  # a few loads on the loop: no thread hop while idle
                 n = await anyio.to_thread.run_sync(self.ingestor.drain)
             if n:
+                self.ingest_error = ""
                 idle = 0.0005
                 for runner in self.runners:
                     runner.wake()
@@ -400,5 +414,5 @@ class Agent:
             "wal": {"next_seq": next_seq, "bytes": self.wal.total_bytes(), "segments": len(self.wal.segments()),
                     "corrupt_records_recovered": self.wal.recovery.corrupt_records},
             "sinks": sinks,
-            "alerts": self.monitor.alerts(),
+            "alerts": [*self.monitor.alerts(), *([self.ingest_error] if self.ingest_error else [])],
         }

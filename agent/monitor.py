@@ -287,7 +287,11 @@ class Monitor:
         try:
             while True:
                 producers = self._producer_list()
-                delay = await anyio.to_thread.run_sync(self.tick, producers)
+                try:
+                    delay = await anyio.to_thread.run_sync(self.tick, producers)
+                except Exception:  # disk full (the WAL refuses the stats), or a bug: never the agent's end
+                    log.exception("monitor: sampling failed; trying again in %.0f s", _DISCOVER_SECONDS)
+                    delay = _DISCOVER_SECONDS
                 await anyio.sleep(delay)
         finally:
             with anyio.CancelScope(shield=True):

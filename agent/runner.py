@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,11 +47,10 @@ class CursorStore:
     def save(self, sink: str, cursor: SinkCursor, new_runs: set[str]) -> None:
         s = self._open()
         try:
-            s.db.execute("BEGIN IMMEDIATE")
-            if new_runs:
-                s.add_sink_runs(sink, new_runs)
-            s.save_cursor(sink, cursor.segment, cursor.offset, cursor.seq)
-            s.db.execute("COMMIT")
+            with s.transaction():
+                if new_runs:
+                    s.add_sink_runs(sink, new_runs)
+                s.save_cursor(sink, cursor.segment, cursor.offset, cursor.seq)
         finally:
             s.close()
 
@@ -137,7 +137,7 @@ class SinkRunner:
                         return  # parked: the cursor stays before the batch the backend refused
                     committed = ack.cursor_committed
                 if not committed or new_runs:
-                    await anyio.to_thread.run_sync(self.cursors.save, sink.name, nxt, new_runs)
+                    await self._save_cursor(nxt, new_runs)
                 cursor = nxt
                 self.stats.cursor = cursor
                 self.stats.delivered += len(events)
@@ -175,6 +175,19 @@ class SinkRunner:
             self.breaker.record_success()
             self.stats.state = "ok"
             return ack
+
+    async def _save_cursor(self, cursor: SinkCursor, new_runs: set[str]) -> None:
+        """Commit the cursor; a failure (disk full) is retried: re-delivering is what must not happen."""
+        attempt = 0
+        while True:
+            try:
+                await anyio.to_thread.run_sync(self.cursors.save, self.sink.name, cursor, new_runs)
+            except (sqlite3.Error, OSError) as exc:
+                attempt += 1
+                await self._backoff(attempt, f"cannot store the cursor: {exc}", None)
+                continue
+            self.stats.state = "ok"
+            return
 
     async def _backoff(self, attempt: int, error: str, retry_after: float | None) -> None:
         self.breaker.record_failure()

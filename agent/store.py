@@ -2,6 +2,7 @@
 sink cursors). The embedded default backend, and what `flightlog runs` reads."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sqlite3
@@ -75,6 +76,20 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT; on any error a rollback (itself allowed to fail: disk full)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            try:
+                self.db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
 
     # --- writing -------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ needed; elsewhere the SDK falls back to the control socket (see ``ring_supported
 """
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import platform
@@ -263,18 +264,37 @@ class RingProducer:
             try:
                 self._spill_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             except OSError as exc:
-                self._drop()
-                raise RingError(
-                    f"ring {self.path} is full and the spill file {path} cannot be created: {exc}; "
-                    "start the agent (flightlog agent) or free disk space"
-                ) from exc
+                self._spill_gen -= 1
+                self._spill_failed(path, exc)
+                return
             # Published after the ring frames before it: the agent drains the ring before the spill.
             self._cursors[OFF_SPILL_GEN // 8] = self._spill_gen
         frame = _HDR.pack(len(payload)) + bytes(payload) + bytes(stride - 4 - len(payload))
-        os.write(self._spill_fd, frame)
+        try:
+            written = os.write(self._spill_fd, frame)
+        except OSError as exc:
+            written, error = 0, exc
+        else:
+            error = None
+        if written != len(frame):
+            if written:  # a torn frame: cut it so the agent never reads half of it
+                os.ftruncate(self._spill_fd, self._spill_size)
+            self._spill_failed(spill_path(self.spill_dir, self.producer_id, self._spill_gen),
+                              error or OSError(f"short write ({written} of {len(frame)} bytes)"))
+            return
         self._spill_size += stride
         self.spilled += 1
         self._cursors[OFF_SPILLED // 8] = self.spilled
+
+    def _spill_failed(self, path: Path, exc: OSError) -> None:
+        """Ring full and the spill file unwritable (disk full): the event is dropped and counted, never
+        raised into the training loop; the count is reported at finish."""
+        self._drop()
+        if self.dropped == 1 or self.dropped % 10000 == 0:
+            logging.getLogger("flightlog").error(
+                "flightlog: ring %s is full and spill file %s cannot be written (%s): %d events dropped so far; "
+                "free disk space or check that the agent runs (flightlog status)", self.path, path, exc,
+                self.dropped)
 
     def _leave_spill(self) -> bool:
         """While spilling: go back to the ring once the agent has made the whole spill file durable."""
@@ -418,4 +438,7 @@ class RingView:
         self._c.release()
         self.data.release()
         self._view.release()
-        self._mm.close()
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # a slice handed out by take() is still referenced (e.g. by a traceback); GC unmaps it

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections import Counter
@@ -411,3 +413,54 @@ def test_agent_restart_over_a_corrupt_wal_counts_and_keeps_the_rest(agent_paths:
         assert inspect.returncode == 0 and "CORRUPT" in inspect.stdout and "bad crc" in inspect.stdout
     finally:
         agent.stop()
+
+
+def test_full_disk_keeps_the_agent_up_and_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        base_config: dict) -> None:
+    """The agent's disk fills up: ingest stops with a clear alert, events wait in the ring, and once space
+    is freed every event arrives exactly once."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", str(small)], check=True)
+    sock_dir = Path(tempfile.mkdtemp(prefix="fl-", dir="/tmp"))
+    try:
+        monkeypatch.setenv("FLIGHTLOG_DATA_DIR", str(small / "data"))
+        monkeypatch.setenv("FLIGHTLOG_AGENT_SOCKET", str(sock_dir / "a.sock"))
+        paths = resolve_paths()
+        paths.data_dir.mkdir(mode=0o700)
+        agent = AgentProcess(paths).start()
+        try:
+            t = flightlog.ExperimentTracker("full-disk", {**base_config, "agent": {"autostart": False,
+                                                                                    "ring_bytes": 1 << 20}})
+            t.flush()
+            filler = small / "filler"
+            with open(filler, "wb") as f:  # fill the disk to the last byte
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError:
+                    pass
+            n = 3000  # ~200 KB: fits in the 1 MiB ring
+            for i in range(n):
+                t.log_metrics({"x": float(i)}, step=i)
+            deadline = time.monotonic() + 30
+            alerts: list[str] = []
+            while time.monotonic() < deadline and not any("cannot append to the WAL" in a for a in alerts):
+                out = subprocess.run([sys.executable, "-m", "flightlog.agent.cli", "status", "--json"],
+                                     capture_output=True, text=True)
+                assert out.returncode == 0, "the agent must stay up on a full disk"
+                alerts = json.loads(out.stdout)["alerts"]
+                time.sleep(0.3)
+            assert any("cannot append to the WAL" in a and str(paths.wal_dir) in a for a in alerts), alerts
+            assert agent.proc is not None and agent.proc.poll() is None
+            filler.unlink()  # space again
+            t.finish()
+            assert_exactly_once(wait_points(paths, t.run_id, n), ["x"], n)
+        finally:
+            agent.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+        shutil.rmtree(sock_dir, ignore_errors=True)

@@ -27,16 +27,10 @@ class LocalStoreSink:
     def write(self, batch: Batch) -> Ack:
         store = self._store
         assert store is not None, "open() first"
-        db = store.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with store.transaction():
             store.apply(ev for _, ev in batch.events)
             c = batch.cursor
             store.save_cursor(self.name, c.segment, c.offset, c.seq)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
         return Ack(delivered=len(batch.events), cursor_committed=True)
 
     def close(self) -> None:
