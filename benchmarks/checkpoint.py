@@ -2,7 +2,7 @@
 torch.save and safetensors.torch.save_file (each + fsync), time until durable, full load, and file
 sizes per codec (a synthetic fp32 model + Adam state, and the real MiniLM weights when installed).
 
-    python benchmarks/bench_checkpoint.py [--params 25_000_000] [--repeat 3] [--dir /path/on/disk]
+    python benchmarks/checkpoint.py [--params 25_000_000] [--repeat 3] [--dir /path/on/disk]
 
 Prints one JSON object.
 """
