@@ -94,7 +94,7 @@ def replay(
 ) -> ReplayResult:
     """Deliver every event of ``wal_dir`` from the saved cursor on into ``sink``; returns counts."""
     from flightlog.agent.runner import decode_batch
-    from flightlog.agent.wal import WALReader, WalCursor, inspect_wal
+    from flightlog.agent.wal import WALReader, inspect_wal
 
     wal_dir = Path(wal_dir)
     totals = inspect_wal(wal_dir)["totals"]
@@ -123,13 +123,12 @@ def replay(
     reader = WALReader(wal_dir)
     try:
         while True:
-            items, nxt = reader.read(WalCursor(cursor.segment, cursor.offset, cursor.seq), max_events=sink.batch_size)
+            items, new_cursor = reader.read(cursor, max_events=sink.batch_size)
             if not items:
                 break
             events = decode_batch(items, on_bad)
             if run_ids is not None:
                 events = [(s, ev) for s, ev in events if ev.run_id in run_ids]
-            new_cursor = SinkCursor(nxt.segment, nxt.offset, nxt.seq)
             if events:
                 attempt = 0
                 while True:

@@ -114,10 +114,9 @@ class SinkRunner:
         t0, n0 = time.monotonic(), 0
         try:
             while True:
-                items, next_cursor = await anyio.to_thread.run_sync(
+                items, nxt = await anyio.to_thread.run_sync(
                     lambda: self.reader.read(cursor, max_events=sink.batch_size)
                 )
-                nxt = SinkCursor(next_cursor.segment, next_cursor.offset, next_cursor.seq)
                 if not items:
                     self.caught_up = True
                     with anyio.move_on_after(self.idle_sleep):

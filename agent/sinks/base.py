@@ -4,18 +4,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from flightlog.agent.wal.format import WalCursor
 from flightlog.proto.events import Event
 
 __all__ = ["Batch", "Ack", "Sink", "SinkCursor"]
 
 
-@dataclass(frozen=True)
-class SinkCursor:
-    """Where a sink resumes in the WAL: a record start in a segment, and the next seq to deliver."""
-
-    segment: int = 0
-    offset: int = 0
-    seq: int = 0
+#: Where a sink resumes in the WAL: the WAL reader's own cursor (record start, next seq to deliver).
+SinkCursor = WalCursor
 
 
 @dataclass

@@ -64,9 +64,9 @@ SRC_RING, SRC_SPILL, SRC_INTERNAL = 0, 1, 2
 class WalCursor(msgspec.Struct, frozen=True, array_like=True):
     """Resume point of a reader: a record start (``segment`` = its file's first_seq) and the next seq to deliver."""
 
-    segment: int
-    offset: int
-    seq: int
+    segment: int = 0
+    offset: int = 0
+    seq: int = 0
 
     @classmethod
     def start(cls) -> WalCursor:
