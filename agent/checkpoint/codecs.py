@@ -15,7 +15,7 @@ from flightlog.proto.errors import CheckpointCorrupt, CheckpointError
 
 from .format import CODECS, byte_group, byte_ungroup
 
-__all__ = ["check_level", "compress_chunk", "decompress_frame"]
+__all__ = ["check_level", "compress_chunk", "decompress_frame", "decompress_into"]
 
 _local = threading.local()
 
@@ -71,6 +71,29 @@ def compress_chunk(codec: str, level: int, chunk: bytes | memoryview, width: int
     frames = [(_exponent_cctx(level) if is_float and i == width - 1 else _cctx(level)).compress(p)
               for i, p in enumerate(planes)]
     return b"".join(frames), [len(f) for f in frames]
+
+
+def decompress_into(codec: str, raw: bytes | memoryview, frame: list[Any], name: str, out: memoryview) -> None:
+    """Decompress one indexed frame straight into ``out`` (exactly the frame's ``u_len`` bytes). zstd
+    frames decode in place, with no intermediate copy, and their content checksum is checked; other
+    codecs go through :func:`decompress_frame`."""
+    if codec != "zstd" and not (codec == "zstd-bytegroup" and len(frame) == 4):
+        out[:] = decompress_frame(codec, raw, frame, name)
+        return
+    u_len, filled = frame[3], 0
+    try:
+        reader = _dctx().stream_reader(raw)
+        while filled < u_len:
+            k = reader.readinto(out[filled:])
+            if not k:
+                break
+            filled += k
+        extra = reader.read(1)  # drives the decoder over the frame's end, where the checksum is checked
+    except zstandard.ZstdError as exc:
+        raise CheckpointCorrupt(f"{name}: frame at byte {frame[0]} does not decompress: {exc}") from exc
+    if filled != u_len or extra:
+        raise CheckpointCorrupt(f"{name}: frame at byte {frame[0]} holds {'more' if extra else filled} bytes, "
+                                f"index says {u_len}")
 
 
 def decompress_frame(codec: str, raw: bytes | memoryview, frame: list[Any], name: str) -> bytes:

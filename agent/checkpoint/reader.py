@@ -6,6 +6,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import xxhash
 
 from flightlog.proto.errors import CheckpointCorrupt, CheckpointError
 
-from .codecs import decompress_frame
+from .codecs import decompress_frame, decompress_into
 from .format import (
     FOOTER,
     FOOTER_TENSOR,
@@ -47,6 +48,7 @@ class CheckpointReader:
         self.path = Path(path)
         self.name = str(self.path)
         self.frames_decompressed = 0
+        self._view: memoryview | None = None
         try:
             with open(self.path, "rb") as f:
                 self.size = os.fstat(f.fileno()).st_size
@@ -79,10 +81,7 @@ class CheckpointReader:
             raise CheckpointCorrupt(f"{name}: its footer says checksum {self.checksum}, the registry recorded "
                                     f"{expected}; the file was replaced or damaged")
         if verify:
-            actual = self._hash(self.footer.payload_len)
-            if actual != self.footer.digest:
-                raise CheckpointCorrupt(f"{name}: checksum mismatch (recorded {self.checksum}, content hashes to "
-                                        f"{checksum_text(actual)}): the file is damaged")
+            self._verify()
 
     def _hash(self, n: int) -> bytes:
         h = xxhash.xxh3_128()
@@ -157,11 +156,17 @@ class CheckpointReader:
 
     # --- reading -------------------------------------------------------------------------------
 
+    def _raw(self, f: list[Any]) -> memoryview:
+        """The compressed bytes of frame ``f``, without copying them out of the mapping."""
+        if self._view is None:
+            assert self._mm is not None
+            self._view = memoryview(self._mm)
+        return self._view[f[0]:f[0] + f[1]]
+
     def _frame(self, i: int) -> bytes:
         f = self.frames[i]
-        assert self._mm is not None
         self.frames_decompressed += 1
-        return decompress_frame(self.codec, self._mm[f[0]:f[0] + f[1]], f, self.name)
+        return decompress_frame(self.codec, self._raw(f), f, self.name)
 
     def read_range(self, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of the uncompressed safetensors stream, from the frames that overlap it."""
@@ -181,30 +186,84 @@ class CheckpointReader:
             raise CheckpointError(f"{self.name} has no tensor {name!r}")
         return self.read_range(self.header_len + t.begin, self.header_len + t.end)
 
-    def read_data(self, threads: int = 0) -> bytearray:
-        """The whole data section as one writable buffer (frames decompressed in parallel)."""
+    def read_data(self, out: memoryview | None = None, *, threads: int = 0, verify: bool = False) -> memoryview:
+        """The whole data section, frames decompressed in parallel straight into ``out`` (a writable buffer
+        of exactly the data's size; by default fresh anonymous memory, returned as a writable view).
+
+        With ``verify`` the file's checksum is computed alongside the decompression (open the reader with
+        ``verify=False`` to use this), so a cold file is read from disk once; a mismatch raises
+        CheckpointCorrupt once everything is done, and ``out`` must then be thrown away. An uncompressed
+        file with no ``out`` is verified first and then mapped copy-on-write, the way safetensors maps it.
+        """
         n = self.total - self.header_len
-        out = bytearray(n)
+        assert self._mm is not None
         if self.codec == "none":
-            assert self._mm is not None
-            out[:] = self._mm[self.header_len:self.total]
+            if verify:
+                self._verify()
+            if out is None:
+                return self._private_view()
+            out[:] = self._raw([self.header_len, n])
             return out
-        frames = range(1, len(self.frames))
+        if out is None:
+            out = memoryview(mmap.mmap(-1, n)) if n else memoryview(bytearray())
+        elif len(out) != n:
+            raise CheckpointError(f"{self.name}: read_data needs a {n}-byte buffer, got {len(out)}")
+        self._mm.madvise(mmap.MADV_WILLNEED)  # a cold file: start reading all of it now
+        base = self.header_len
 
         def one(i: int) -> None:
             f = self.frames[i]
-            blob = self._frame(i)
-            out[f[2] - self.header_len:f[2] - self.header_len + f[3]] = blob
+            self.frames_decompressed += 1
+            decompress_into(self.codec, self._raw(f), f, self.name, out[f[2] - base:f[2] - base + f[3]])
 
+        self._run(one, verify)
+        return out
+
+    def check_frames(self, threads: int = 0) -> None:
+        """Decompress every frame into scratch memory and drop it: a deep check that keeps nothing."""
+        if self.codec == "none":
+            return
+        local = threading.local()
+
+        def one(i: int) -> None:
+            f = self.frames[i]
+            scratch = getattr(local, "buf", None)
+            if scratch is None or len(scratch) < f[3]:
+                scratch = local.buf = memoryview(bytearray(f[3]))
+            decompress_into(self.codec, self._raw(f), f, self.name, scratch[:f[3]])
+
+        self._run(one, False, threads)
+
+    def _run(self, one: Any, verify: bool, threads: int = 0) -> None:
+        """Run ``one(i)`` for every data frame on a thread pool (plus the checksum, with ``verify``)."""
+        frames = range(1, len(self.frames))
         workers = threads or os.cpu_count() or 1
-        if workers > 1 and len(frames) > 1:
-            with ThreadPoolExecutor(workers, thread_name_prefix="flightlog-unzstd") as pool:
-                for fut in [pool.submit(one, i) for i in frames]:
-                    fut.result()
-        else:
+        if workers == 1 and not verify:
             for i in frames:
                 one(i)
-        return out
+            return
+        with ThreadPoolExecutor(workers + verify, thread_name_prefix="flightlog-unzstd") as pool:
+            futures = [pool.submit(self._verify)] if verify else []
+            futures += [pool.submit(one, i) for i in frames]
+            try:
+                for fut in futures:
+                    fut.result()
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+
+    def _verify(self) -> None:
+        actual = self._hash(self.footer.payload_len)
+        if actual != self.footer.digest:
+            raise CheckpointCorrupt(f"{self.name}: checksum mismatch (recorded {self.checksum}, content hashes to "
+                                    f"{checksum_text(actual)}): the file is damaged")
+
+    def _private_view(self) -> memoryview:
+        """The data section of an uncompressed file, mapped privately and writably (copy-on-write)."""
+        with open(self.path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), self.total, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        return memoryview(mm)[self.header_len:self.total]
 
     def export(self, dest: str | os.PathLike[str], names: list[str] | None = None,
                metadata: dict[str, str] | None = None) -> None:
@@ -231,8 +290,14 @@ class CheckpointReader:
         os.replace(tmp, dest)
 
     def close(self) -> None:
+        if getattr(self, "_view", None) is not None:
+            self._view.release()  # type: ignore[union-attr]
+            self._view = None
         if getattr(self, "_mm", None) is not None:
-            self._mm.close()  # type: ignore[union-attr]
+            try:
+                self._mm.close()  # type: ignore[union-attr]
+            except BufferError:  # a slice is still referenced (an exception's traceback): unmapped when freed
+                pass
             self._mm = None
 
     def __enter__(self) -> CheckpointReader:
@@ -246,6 +311,6 @@ def verify_file(path: str | os.PathLike[str], expected_checksum: str | None = No
     """Verify ``path`` (checksum, trailer, bounds; ``deep`` also decompresses every frame); returns its
     checksum or raises CheckpointCorrupt/CheckpointError."""
     with CheckpointReader(path, expected_checksum=expected_checksum) as r:
-        if deep and r.codec != "none":
-            r.read_data()
+        if deep:
+            r.check_frames()
         return r.checksum
