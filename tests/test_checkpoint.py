@@ -4,6 +4,8 @@ interop, one-tensor reads, free-space errors, the registry and the CLI."""
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import io
 import json
 import math
@@ -25,6 +27,7 @@ from safetensors.torch import load_file
 
 from flightlog.agent.checkpoint import CheckpointReader, Entry, choose_best, plan_retention, write_container
 from flightlog.agent.checkpoint.format import CODECS, DTYPE_SIZES, TensorInfo
+from flightlog.agent.checkpoint.writer import DirectFile
 from flightlog.agent.ckpt_cli import add_subparsers
 from flightlog.checkpoint import ModelCheckpointer, PendingCheckpoint
 from flightlog.proto.errors import CheckpointCorrupt, CheckpointError
@@ -89,9 +92,13 @@ def test_container_round_trip_any_tensors_any_codec(items: list[Any], codec: str
     infos, data = _layout(items)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "x"
-        with open(path, "wb") as f:
+        with DirectFile(path, buffer_bytes=8192) as f:  # a small buffer: many block writes, a padded tail
             size, _ = write_container(f, infos, {"k": "v"}, memoryview(data), codec, 1, threads=2, chunk_bytes=chunk)
+            f.fsync()
         assert path.stat().st_size == size
+        with CheckpointReader(path, verify=False) as r:
+            assert bytes(r.read_data(verify=True)) == data  # checksum alongside the decompression
+            r.check_frames()
         with CheckpointReader(path) as r:
             assert r.codec == codec and r.metadata == {"k": "v"}
             assert sorted(r.tensors) == sorted(i.name for i in infos)
@@ -99,6 +106,50 @@ def test_container_round_trip_any_tensors_any_codec(items: list[Any], codec: str
             for name, dtype, raw, shape in items:
                 assert r.tensor_bytes(name) == raw
                 assert r.tensors[name].shape == shape and r.tensors[name].dtype == dtype
+
+
+@pytest.mark.parametrize("where", ["disk", "shm"])
+def test_direct_file_writes_exact_bytes_and_falls_back_to_plain_writes(tmp_path: Path, where: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """O_DIRECT where the filesystem takes it (the tmpfs in /dev/shm may refuse it at open): any mix of
+    piece sizes gives exactly those bytes; a refusal at the first write switches to plain writes."""
+    root = tmp_path if where == "disk" else Path(tempfile.mkdtemp(dir="/dev/shm"))
+    rng = np.random.default_rng(1)
+    pieces = [rng.bytes(int(n)) for n in rng.integers(0, 30000, 40)]
+    want = b"".join(pieces)
+    try:
+        with DirectFile(root / "a", buffer_bytes=16384) as f:
+            for p in pieces:
+                f.write(p)
+            f.fsync()
+            assert f.size == len(want)
+        assert (root / "a").read_bytes() == want
+        with DirectFile(root / "b", direct=False) as f:
+            f.write(want)
+            f.fsync()
+            assert not f.direct
+        assert (root / "b").read_bytes() == want
+        # A filesystem that accepts O_DIRECT at open but refuses the write itself (some FUSE mounts).
+        real_write, refused = os.write, []
+
+        def picky_write(fd: int, data: Any) -> int:
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                refused.append(len(data))
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, "write", picky_write)
+        with DirectFile(root / "c", buffer_bytes=16384) as f:
+            direct_at_open = f.direct
+            for p in pieces:
+                f.write(p)
+            f.fsync()
+            assert not f.direct
+        assert (root / "c").read_bytes() == want
+        assert bool(refused) == direct_at_open
+    finally:
+        if where == "shm":
+            shutil.rmtree(root)
 
 
 def test_one_tensor_read_decompresses_only_its_frames(tmp_path: Path) -> None:
@@ -366,8 +417,7 @@ def test_real_model_round_trips_bit_exactly_in_every_codec(tmp_path: Path, preci
     save_file(weights, str(plain))
     sizes = {}
     for codec in CODECS:
-        level = 1 if codec == "gzip" else 3
-        with ModelCheckpointer(tmp_path / codec, compression=codec, compression_level=level) as ck:
+        with ModelCheckpointer(tmp_path / codec, compression=codec) as ck:  # the default level
             meta = ck.save(weights, 0, 0).wait()
             sizes[codec] = meta.size
             holder = Holder()
@@ -384,8 +434,11 @@ def test_real_model_round_trips_bit_exactly_in_every_codec(tmp_path: Path, preci
                     assert bits_equal(f.get_tensor(k), weights[k])
                 assert json.loads(f.metadata()["flightlog"])["step"] == 0
     base = plain.stat().st_size
-    assert sizes["zstd"] < base and sizes["zstd-bytegroup"] < sizes["zstd"]
-    print(precision, {k: round(v / base, 3) for k, v in sizes.items()})
+    ratios = {k: v / base for k, v in sizes.items()}
+    print(precision, {k: round(v, 4) for k, v in ratios.items()})
+    # The issue's size figures: zstd <= 92% / 80% and byte-grouped <= 85% / 70% of plain safetensors.
+    assert ratios["zstd"] <= (0.92 if precision == "fp32" else 0.80)
+    assert ratios["zstd-bytegroup"] <= (0.85 if precision == "fp32" else 0.70)
 
 
 # --- CLI -----------------------------------------------------------------------------------------------
