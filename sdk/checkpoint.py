@@ -357,11 +357,12 @@ class _LocalWriter:
         self.threads = threads
         self._recovered = False
 
-    def write(self, spec: dict[str, Any]) -> dict[str, Any]:
+    def write(self, spec: dict[str, Any], on_durable: Callable[[dict[str, Any]], None] | None = None
+              ) -> dict[str, Any]:
         if not self._recovered:
             recover_interrupted(self.registry)
             self._recovered = True
-        return commit_checkpoint(spec, self.registry, threads=self.threads)
+        return commit_checkpoint(spec, self.registry, threads=self.threads, on_durable=on_durable)
 
 
 class _AgentWriter:
@@ -375,7 +376,10 @@ class _AgentWriter:
         self.local = local
         self.reconnect_timeout = reconnect_timeout
 
-    def write(self, spec: dict[str, Any]) -> dict[str, Any]:
+    def write(self, spec: dict[str, Any], on_durable: Callable[[dict[str, Any]], None] | None = None
+              ) -> dict[str, Any]:
+        """The agent answers once the file is durable (its retention runs afterwards); ``on_durable`` is
+        only for the in-process writer."""
         client = self.tracker._client
         if client is None:
             return self.local.write(spec)
@@ -477,6 +481,7 @@ class ModelCheckpointer:
         self._pool = _StagingPool(Path(staging_dir) if staging_dir else _default_staging_dir(), max_in_flight)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_in_flight, thread_name_prefix="flightlog-ckpt")
         self._pending: dict[str, PendingCheckpoint] = {}
+        self._jobs: list[concurrent.futures.Future[None]] = []  # writer-thread work, retention included
         self._lock = threading.Lock()
         self._bounce: torch.Tensor | None = None
         copiers = min(8, torch.get_num_threads())
@@ -537,7 +542,9 @@ class ModelCheckpointer:
                     "min_free_bytes": self.min_free_bytes, "run_id": self.run_id, "config_hash": self.config_hash,
                     "git_commit": self._git, "created": meta["created"],
                 }
-                future = self._executor.submit(self._write, spec, buf)
+                future: concurrent.futures.Future[CheckpointMetadata] = concurrent.futures.Future()
+                self._jobs = [j for j in self._jobs if not j.done()]
+                self._jobs.append(self._executor.submit(self._write, spec, buf, future))
             except BaseException:
                 self._pool.release(buf)
                 raise
@@ -551,17 +558,34 @@ class ModelCheckpointer:
             self._bounce = torch.empty(_BOUNCE_BYTES, dtype=torch.uint8, pin_memory=True)
         return self._bounce
 
-    def _write(self, spec: dict[str, Any], buf: _StagingBuffer) -> CheckpointMetadata:
-        try:
-            return CheckpointMetadata.from_row(self._writer.write(spec))
-        except CheckpointError:
-            raise
-        except FlightlogError as exc:
-            raise CheckpointError(f"checkpoint {spec['path']} failed: {exc}") from exc
-        except Exception as exc:
-            raise CheckpointError(f"checkpoint {spec['path']} failed unexpectedly: {exc!r}") from exc
-        finally:
+    def _write(self, spec: dict[str, Any], buf: _StagingBuffer,
+               future: concurrent.futures.Future[CheckpointMetadata]) -> None:
+        """Runs on the writer thread; resolves ``future`` (and frees the staging buffer) the moment the
+        checkpoint is durable, before retention's deletions."""
+        released = False
+
+        def durable(row: dict[str, Any]) -> None:
+            nonlocal released
             self._pool.release(buf)
+            released = True
+            future.set_result(CheckpointMetadata.from_row(row))
+
+        try:
+            row = self._writer.write(spec, on_durable=durable)
+            if not future.done():
+                future.set_result(CheckpointMetadata.from_row(row))
+        except BaseException as exc:
+            if future.done():  # durable already; only the clean-up after it failed
+                log.warning("flightlog: after checkpoint %s: %s", spec["path"], exc)
+            elif isinstance(exc, CheckpointError):
+                future.set_exception(exc)
+            elif isinstance(exc, FlightlogError):
+                future.set_exception(CheckpointError(f"checkpoint {spec['path']} failed: {exc}"))
+            else:
+                future.set_exception(CheckpointError(f"checkpoint {spec['path']} failed unexpectedly: {exc!r}"))
+        finally:
+            if not released:
+                self._pool.release(buf)
 
     @staticmethod
     def _collect(model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -587,9 +611,11 @@ class ModelCheckpointer:
     # --- waiting and listing -------------------------------------------------------------------
 
     def wait_all(self, timeout: float | None = None) -> list[CheckpointMetadata]:
-        """Wait for every checkpoint saved so far; raises CheckpointError naming those that failed."""
+        """Wait for every checkpoint saved so far, and for the retention that follows each; raises
+        CheckpointError naming those that failed."""
         with self._lock:
             pending = list(self._pending.values())
+            jobs, self._jobs = self._jobs, []
         deadline = None if timeout is None else time.monotonic() + timeout
         done, failed = [], []
         for p in pending:
@@ -603,6 +629,10 @@ class ModelCheckpointer:
             with self._lock:
                 if p.done() and self._pending.get(str(p)) is p:
                     del self._pending[str(p)]
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        unfinished = concurrent.futures.wait(jobs, left).not_done
+        with self._lock:
+            self._jobs[:0] = list(unfinished)
         if failed:
             raise CheckpointError(f"{len(failed)} checkpoint(s) failed: " + "; ".join(failed))
         return done
@@ -665,11 +695,12 @@ class ModelCheckpointer:
             if pending is not None:
                 pending.wait()
         candidates = self._candidates(target, fallback)
+        into = _in_place_targets(model, optimizer, scheduler, scaler) if map_location in (None, "cpu") else {}
         errors: list[str] = []
         for cand, checksum in candidates:
             try:
                 with CheckpointReader(cand, verify=False, expected_checksum=checksum) as reader:
-                    state = _read_state(reader, map_location)
+                    state = _read_state(reader, map_location, into)
             except CheckpointError as exc:
                 if not fallback:
                     raise
@@ -774,17 +805,38 @@ def _plan(tensors: Mapping[str, torch.Tensor]) -> tuple[list[list[Any]], list[to
     return manifest, order, aliases, pos
 
 
-def _read_state(reader: CheckpointReader, map_location: Any) -> dict[str, Any]:
+def _in_place_targets(model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> dict[str, torch.Tensor]:
+    """The tensors the objects being loaded into already hold, under the names a save gives them."""
+    try:
+        tensors, _ = ModelCheckpointer._collect(model, optimizer, scheduler, scaler)
+    except (CheckpointError, RuntimeError, TypeError, AttributeError):
+        return {}  # something odd about the targets: load everything into fresh memory instead
+    return tensors
+
+
+def _read_state(reader: CheckpointReader, map_location: Any, into: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Decompress and verify the checkpoint. Tensors whose target (``into``: a model parameter, existing
+    optimizer state) has the same dtype and shape are loaded straight into it, each piece only after its
+    frame's checksum passed; the rest go to fresh memory. The file's checksum runs alongside and is
+    checked before anything is applied."""
     try:
         meta = json.loads(reader.metadata["flightlog"])
     except (KeyError, ValueError) as exc:
         raise CheckpointCorrupt(f"{reader.path}: no flightlog metadata in the safetensors header") from exc
-    data = reader.read_data(verify=True)  # checksum computed alongside; nothing is applied before it passes
+    in_place: dict[str, torch.Tensor] = {}
+    for info in reader.tensors.values():
+        t = into.get(info.name)
+        if (t is not None and t.device.type == "cpu" and t.dtype == _DTYPES_BY_NAME[info.dtype]
+                and tuple(t.shape) == info.shape and t.is_contiguous() and t.numel()):
+            in_place[info.name] = t
+    data = reader.read_data(verify=True, in_place={k: t.data_ptr() for k, t in in_place.items()})
     base = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
     tensors: dict[str, torch.Tensor] = {}
     for info in reader.tensors.values():
         dtype = _DTYPES_BY_NAME[info.dtype]
-        if info.end == info.begin:
+        if info.name in in_place:
+            t = in_place[info.name]
+        elif info.end == info.begin:
             t = torch.empty(info.shape, dtype=dtype)
         else:
             raw = base[info.begin:info.end]

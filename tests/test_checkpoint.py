@@ -152,6 +152,42 @@ def test_direct_file_writes_exact_bytes_and_falls_back_to_plain_writes(tmp_path:
             shutil.rmtree(root)
 
 
+@pytest.mark.parametrize("codec", ["zstd", "gzip", "none", "zstd-bytegroup"])
+def test_in_place_load_fills_targets_and_only_verified_frames_land(tmp_path: Path, codec: str) -> None:
+    rng = np.random.default_rng(3)
+    items = [(f"t{i}", "F32", rng.random(int(n), dtype=np.float32).tobytes(), (int(n),))
+             for i, n in enumerate([5000, 3, 12000, 700, 9000])]
+    infos, data = _layout(items)
+    path = tmp_path / "x"
+    with open(path, "wb") as f:
+        write_container(f, infos, {}, memoryview(data), codec, 1, chunk_bytes=4096)  # frames straddle tensors
+    targets = {name: np.full(len(raw), 0xAB, dtype=np.uint8) for name, _, raw, _ in items if name in ("t0", "t2", "t4")}
+    with CheckpointReader(path, verify=False) as r:
+        out = r.read_data(verify=True, in_place={k: a.ctypes.data for k, a in targets.items()})
+        for name, dtype, raw, shape in items:
+            t = r.tensors[name]
+            if name in targets:
+                assert targets[name].tobytes() == raw
+                if codec != "none":  # fresh memory for in-place tensors is never written
+                    assert bytes(out[t.begin:t.end]) == bytes(t.end - t.begin)
+            else:
+                assert bytes(out[t.begin:t.end]) == raw
+    if codec == "none":
+        return
+    # Damage one frame inside t2: earlier frames may land, that frame's bytes never do.
+    with CheckpointReader(path, verify=False) as r:
+        t2 = r.tensors["t2"]
+        frame = next(f for f in r.frames[1:] if f[2] - r.header_len >= t2.begin + 4096)
+        lo = frame[2] - r.header_len - t2.begin
+    damaged = bytearray(path.read_bytes())
+    damaged[frame[0] + frame[1] // 2] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    target = np.full(t2.end - t2.begin, 0xAB, dtype=np.uint8)
+    with CheckpointReader(path, verify=False) as r, pytest.raises(CheckpointCorrupt, match="x"):
+        r.read_data(verify=True, threads=1, in_place={"t2": target.ctypes.data})
+    assert (target[lo:lo + frame[3]] == 0xAB).all()
+
+
 def test_one_tensor_read_decompresses_only_its_frames(tmp_path: Path) -> None:
     items = [(f"t{i}", "F32", np.random.default_rng(i).random(16384, dtype=np.float32).tobytes(), (16384,))
              for i in range(8)]

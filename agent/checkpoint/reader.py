@@ -2,11 +2,14 @@
 one tensor (decompressing only its frames) or the whole data section (frames in parallel)."""
 from __future__ import annotations
 
+import bisect
+import ctypes
 import json
 import mmap
 import os
 import struct
 import threading
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -186,20 +189,33 @@ class CheckpointReader:
             raise CheckpointError(f"{self.name} has no tensor {name!r}")
         return self.read_range(self.header_len + t.begin, self.header_len + t.end)
 
-    def read_data(self, out: memoryview | None = None, *, threads: int = 0, verify: bool = False) -> memoryview:
+    def read_data(self, out: memoryview | None = None, *, threads: int = 0, verify: bool = False,
+                  in_place: Mapping[str, int] | None = None) -> memoryview:
         """The whole data section, frames decompressed in parallel straight into ``out`` (a writable buffer
         of exactly the data's size; by default fresh anonymous memory, returned as a writable view).
+
+        ``in_place`` maps tensor names to the address of writable memory holding exactly that tensor's
+        bytes (a model's parameters, an optimizer's state): those tensors are loaded there instead, the
+        way torch.distributed.checkpoint loads in place, and their part of ``out`` is never touched (nor,
+        being fresh memory, ever faulted in). A frame that feeds such memory is decoded into scratch first,
+        so nothing lands in it before the frame's own checksum has passed.
 
         With ``verify`` the file's checksum is computed alongside the decompression (open the reader with
         ``verify=False`` to use this), so a cold file is read from disk once; a mismatch raises
         CheckpointCorrupt once everything is done, and ``out`` must then be thrown away. An uncompressed
-        file with no ``out`` is verified first and then mapped copy-on-write, the way safetensors maps it.
+        file is verified first, then copied in place where asked, and with no ``out`` mapped copy-on-write
+        the way safetensors maps it.
         """
         n = self.total - self.header_len
         assert self._mm is not None
+        spans = sorted((t.begin, t.end, addr) for name, addr in (in_place or {}).items()
+                       if (t := self.tensors.get(name)) is not None and t.end > t.begin)
         if self.codec == "none":
             if verify:
                 self._verify()
+            for b, e, addr in spans:
+                memoryview((ctypes.c_char * (e - b)).from_address(addr)).cast("B")[:] = \
+                    self._raw([self.header_len + b, e - b])
             if out is None:
                 return self._private_view()
             out[:] = self._raw([self.header_len, n])
@@ -209,14 +225,32 @@ class CheckpointReader:
         elif len(out) != n:
             raise CheckpointError(f"{self.name}: read_data needs a {n}-byte buffer, got {len(out)}")
         self._mm.madvise(mmap.MADV_WILLNEED)  # a cold file: start reading all of it now
-        base = self.header_len
+        base, out_addr = self.header_len, _address(out) if n else 0
+        begins = [b for b, _, _ in spans]
+        local = threading.local()
 
         def one(i: int) -> None:
             f = self.frames[i]
             self.frames_decompressed += 1
-            decompress_into(self.codec, self._raw(f), f, self.name, out[f[2] - base:f[2] - base + f[3]])
+            lo, hi = f[2] - base, f[2] - base + f[3]
+            k = max(0, bisect.bisect_right(begins, lo) - 1)
+            hits = [s for s in spans[k:bisect.bisect_left(begins, hi)] if s[1] > lo]
+            if not hits:
+                decompress_into(self.codec, self._raw(f), f, self.name, out[lo:hi])
+                return
+            scratch = _scratch(local, f[3])
+            decompress_into(self.codec, self._raw(f), f, self.name, scratch[0][:f[3]])
+            pos = lo
+            for b, e, addr in hits:  # the gaps go to ``out``, the rest to its tensors
+                if b > pos:
+                    ctypes.memmove(out_addr + pos, scratch[1] + pos - lo, b - pos)
+                a, z = max(b, lo), min(e, hi)
+                ctypes.memmove(addr + a - b, scratch[1] + a - lo, z - a)
+                pos = z
+            if pos < hi:
+                ctypes.memmove(out_addr + pos, scratch[1] + pos - lo, hi - pos)
 
-        self._run(one, verify)
+        self._run(one, verify, threads)
         return out
 
     def check_frames(self, threads: int = 0) -> None:
@@ -227,10 +261,7 @@ class CheckpointReader:
 
         def one(i: int) -> None:
             f = self.frames[i]
-            scratch = getattr(local, "buf", None)
-            if scratch is None or len(scratch) < f[3]:
-                scratch = local.buf = memoryview(bytearray(f[3]))
-            decompress_into(self.codec, self._raw(f), f, self.name, scratch[:f[3]])
+            decompress_into(self.codec, self._raw(f), f, self.name, _scratch(local, f[3])[0][:f[3]])
 
         self._run(one, False, threads)
 
@@ -305,6 +336,20 @@ class CheckpointReader:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _address(buf: Any) -> int:
+    """The address of a writable buffer's first byte (kept valid by whoever holds ``buf``)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+def _scratch(local: threading.local, n: int) -> tuple[memoryview, int]:
+    """A per-thread scratch buffer of at least ``n`` bytes and its address."""
+    have = getattr(local, "scratch", None)
+    if have is None or len(have[0]) < n:
+        buf = bytearray(n)
+        have = local.scratch = (memoryview(buf), _address(buf))
+    return have
 
 
 def verify_file(path: str | os.PathLike[str], expected_checksum: str | None = None, *, deep: bool = True) -> str:

@@ -68,7 +68,7 @@ class CheckpointService:
         async with self._recv:
             async for job in self._recv:
                 try:
-                    job.result = await anyio.to_thread.run_sync(self._commit, job.spec)
+                    job.result = await anyio.to_thread.run_sync(self._commit, job)
                 except FlightlogError as exc:
                     job.error = str(exc)
                     log.warning("checkpoint %s failed: %s", job.spec.get("path"), exc)
@@ -79,15 +79,19 @@ class CheckpointService:
                     job.done.set()
                     self._prune()
 
-    def _commit(self, spec: dict[str, Any]) -> dict[str, Any]:
-        row = commit_checkpoint(spec, self.agent.paths.store)
-        metrics = {k: float(v) for k, v in (row.get("metrics") or {}).items() if isinstance(v, (int, float))}
-        self.agent.emit(CheckpointSaved(
-            run_id=row.get("run_id") or "", path=row["path"], epoch=int(row["epoch"]), step=int(row["step"]),
-            timestamp=time.time(), metrics=metrics, size=int(row["size"]), checksum=row["checksum"],
-            is_best=bool(row["is_best"]),
-        ))
-        return row
+    def _commit(self, job: _Job) -> dict[str, Any]:
+        def durable(row: dict[str, Any]) -> None:
+            """Tell the trainer (and the sinks) now; retention's deletions come after."""
+            metrics = {k: float(v) for k, v in (row.get("metrics") or {}).items() if isinstance(v, (int, float))}
+            self.agent.emit(CheckpointSaved(
+                run_id=row.get("run_id") or "", path=row["path"], epoch=int(row["epoch"]), step=int(row["step"]),
+                timestamp=time.time(), metrics=metrics, size=int(row["size"]), checksum=row["checksum"],
+                is_best=bool(row["is_best"]),
+            ))
+            job.result = row
+            anyio.from_thread.run_sync(job.done.set)
+
+        return commit_checkpoint(job.spec, self.agent.paths.store, on_durable=durable)
 
     def _prune(self) -> None:
         finished = [rid for rid, j in self._jobs.items() if j.done.is_set()]

@@ -10,7 +10,7 @@ import os
 import shutil
 import uuid
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -237,11 +237,12 @@ def _open_staging(spec: dict[str, Any]) -> tuple[mmap.mmap | None, int]:
         os.close(fd)
 
 
-def commit_checkpoint(spec: dict[str, Any], registry_path: str | os.PathLike[str], *, threads: int = 0
-                      ) -> dict[str, Any]:
+def commit_checkpoint(spec: dict[str, Any], registry_path: str | os.PathLike[str], *, threads: int = 0,
+                      on_durable: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Write the staged checkpoint ``spec`` to its final path durably, register it, move the best pointer,
     apply retention. Returns the registry row. Raises CheckpointError (the registry marks it failed and
-    no file appears under the final name)."""
+    no file appears under the final name). ``on_durable(row)`` runs as soon as the file and its registry
+    row are durable, before retention deletes older files (unlinking a gigabyte takes a while)."""
     path = Path(spec["path"])
     directory = path.parent
     check_level(spec["codec"], int(spec["level"]))
@@ -280,6 +281,8 @@ def commit_checkpoint(spec: dict[str, Any], registry_path: str | os.PathLike[str
                                       "earlier checkpoints are intact") from exc
             raise
         row, doomed = reg.commit(spec, size, checksum_text(digest))
+    if on_durable is not None:
+        on_durable(row)
     for p in doomed:
         try:
             os.unlink(p)
