@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -173,6 +174,18 @@ def bench_state(root: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, 
         ck.load(meta.path, target_m, target_o)  # warm the cache
         out["flightlog_none_full_load_hot_s"] = statistics.median(
             _timed(lambda: ck.load(meta.path, target_m, target_o)) for _ in range(repeat))
+    # What bounds the time until durable here: one core's zstd speed on this state against the disk.
+    from flightlog.agent.checkpoint.codecs import compress_chunk
+
+    sample = torch.cat([v.reshape(-1).view(torch.uint8) for v in list(flat.values())[:8] if v.dim()])[:64 << 20]
+    chunks = [memoryview(sample.numpy())[o:o + (8 << 20)] for o in range(0, sample.numel(), 8 << 20)]
+    secs = _timed(lambda: [compress_chunk("zstd", 1 if level is None else level, c) for c in chunks])
+    per_core = sample.numel() / secs
+    out["zstd_compress_MBps_one_core"] = per_core / 1e6
+    disk = out["flightlog_file_bytes"] / out["plain_write_fsync_same_bytes_s"]
+    out["plain_write_MBps"] = disk / 1e6
+    # durable ~ state_bytes / (cores * per_core) must stay <= 1.2 * file_bytes / disk
+    out["cores_needed_for_durable_1_2x"] = math.ceil(out["state_bytes"] * disk / (1.2 * out["flightlog_file_bytes"] * per_core))
     out["blocked_vs_torch_save"] = out["flightlog_save_blocked_s"] / out["torch_save_fsync_s"]
     out["blocked_vs_safetensors"] = out["flightlog_save_blocked_s"] / out["safetensors_save_file_fsync_s"]
     out["durable_vs_plain_write"] = out["flightlog_time_to_durable_s"] / out["plain_write_fsync_same_bytes_s"]

@@ -37,6 +37,7 @@ from .format import (
 __all__ = ["CheckpointReader", "verify_file"]
 
 _HASH_BLOCK = 64 << 20
+_PIECE = 16 << 20  # in-place copies from an uncompressed file, per thread task
 
 
 class CheckpointReader:
@@ -55,7 +56,9 @@ class CheckpointReader:
         try:
             with open(self.path, "rb") as f:
                 self.size = os.fstat(f.fileno()).st_size
-                self._mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) if self.size else None
+                # private and writable only so that ctypes can take its address; nothing writes to it
+                self._mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE,
+                                     prot=mmap.PROT_READ | mmap.PROT_WRITE) if self.size else None
         except FileNotFoundError as exc:
             raise CheckpointError(f"no checkpoint file {self.path}") from exc
         except OSError as exc:
@@ -213,9 +216,11 @@ class CheckpointReader:
         if self.codec == "none":
             if verify:
                 self._verify()
-            for b, e, addr in spans:
-                memoryview((ctypes.c_char * (e - b)).from_address(addr)).cast("B")[:] = \
-                    self._raw([self.header_len + b, e - b])
+            src = _address(self._mm) + self.header_len
+            pieces = [(addr + off, src + b + off, min(_PIECE, e - b - off))
+                      for b, e, addr in spans for off in range(0, e - b, _PIECE)]
+            with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+                list(pool.map(lambda p: ctypes.memmove(*p), pieces))
             if out is None:
                 return self._private_view()
             out[:] = self._raw([self.header_len, n])
