@@ -134,12 +134,15 @@ class DirectFile:
         self._buf = mmap.mmap(-1, max(self.BLOCK, buffer_bytes - buffer_bytes % self.BLOCK))
         self._view = memoryview(self._buf)
         self._fill = 0
+        self._sealed = False
         self.size = 0
 
     def fileno(self) -> int:
         return self._fd
 
     def write(self, data: bytes | memoryview) -> int:
+        if self._sealed:
+            raise ValueError("DirectFile: write after flush (a direct file's last block is already out)")
         view = memoryview(data).cast("B")
         n, pos = len(view), 0
         while pos < n:
@@ -172,12 +175,14 @@ class DirectFile:
         self.direct = False
 
     def flush(self) -> None:
-        """Write out everything buffered (a direct file's tail goes out padded, then is cut to size)."""
+        """Write out everything buffered. A direct file's tail goes out padded and is cut back to size, so
+        nothing can be written after it (this is the end of the file)."""
         if not self._fill:
             return
         if not self.direct:
             self._drain(self._fill)
             return
+        self._sealed = True
         padded = -(-self._fill // self.BLOCK) * self.BLOCK
         self._view[self._fill:padded] = bytes(padded - self._fill)
         self._drain(padded)
