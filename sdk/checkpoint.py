@@ -683,7 +683,12 @@ class ModelCheckpointer:
              strict: bool = True, restore_rng: bool = True) -> tuple[int, int]:
         """Verify and restore a checkpoint ("best", "latest", or a path; a pending one is waited for).
         Returns (epoch, step). A damaged file raises CheckpointCorrupt naming it; with ``fallback=True`` the
-        newest older checkpoint that verifies is loaded instead."""
+        newest older checkpoint that verifies is loaded instead.
+
+        CPU tensors that already exist with the right dtype and shape (the model's parameters, the
+        optimizer's state) are filled in place, each piece only after its frame's checksum passed; if a
+        later frame turns out damaged, those tensors may hold part of this checkpoint (every byte of it
+        verified), so after CheckpointCorrupt load another checkpoint, as ``fallback=True`` does."""
         target = os.fspath(path)
         if isinstance(path, PendingCheckpoint):
             path.wait()
