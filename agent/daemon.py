@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -195,14 +196,18 @@ class Agent:
     def stop(self) -> None:
         self._stop.set()
 
-    def emit(self, event: Event) -> None:
-        """Append an agent-generated event (checkpoint saved, system stats) to the WAL. Thread-safe."""
-        buf = bytearray()
-        append_frame(buf, encode_event(event))
+    def emit(self, event: Event | Callable[[int], Event]) -> int:
+        """Append an agent-generated event (checkpoint saved, system stats) to the WAL; returns its seq.
+        Thread-safe. ``event`` may be a function of the seq the event will get (it runs under the WAL
+        lock, so nothing else is appended in between)."""
         with self.wal_lock:
-            self.wal.append(buf, 1, "agent", SRC_INTERNAL)
+            ev = event(self.wal.next_seq) if callable(event) else event
+            buf = bytearray()
+            append_frame(buf, encode_event(ev))
+            seq = self.wal.append(buf, 1, "agent", SRC_INTERNAL)
         for runner in self.runners:
             runner.wake()
+        return seq
 
     # --- tasks ---------------------------------------------------------------------------------
 
@@ -270,6 +275,7 @@ class Agent:
             deleted = await anyio.to_thread.run_sync(self.wal.delete_before, self._min_cursor_seq())
             if deleted:
                 log.info("WAL: deleted %d segments every sink has passed", len(deleted))
+            await anyio.to_thread.run_sync(self.checkpoints.delete_uploaded, self._min_cursor_seq())
             cap = self.settings.max_wal_bytes
             if cap and self.wal.total_bytes() > cap and not warned:
                 warned = True

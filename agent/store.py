@@ -135,7 +135,7 @@ class Store:
                     (ev.run_id, ev.path, ev.epoch, ev.step, ev.timestamp, json.dumps(ev.metrics), ev.size,
                      ev.checksum, int(ev.is_best)),
                 )
-            elif t is Artifact:
+            elif t is Artifact and ev.kind != "checkpoint":  # checkpoints: the registry has them; this is an upload
                 db.execute(
                     "INSERT INTO artifacts VALUES (?,?,?,?,?,?,?)",
                     (ev.run_id, ev.name, ev.path, ev.timestamp, ev.kind, ev.checksum, ev.size),

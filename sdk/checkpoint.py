@@ -463,9 +463,12 @@ class ModelCheckpointer:
         run_id: str = "",
         config_hash: str = "",
         threads: int = 0,
+        upload: str = "none",
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if upload not in ("none", "best", "all"):
+            raise ValueError(f"upload must be 'none', 'best' or 'all', got {upload!r}")
         if max_checkpoints < 0 or keep_every_n_steps < 0 or max_in_flight < 1:
             raise ValueError("max_checkpoints and keep_every_n_steps must be >= 0, max_in_flight >= 1")
         check_level(compression, compression_level)
@@ -474,6 +477,7 @@ class ModelCheckpointer:
         self.monitor, self.mode = monitor, mode
         self.compression, self.compression_level = compression, compression_level
         self.min_free_bytes = min_free_bytes
+        self.upload = upload  # done by the agent's MLflow/W&B sinks: only through a tracker
         self.run_id, self.config_hash = run_id, config_hash
         self.registry_path = Path(registry) if registry else self.dir / STANDALONE_NAME
         self._local = _LocalWriter(self.registry_path, threads)
@@ -496,12 +500,14 @@ class ModelCheckpointer:
     def for_tracker(cls, tracker: Any) -> ModelCheckpointer:
         """A checkpointer configured by ``tracker.config.checkpointing``, writing through the tracker's agent."""
         c = tracker.config.checkpointing
+        tracking = tracker.config.tracking
         ck = cls(
             Path.cwd() / c.checkpoint_dir, max_checkpoints=c.max_checkpoints, monitor=c.monitor, mode=c.mode,
             compression=c.compression, compression_level=c.compression_level,
             keep_every_n_steps=c.keep_every_n_steps, min_free_bytes=c.min_free_bytes,
             staging_dir=tracker.paths.ring_dir.parent / "ckpt", registry=tracker.paths.store,
             run_id=tracker.run_id, config_hash=tracker.metadata.config_hash,
+            upload=c.upload if tracking.use_mlflow or tracking.use_wandb else "none",
         )
         ck._writer = _AgentWriter(tracker, ck._local)
         return ck
@@ -540,7 +546,7 @@ class ModelCheckpointer:
                     "retention": {"max_checkpoints": self.max_checkpoints, "keep_every_n_steps": self.keep_every_n_steps,
                                   "monitor": self.monitor, "mode": self.mode},
                     "min_free_bytes": self.min_free_bytes, "run_id": self.run_id, "config_hash": self.config_hash,
-                    "git_commit": self._git, "created": meta["created"],
+                    "git_commit": self._git, "created": meta["created"], "upload": self.upload,
                 }
                 future: concurrent.futures.Future[CheckpointMetadata] = concurrent.futures.Future()
                 self._jobs = [j for j in self._jobs if not j.done()]

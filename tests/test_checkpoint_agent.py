@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from flightlog import ExperimentTracker
@@ -125,3 +126,47 @@ def test_without_an_agent_the_tracker_writes_in_process(agent_paths: AgentPaths,
         assert tracker.load_checkpoint("latest", model) == (0, 2)
     with Registry(agent_paths.store) as reg:  # the same registry the agent uses
         assert [r["step"] for r in reg.entries()] == [1, 2]
+
+
+@pytest.mark.filterwarnings("ignore:.*noload.*:DeprecationWarning")
+def test_upload_best_reaches_mlflow_and_wandb_after_retention_removed_the_file(
+        agent: AgentProcess, base_config: dict, tmp_path: Path) -> None:
+    """checkpointing.upload: best. Each new best becomes an artifact in MLflow (a real SQLite store) and a
+    version of a W&B ``model`` artifact (offline log), even after retention deleted the local file; the
+    upload links in the agent's data dir go once every sink has passed them."""
+    from mlflow.tracking import MlflowClient
+
+    from conftest_backends import read_wandb_log
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(tracking_uri=uri).search_experiments()  # create the tables before the agent does
+    base_config["tracking"].update(use_mlflow=True, mlflow_tracking_uri=uri, mlflow_experiment_name="up",
+                                   use_wandb=True, wandb_mode="offline", wandb_dir=str(tmp_path / "wb"))
+    base_config["checkpointing"].update(monitor="val_loss", max_checkpoints=1, upload="best")
+    model = torch.nn.Linear(64, 64)
+    with ExperimentTracker("up", base_config) as tracker:
+        paths = [tracker.save_checkpoint(model=model, epoch=0, step=s, val_loss=v) for s, v in [(1, 3.0), (2, 1.0), (3, 2.0)]]
+        metas = [p.wait() for p in paths]
+        tracker.flush()
+    assert [m.is_best for m in metas] == [True, True, False]
+    assert not Path(paths[0]).exists()  # retention took it before (or while) it was uploaded
+    client = MlflowClient(tracking_uri=uri)
+    uploaded: list[str] = []
+    wandb_versions: list[Any] = []
+    uploads = agent.paths.data_dir / "uploads"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        exp = client.get_experiment_by_name("up")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        uploaded = sorted(Path(a.path).name for a in client.list_artifacts(runs[0].info.run_id, "checkpoint")) if runs else []
+        wandb_versions = [r.artifact for p in (tmp_path / "wb").rglob("*.wandb") for r in read_wandb_log(p)
+                          if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "model"]
+        if len(uploaded) == 2 and len(wandb_versions) == 2 and not any(uploads.iterdir()):
+            break
+        time.sleep(0.5)
+    assert uploaded == sorted(Path(p).name for p in paths[:2])
+    got = Path(client.download_artifacts(runs[0].info.run_id, f"checkpoint/{Path(paths[1]).name}", str(tmp_path / "dl")))
+    assert verify_file(got) == metas[1].checksum
+    assert len(wandb_versions) == 2 and len({a.name for a in wandb_versions}) == 1  # two versions of one artifact
+    assert {f.path for a in wandb_versions for f in a.manifest.contents} == {Path(p).name for p in paths[:2]}
+    assert not any(uploads.iterdir()), list(uploads.iterdir())

@@ -5,15 +5,17 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from flightlog.proto.errors import FlightlogError
-from flightlog.proto.events import CheckpointRequest, CheckpointSaved, CheckpointWait, Reply
+from flightlog.proto.events import Artifact, CheckpointRequest, CheckpointSaved, CheckpointWait, Reply
 
 from .format import CODECS
 from .writer import commit_checkpoint, recover_interrupted
@@ -90,8 +92,50 @@ class CheckpointService:
             ))
             job.result = row
             anyio.from_thread.run_sync(job.done.set)
+            self._queue_upload(row, job.spec.get("upload", "none"))
 
         return commit_checkpoint(job.spec, self.agent.paths.store, on_durable=durable)
+
+    # --- uploads (checkpointing.upload) --------------------------------------------------------
+
+    @property
+    def upload_dir(self) -> Path:
+        return self.agent.paths.data_dir / "uploads"
+
+    def _queue_upload(self, row: dict[str, Any], policy: str) -> None:
+        """Hand a durable checkpoint to the MLflow and W&B sinks as an Artifact event. The file is
+        hard-linked into ``<data_dir>/uploads`` under the event's WAL seq, so retention may delete the
+        checkpoint meanwhile (``uploads/<seq>/<file name>``: backends keep the file's own name); the link
+        goes once every sink's cursor has passed the event. The sinks
+        upload it with their own retries; a parked sink keeps it, like the rest of the WAL."""
+        if policy == "none" or (policy == "best" and not row.get("is_best")):
+            return
+        src = Path(row["path"])
+
+        def event(seq: int) -> Artifact:
+            link = self.upload_dir / f"{seq:016d}" / src.name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, link)
+            except OSError:  # another filesystem (or no hard links): a copy, then
+                shutil.copyfile(src, link)
+            return Artifact(run_id=row.get("run_id") or "", name=src.name, path=str(link), timestamp=time.time(),
+                            kind="checkpoint", checksum=row.get("checksum") or "", size=int(row.get("size") or 0))
+
+        try:
+            self.agent.emit(event)
+        except OSError as exc:
+            log.warning("checkpoint %s is durable but cannot be queued for upload: %s", src, exc)
+
+    def delete_uploaded(self, min_cursor_seq: int) -> None:
+        """Remove upload links whose Artifact event every sink has passed."""
+        try:
+            entries = list(self.upload_dir.iterdir())
+        except FileNotFoundError:
+            return
+        for p in entries:
+            if p.name.isdigit() and int(p.name) < min_cursor_seq:
+                shutil.rmtree(p, ignore_errors=True)
 
     def _prune(self) -> None:
         finished = [rid for rid, j in self._jobs.items() if j.done.is_set()]

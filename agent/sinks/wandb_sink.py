@@ -15,6 +15,7 @@ from typing import Any
 from flightlog.proto.errors import PermanentBackendError, RetryableBackendError
 from flightlog.proto.events import (
     Alert,
+    Artifact,
     CheckpointSaved,
     Event,
     Histogram,
@@ -160,6 +161,8 @@ class WandBTracker(RunSinkBase):
                         run.summary[f"checkpoint/{k}"] = v
                 elif t is Alert:
                     run.summary[f"alerts/{ev.level}"] = ev.message
+                elif t is Artifact:
+                    self._log_artifact(run, ev)
                 elif t is RunEnd:
                     end = ev
             if row:
@@ -185,6 +188,24 @@ class WandBTracker(RunSinkBase):
             st["ended"] = True
             self._runs.pop(run_id, None)
         self.save_state(run_id, st)
+
+    def _log_artifact(self, run: Any, ev: Artifact) -> None:
+        """A file as a W&B artifact; checkpoints become versions of one ``model`` artifact per run."""
+        if not os.path.exists(ev.path):
+            log.warning("W&B: artifact %s (%s) no longer exists; not uploaded", ev.name, ev.path)
+            return
+        wandb = self._lib()
+        if ev.kind == "checkpoint":
+            name, kind = f"checkpoints-{run.id}", "model"
+        else:
+            name, kind = ev.name, ev.kind or "file"
+        art = wandb.Artifact(re.sub(r"[^\w.-]", "_", name)[:128], type=re.sub(r"[^\w.-]", "_", kind),
+                             metadata={"checksum": ev.checksum, "size": ev.size, "source": ev.path})
+        if os.path.isdir(ev.path):
+            art.add_dir(ev.path)
+        else:
+            art.add_file(ev.path, name=ev.name)
+        run.log_artifact(art, aliases=["latest"])
 
     def _forget(self, run_id: str) -> None:
         wb = self._runs.pop(run_id, None)
