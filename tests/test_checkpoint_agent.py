@@ -61,7 +61,11 @@ def test_tracker_saves_through_the_agent_and_sinks_see_it(agent: AgentProcess, b
         assert tracker.load_checkpoint("best", model, opt) == (0, 2)
         assert tracker.should_checkpoint(4) is False  # save_frequency 0: only explicit saves
     ckdir = Path(base_config["checkpointing"]["checkpoint_dir"])
-    assert sorted(p.name for p in ckdir.iterdir()) == sorted(Path(p).name for p in (paths[1], paths[2], paths[3]))
+    want = sorted(Path(p).name for p in (paths[1], paths[2], paths[3]))
+    end = time.monotonic() + 10  # the agent answers at durability; its retention deletes right after
+    while sorted(p.name for p in ckdir.iterdir()) != want and time.monotonic() < end:
+        time.sleep(0.02)
+    assert sorted(p.name for p in ckdir.iterdir()) == want
     with Registry(agent.paths.store) as reg:
         rows = reg.entries(str(ckdir), ("done", "deleted"))
     assert [r["state"] for r in rows] == ["deleted", "done", "done", "done"]
