@@ -306,6 +306,10 @@ class Agent:
                 continue
             idle_since = idle_since or now
             if now - idle_since >= self.settings.idle_exit_seconds:
+                if now - gone_since < self.settings.drain_timeout_seconds and await anyio.to_thread.run_sync(
+                        self.plots.pending):
+                    idle_since = None  # a run's final plots are still to come: render and deliver them first
+                    continue
                 if not self._caught_up():
                     log.warning("sidecar exiting with undelivered events; they stay in the WAL for the next agent")
                 self.stop()

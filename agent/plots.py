@@ -216,6 +216,7 @@ class PlotService:
         self.clock = clock
         self._done: set[str] = set()  # ended runs already rendered
         self._last: dict[str, float] = {}  # running run -> last periodic render (clock)
+        self._rendering = False
         self.rendered = 0
 
     def plot_dir(self, run_id: str) -> Path:
@@ -231,15 +232,50 @@ class PlotService:
             except Exception:  # a plotting bug must not take the agent down
                 log.exception("plots: rendering failed")
 
-    def tick(self) -> int:
-        """Render what is due; returns the number of runs rendered."""
+    def _runs(self) -> list[tuple[Any, ...]]:
         if not self.paths.store.exists():
-            return 0
+            return []
         db = sqlite3.connect(f"file:{self.paths.store}?mode=ro", uri=True, timeout=5)
         try:
-            rows = db.execute("SELECT run_id, status, ended_at, config FROM runs").fetchall()
+            return db.execute("SELECT run_id, status, ended_at, config FROM runs").fetchall()
         finally:
             db.close()
+
+    def _final_due(self, run_id: str, ended_at: Any) -> bool:
+        """Whether an ended run still needs its final plots (settling the ones that do not)."""
+        if ended_at is not None and time.time() - float(ended_at) > _BACKFILL_SECONDS:
+            self._done.add(run_id)  # old runs of a store this agent inherited: `flightlog plot` them
+            return False
+        marker = self.plot_dir(run_id) / self.MARKER
+        if marker.exists() and marker.read_text().strip() == repr(ended_at):
+            self._done.add(run_id)  # rendered by an earlier agent
+            return False
+        return True
+
+    def pending(self) -> bool:
+        """True while plots render, or while an ended run's final plots are still to come (a sidecar
+        waits for them before it exits)."""
+        if self._rendering:
+            return True
+        try:
+            rows = self._runs()
+        except sqlite3.Error:
+            return False
+        return any(run_id not in self._done and status != "running"
+                   and (_json(config).get("monitoring") or {}).get("create_plots", True)
+                   and self._final_due(run_id, ended_at)
+                   for run_id, status, ended_at, config in rows)
+
+    def tick(self) -> int:
+        """Render what is due; returns the number of runs rendered."""
+        self._rendering = True
+        try:
+            return self._tick()
+        finally:
+            self._rendering = False
+
+    def _tick(self) -> int:
+        rows = self._runs()
         n = 0
         now = self.clock()
         for run_id, status, ended_at, config in rows:
@@ -250,14 +286,17 @@ class PlotService:
                 self._done.add(run_id)
                 continue
             if status != "running":
-                if ended_at is not None and time.time() - float(ended_at) > _BACKFILL_SECONDS:
-                    self._done.add(run_id)  # old runs of a store this agent inherited: `flightlog plot` them
+                if not self._final_due(run_id, ended_at):
+                    continue
+                try:
+                    self._render(run_id, ended_at)
+                except (sqlite3.Error, OSError):
+                    raise  # passing trouble (a busy store, a full disk): the next tick tries again
+                except Exception:  # a plotting bug: give up on this run rather than hold the agent
+                    log.exception("plots: rendering run %s failed; `flightlog plot` can retry", run_id)
+                    self._done.add(run_id)
                     continue
                 marker = self.plot_dir(run_id) / self.MARKER
-                if marker.exists() and marker.read_text().strip() == repr(ended_at):
-                    self._done.add(run_id)  # rendered by an earlier agent
-                    continue
-                self._render(run_id, ended_at)
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.write_text(repr(ended_at))
                 self._done.add(run_id)

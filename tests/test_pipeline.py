@@ -146,6 +146,9 @@ def test_sidecar_starts_by_itself_and_exits_after_draining(agent_paths: AgentPat
     sidecar = _sidecars[-1]
     assert sidecar.wait(30) == 0, "the sidecar should exit once drained"
     assert not agent_paths.socket.exists()
+    # It waited for the run's final plots (rendered every 2 s at most), though its idle grace is 0.5 s.
+    plots = agent_paths.data_dir / "runs" / t.run_id / "plots"
+    assert sorted(plots.glob("*.png")), list(plots.parent.rglob("*"))
 
 
 TRAINER = """
