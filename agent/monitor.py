@@ -52,6 +52,11 @@ class Rates:
                 out[key] = (value - prev[1]) / (now - prev[0])
         return out
 
+    def forget(self, prefix: str, keep: Mapping[str, float]) -> None:
+        """Drop the counters under ``prefix`` that are not in ``keep`` (processes that exited)."""
+        for key in [k for k in self._prev if k.startswith(prefix) and k not in keep]:
+            del self._prev[key]
+
 
 @dataclass
 class DiskWatch:
@@ -73,6 +78,30 @@ class DiskWatch:
             del self.alerts[key]
             return "cleared", f"disk space on {path} ({key}) is back above the floor: {free / 2**30:.2f} GiB free"
         return None
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    """parent pid -> child pids, from one pass over the process table (psutil's own map where it has
+    one: what ``Process.children`` reads, without a Process object per pid)."""
+    out: dict[int, list[int]] = {}
+    ppid_map = getattr(psutil, "_ppid_map", None)
+    try:
+        pairs = ppid_map().items() if ppid_map else ((p.pid, p.info.get("ppid")) for p in psutil.process_iter(["ppid"]))
+        for pid, ppid in pairs:
+            if ppid:
+                out.setdefault(ppid, []).append(pid)
+    except psutil.Error:
+        pass
+    return out
+
+
+def _descendants(pid: int, kids: Mapping[int, list[int]]) -> list[int]:
+    out, todo = [], list(kids.get(pid, ()))
+    while todo:
+        child = todo.pop()
+        out.append(child)
+        todo.extend(kids.get(child, ()))
+    return out
 
 
 def gpu_selection(cuda_visible: str | None, all_gpus: bool) -> list[tuple[str, str]] | None:
@@ -379,7 +408,7 @@ class Monitor:
             new_pids = [p for p in pids if p not in info.pids]
             info.pids = pids
             for p in new_pids:
-                self._process(p, self.clock())  # prime its CPU counter
+                self._process(p, self.clock(), {})  # prime its CPU counter
         for run_id in list(self.runs):
             if run_id not in seen:
                 del self.runs[run_id]
@@ -438,8 +467,10 @@ class Monitor:
         }
         return vals, mem
 
-    def _process(self, pid: int, now: float) -> tuple[float | None, float | None]:
-        """(cpu percent of one core since the last sample, RSS bytes) of one trainer process."""
+    def _process(self, pid: int, now: float, kids: Mapping[int, list[int]]
+                 ) -> tuple[float | None, float | None, dict[str, float]]:
+        """(cpu percent of one core since the last sample, RSS bytes) of one trainer process, and the
+        same summed over its descendants (dataloader workers and other helpers) with their count."""
         proc = self._procs.get(pid)
         try:
             if proc is None:
@@ -449,13 +480,30 @@ class Monitor:
                 rss = float(proc.memory_info().rss)
         except psutil.Error:
             self._procs.pop(pid, None)
-            return None, None
-        cpu = self._proc_cpu.update(now, {str(pid): t.user + t.system}).get(str(pid))
-        return (None if cpu is None else 100.0 * cpu), rss
+            return None, None, {}
+        counters = {str(pid): t.user + t.system}
+        children = _descendants(pid, kids)
+        workers: dict[str, float] = {"workers": float(len(children)), "workers_rss_bytes": 0.0}
+        for child_pid in children:
+            try:
+                child = psutil.Process(child_pid)
+                with child.oneshot():
+                    ct = child.cpu_times()
+                    workers["workers_rss_bytes"] += float(child.memory_info().rss)
+            except psutil.Error:
+                continue  # it just exited
+            counters[f"{pid}/{child_pid}"] = ct.user + ct.system
+        rates = self._proc_cpu.update(now, counters)
+        cpu = rates.pop(str(pid), None)
+        if rates:  # a worker seen for the first time has no rate yet; those that exited drop out
+            workers["workers_cpu_percent"] = 100.0 * sum(rates.values())
+        self._proc_cpu.forget(f"{pid}/", counters)
+        return (None if cpu is None else 100.0 * cpu), rss, workers
 
     def _sample_and_emit(self, due: list[RunInfo], wall: float, now: float) -> None:
         base, mem = self._system(now)
-        procs = {pid: self._process(pid, now) for pid in {p for r in due for p in r.pids}}  # each pid once
+        kids = _children_by_parent() if due else {}
+        procs = {pid: self._process(pid, now, kids) for pid in {p for r in due for p in r.pids}}  # each pid once
         for pid in [p for p in self._procs if p not in procs and not any(p in r.pids for r in self.runs.values())]:
             del self._procs[pid]  # forget processes of runs that ended
         disks: dict[str, dict[str, float]] = {}
@@ -482,13 +530,16 @@ class Monitor:
             if log_mem:
                 values.update(mem)
             for pid, rank in r.pids.items():
-                cpu, rss = procs.get(pid, (None, None))
+                cpu, rss, workers = procs.get(pid, (None, None, {}))
                 name = f"system/process/rank{rank}" if list(r.pids.values()).count(rank) == 1 else \
                     f"system/process/pid{pid}"
                 if cpu is not None:
                     values[f"{name}/cpu_percent"] = cpu
                 if rss is not None and log_mem:
                     values[f"{name}/rss_bytes"] = rss
+                for k, v in workers.items():
+                    if log_mem or not k.endswith("rss_bytes"):
+                        values[f"{name}/{k}"] = v
             for label, path in r.dirs(self.paths.data_dir).items():
                 for k, v in disks.get(path, {}).items():
                     values[f"system/disk/{label}/{k}"] = v

@@ -177,6 +177,36 @@ def test_monitor_samples_runs_with_their_gpus(tmp_path: Path, monkeypatch: pytes
     assert calls[-1] == "shutdown"
 
 
+def test_monitor_counts_the_trainers_workers(tmp_path: Path) -> None:
+    """Dataloader-style worker processes (descendants of the trainer) are summed under workers_*."""
+    paths = make_paths(tmp_path)
+    trainer = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        "busy = [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(2)]\n"
+        "time.sleep(60)\n")])
+    try:
+        add_run(paths, "job-w", {"interval_seconds": 0.2}, pid=trainer.pid)
+        events: list[Any] = []
+        mon = Monitor(paths, lambda: [], events.append, {"monitoring": {"disk_free_floor_bytes": 0}})
+        deadline = time.monotonic() + 30
+        values: dict[str, float] = {}
+        while time.monotonic() < deadline and "system/process/rank0/workers_cpu_percent" not in values:
+            mon.tick([])
+            stats = [e for e in events if isinstance(e, SystemStats) and e.run_id == "job-w"]
+            values = stats[-1].values if stats else {}
+            time.sleep(0.2)
+        mon.close()
+        assert values["system/process/rank0/workers"] == 2
+        assert values["system/process/rank0/workers_cpu_percent"] > 20  # two busy loops (on two cores)
+        assert values["system/process/rank0/workers_rss_bytes"] > 0
+        assert values["system/process/rank0/cpu_percent"] < values["system/process/rank0/workers_cpu_percent"]
+    finally:
+        for child in __import__("psutil").Process(trainer.pid).children(recursive=True):
+            child.kill()
+        trainer.kill()
+        trainer.wait()
+
+
 def test_monitor_disk_floor_alert(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="flightlog.agent")
     paths = make_paths(tmp_path)
