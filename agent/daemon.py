@@ -385,9 +385,7 @@ class Agent:
             return Reply(ok=False, error=f"malformed event batch: {exc}")
         if count != msg.count:
             return Reply(ok=False, error=f"event batch claims {msg.count} frames, holds {count}")
-        with self.wal_lock:
-            self.wal.append(msg.frames, count, msg.producer_id, SRC_INTERNAL)
-        self.ingestor.events_total += count
+        self.ingestor.append_batch(msg.frames, count, msg.producer_id)
         for runner in self.runners:
             runner.wake()
         return Reply(ok=True)

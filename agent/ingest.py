@@ -21,7 +21,7 @@ from flightlog.proto.errors import ProtocolError, RingError
 from flightlog.proto.frames import PAD_MARKER, U32
 from flightlog.ring import RingView, cursor_distance, cursor_reached, spill_path
 
-from .wal import SRC_RING, SRC_SPILL
+from .wal import SRC_INTERNAL, SRC_RING, SRC_SPILL
 
 __all__ = ["Ingestor", "SRC_RING", "SRC_SPILL", "split_frames"]
 
@@ -126,6 +126,12 @@ class Ingestor:
     def _append(self, frames: Any, count: int, producer_id: str, kind: int, gen: int, end: int) -> None:
         with self._lock:
             self.wal.append(frames, count, producer_id, kind, gen, end)
+
+    def append_batch(self, frames: Any, count: int, producer_id: str) -> None:
+        """Frames that came over the control socket (the fallback where rings are not safe): into the
+        WAL as they are, counted with the rest."""
+        self._append(frames, count, producer_id, SRC_INTERNAL, 0, 0)
+        self.events_total += count
 
     @_locked
     def drain(self) -> int:
