@@ -48,6 +48,7 @@ def test_offline_runs_from_worker_threads(tmp_path: Path) -> None:
 
     rows, config, summary = wandb_history(wb, wandb_run_id("wa"))
     assert_rows_once(rows, 400)
+    assert all(abs(r["_timestamp"] - (1.7e9 + r["_step"] * 0.01)) < 1e-3 for r in rows)  # the events' own time
     assert config["lr"] == 0.001 and config["opt.name"] == "adam" and config["tracking"]["wandb_project"] == "proj"
     assert summary["loss"] == 3990 and summary["acc"] == 3991 and summary["text/notes"] == "hello **world**"
     records = [r for p in wandb_logs(wb, wandb_run_id("wa")) for r in read_wandb_log(p)]

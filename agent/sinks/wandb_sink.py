@@ -130,6 +130,7 @@ class WandBTracker(RunSinkBase):
         step = int(st.get("step", -1))
         row: dict[str, Any] = {}
         row_step = step
+        row_ts = 0.0  # the events' own time: W&B would stamp the row with the moment it is sent
         skipped = 0
         end: RunEnd | None = None
         try:
@@ -137,11 +138,12 @@ class WandBTracker(RunSinkBase):
                 t = type(ev)
                 if t is Metrics or t is Histogram or t is Image:
                     if ev.step != row_step and row:
-                        run.log(row, step=row_step)
+                        run.log({**row, "_timestamp": row_ts}, step=row_step)
                         row = {}
                     if ev.step < step:
                         skipped += 1  # W&B steps only go forward; wandb would drop it with a warning
                         continue
+                    row_ts = max(row_ts, ev.timestamp) if row else ev.timestamp
                     if t is Metrics:
                         row.update(ev.values)
                     else:
@@ -166,7 +168,7 @@ class WandBTracker(RunSinkBase):
                 elif t is RunEnd:
                     end = ev
             if row:
-                run.log(row, step=row_step)
+                run.log({**row, "_timestamp": row_ts}, step=row_step)
         except Exception as exc:
             # The run object is in an unknown state: reopen it (resume) on the retry.
             self._forget(run_id)
