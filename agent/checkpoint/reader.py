@@ -56,9 +56,7 @@ class CheckpointReader:
         try:
             with open(self.path, "rb") as f:
                 self.size = os.fstat(f.fileno()).st_size
-                # private and writable only so that ctypes can take its address; nothing writes to it
-                self._mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE,
-                                     prot=mmap.PROT_READ | mmap.PROT_WRITE) if self.size else None
+                self._mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) if self.size else None
         except FileNotFoundError as exc:
             raise CheckpointError(f"no checkpoint file {self.path}") from exc
         except OSError as exc:
@@ -216,14 +214,16 @@ class CheckpointReader:
         if self.codec == "none":
             if verify:
                 self._verify()
-            src = _address(self._mm) + self.header_len
-            pieces = [(addr + off, src + b + off, min(_PIECE, e - b - off))
-                      for b, e, addr in spans for off in range(0, e - b, _PIECE)]
-            with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
-                list(pool.map(lambda p: ctypes.memmove(*p), pieces))
+            data = self._private_view()
+            if spans:
+                src = _address(data)
+                pieces = [(addr + off, src + b + off, min(_PIECE, e - b - off))
+                          for b, e, addr in spans for off in range(0, e - b, _PIECE)]
+                with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+                    list(pool.map(lambda p: ctypes.memmove(*p), pieces))
             if out is None:
-                return self._private_view()
-            out[:] = self._raw([self.header_len, n])
+                return data
+            out[:] = data
             return out
         if out is None:
             out = memoryview(mmap.mmap(-1, n)) if n else memoryview(bytearray())
@@ -296,7 +296,8 @@ class CheckpointReader:
                                     f"{checksum_text(actual)}): the file is damaged")
 
     def _private_view(self) -> memoryview:
-        """The data section of an uncompressed file, mapped privately and writably (copy-on-write)."""
+        """The data section of an uncompressed file, mapped privately and writably (copy-on-write, as
+        safetensors maps it; writable also lets ctypes take its address)."""
         with open(self.path, "rb") as f:
             mm = mmap.mmap(f.fileno(), self.total, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         return memoryview(mm)[self.header_len:self.total]
