@@ -124,7 +124,7 @@ class CheckpointService:
 
         try:
             self.agent.emit(event)
-        except OSError as exc:
+        except Exception as exc:  # the checkpoint is durable and answered for: only the upload is lost
             log.warning("checkpoint %s is durable but cannot be queued for upload: %s", src, exc)
 
     def delete_uploaded(self, min_cursor_seq: int) -> None:
