@@ -272,10 +272,11 @@ class Agent:
         warned = False
         while True:
             await anyio.sleep(1.0)
-            deleted = await anyio.to_thread.run_sync(self.wal.delete_before, self._min_cursor_seq())
+            low = self._min_cursor_seq()
+            deleted = await anyio.to_thread.run_sync(self.wal.delete_before, low)
             if deleted:
                 log.info("WAL: deleted %d segments every sink has passed", len(deleted))
-            await anyio.to_thread.run_sync(self.checkpoints.delete_uploaded, self._min_cursor_seq())
+            await anyio.to_thread.run_sync(self.checkpoints.delete_uploaded, low)
             cap = self.settings.max_wal_bytes
             if cap and self.wal.total_bytes() > cap and not warned:
                 warned = True

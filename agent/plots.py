@@ -202,6 +202,11 @@ def _json(text: Any) -> dict[str, Any]:
     return out if isinstance(out, dict) else {}
 
 
+def _monitoring(config: Any) -> dict[str, Any]:
+    """The ``monitoring`` section of a run's stored config."""
+    return _json(config).get("monitoring") or {}
+
+
 class PlotService:
     """Renders plots at run end and every ``monitoring.plot_every_minutes``, into
     ``<data dir>/runs/<run id>/plots/``, and emits each as an ``Image`` event."""
@@ -262,7 +267,7 @@ class PlotService:
         except sqlite3.Error:
             return False
         return any(run_id not in self._done and status != "running"
-                   and (_json(config).get("monitoring") or {}).get("create_plots", True)
+                   and _monitoring(config).get("create_plots", True)
                    and self._final_due(run_id, ended_at)
                    for run_id, status, ended_at, config in rows)
 
@@ -281,7 +286,7 @@ class PlotService:
         for run_id, status, ended_at, config in rows:
             if run_id in self._done:
                 continue
-            mon = _json(config).get("monitoring") or {}
+            mon = _monitoring(config)
             if not mon.get("create_plots", True):
                 self._done.add(run_id)
                 continue

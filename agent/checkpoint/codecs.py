@@ -73,11 +73,16 @@ def compress_chunk(codec: str, level: int, chunk: bytes | memoryview, width: int
     return b"".join(frames), [len(f) for f in frames]
 
 
+def _plain_zstd(codec: str, frame: list[Any]) -> bool:
+    """One ordinary zstd frame: the zstd codec, or a byte-grouped chunk kept whole (no plane sizes)."""
+    return codec == "zstd" or (codec == "zstd-bytegroup" and len(frame) == 4)
+
+
 def decompress_into(codec: str, raw: bytes | memoryview, frame: list[Any], name: str, out: memoryview) -> None:
     """Decompress one indexed frame straight into ``out`` (exactly the frame's ``u_len`` bytes). zstd
     frames decode in place, with no intermediate copy, and their content checksum is checked; other
     codecs go through :func:`decompress_frame`."""
-    if codec != "zstd" and not (codec == "zstd-bytegroup" and len(frame) == 4):
+    if not _plain_zstd(codec, frame):
         out[:] = decompress_frame(codec, raw, frame, name)
         return
     u_len, filled = frame[3], 0
@@ -101,7 +106,7 @@ def decompress_frame(codec: str, raw: bytes | memoryview, frame: list[Any], name
     (or a size other than the index says) is CheckpointCorrupt naming the file."""
     u_len = frame[3]
     try:
-        if codec == "zstd" or (codec == "zstd-bytegroup" and len(frame) == 4):
+        if _plain_zstd(codec, frame):
             out = _dctx().decompress(raw, max_output_size=u_len)
         elif codec == "gzip":
             d = zlib.decompressobj(wbits=31)

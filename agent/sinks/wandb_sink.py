@@ -28,7 +28,7 @@ from flightlog.proto.events import (
     Text,
 )
 
-from ._common import RunSinkBase, flatten, image_bytes
+from ._common import RunSinkBase, flatten, image_bytes, safe_name
 
 __all__ = ["WandBTracker", "wandb_run_id"]
 
@@ -201,7 +201,7 @@ class WandBTracker(RunSinkBase):
             name, kind = f"checkpoints-{run.id}", "model"
         else:
             name, kind = ev.name, ev.kind or "file"
-        art = wandb.Artifact(re.sub(r"[^\w.-]", "_", name)[:128], type=re.sub(r"[^\w.-]", "_", kind),
+        art = wandb.Artifact(safe_name(name, 128), type=safe_name(kind, 128),
                              metadata={"checksum": ev.checksum, "size": ev.size, "source": ev.path})
         if os.path.isdir(ev.path):
             art.add_dir(ev.path)
