@@ -124,6 +124,10 @@ def test_direct_file_writes_exact_bytes_and_falls_back_to_plain_writes(tmp_path:
             f.fsync()
             assert f.size == len(want)
         assert (root / "a").read_bytes() == want
+        with DirectFile(root / "a2", buffer_bytes=16384) as f:  # closed without fsync: still all there
+            for p in pieces:
+                f.write(p)
+        assert (root / "a2").read_bytes() == want
         with DirectFile(root / "b", direct=False) as f:
             f.write(want)
             f.fsync()

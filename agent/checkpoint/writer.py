@@ -111,8 +111,9 @@ def write_container(out: BinaryIO, tensors: Sequence[TensorInfo], metadata: dict
 class DirectFile:
     """A write-only file that bypasses the page cache (``O_DIRECT``) where the filesystem allows it.
 
-    Bytes are gathered in a page-aligned buffer and written in whole blocks straight from it; ``close``
-    writes the last block zero-padded and cuts the file back to its true size. A checkpoint is written
+    Bytes are gathered in a page-aligned buffer and written in whole blocks straight from it; ``flush``
+    (and so ``fsync`` and ``close``) writes the last block zero-padded and cuts the file back to its true
+    size. A checkpoint is written
     once and rarely read back soon, so routing a gigabyte through the page cache only costs the writer a
     copy into freshly allocated cache pages (the slowest part of a plain ``write`` here) and evicts pages
     the training job still wants. Filesystems without ``O_DIRECT`` (tmpfs, some network and FUSE mounts)
@@ -196,6 +197,12 @@ class DirectFile:
         if self._fd < 0:
             return
         try:
+            self.flush()  # like any file: what was written is in the file once it is closed
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        try:
             self._view.release()
             self._buf.close()
         finally:
@@ -205,8 +212,11 @@ class DirectFile:
     def __enter__(self) -> DirectFile:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is not None and self._fd >= 0:
+            self._release()  # abandoned mid-write: do not bury the error under another write's
+        else:
+            self.close()
 
 
 def _json_bytes(obj: Any) -> bytes:
