@@ -50,7 +50,7 @@ def add_subparsers(sub: Any) -> None:
 
 
 def _registry_path(args: argparse.Namespace) -> Path:
-    from flightlog.agent.checkpoint.registry import STANDALONE_NAME
+    from flightlog.proto.checkpoint.registry import STANDALONE_NAME
 
     if args.registry:
         return Path(args.registry)
@@ -58,13 +58,13 @@ def _registry_path(args: argparse.Namespace) -> Path:
         return Path(args.dir) / STANDALONE_NAME
     if args.data_dir:
         return Path(args.data_dir) / "flightlog.db"
-    from flightlog.paths import resolve_paths
+    from flightlog.proto.paths import resolve_paths
 
     return resolve_paths().store
 
 
 def _open_registry(args: argparse.Namespace) -> Any:
-    from flightlog.agent.checkpoint.registry import Registry
+    from flightlog.proto.checkpoint.registry import Registry
 
     path = _registry_path(args)
     if not path.exists():
@@ -101,7 +101,7 @@ def _row_for(args: argparse.Namespace, path: str) -> dict[str, Any] | None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from flightlog.agent.checkpoint.reader import CheckpointReader
+    from flightlog.proto.checkpoint.reader import CheckpointReader
 
     row = _row_for(args, args.path)
     with CheckpointReader(args.path, expected_checksum=row["checksum"] if row and row["state"] == "done" else None) as r:
@@ -135,7 +135,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from flightlog.agent.checkpoint.reader import verify_file
+    from flightlog.proto.checkpoint.reader import verify_file
 
     if args.paths:
         targets = [(p, (_row_for(args, p) or {}).get("checksum")) for p in args.paths]
@@ -155,7 +155,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from flightlog.agent.checkpoint.reader import CheckpointReader
+    from flightlog.proto.checkpoint.reader import CheckpointReader
 
     row = _row_for(args, args.path)
     with CheckpointReader(args.path, expected_checksum=row["checksum"] if row and row["state"] == "done" else None) as r:

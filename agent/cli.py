@@ -14,13 +14,13 @@ __all__ = ["main", "run_agent"]
 
 
 def _paths(args: argparse.Namespace) -> Any:
-    from flightlog.paths import resolve_paths
+    from flightlog.proto.paths import resolve_paths
 
     data_dir = getattr(args, "data_dir", None)
     sock = getattr(args, "socket", None)
     cfg = None
     if getattr(args, "config", None):
-        from flightlog.config import load_config
+        from flightlog.proto.config import load_config
 
         cfg = load_config(args.config)
         data_dir = data_dir or cfg.agent.data_dir
@@ -41,7 +41,7 @@ def run_agent(args: argparse.Namespace) -> int:
     import anyio
 
     from flightlog.agent.daemon import Agent, AgentLocked, AgentSettings
-    from flightlog.config import config_to_dict
+    from flightlog.proto.config import config_to_dict
 
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
@@ -75,7 +75,7 @@ def run_agent(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from flightlog.client import connect
+    from flightlog.proto.control import connect
     from flightlog.proto.events import StatusRequest
 
     paths, _ = _paths(args)

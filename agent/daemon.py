@@ -19,7 +19,7 @@ import anyio
 from anyio.abc import SocketAttribute, SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from flightlog.paths import AgentPaths, ensure_private_dir
+from flightlog.proto.paths import AgentPaths, ensure_private_dir
 from flightlog.proto.codec import FRAME_HEADER, decode_control, encode_event, frame_control
 from flightlog.proto.errors import FlightlogError, ProtocolError, WALError
 from flightlog.proto.events import (
@@ -205,9 +205,13 @@ class Agent:
             buf = bytearray()
             append_frame(buf, encode_event(ev))
             seq = self.wal.append(buf, 1, "agent", SRC_INTERNAL)
+        self._wake_sinks()
+        return seq
+
+    def _wake_sinks(self) -> None:
+        """New events in the WAL (called from the event loop and from worker threads)."""
         for runner in self.runners:
             runner.wake()
-        return seq
 
     # --- tasks ---------------------------------------------------------------------------------
 
@@ -247,8 +251,7 @@ class Agent:
             if n:
                 self.ingest_error = ""
                 idle = 0.0005
-                for runner in self.runners:
-                    runner.wake()
+                self._wake_sinks()
                 self._ingested.set()
                 self._ingested = anyio.Event()
             else:
@@ -387,8 +390,7 @@ class Agent:
         if count != msg.count:
             return Reply(ok=False, error=f"event batch claims {msg.count} frames, holds {count}")
         self.ingestor.append_batch(msg.frames, count, msg.producer_id)
-        for runner in self.runners:
-            runner.wake()
+        self._wake_sinks()
         return Reply(ok=True)
 
     async def _flush(self, msg: FlushRequest) -> Reply:

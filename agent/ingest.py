@@ -16,10 +16,12 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from flightlog._os import pid_alive
+from flightlog.proto.osutil import pid_alive
 from flightlog.proto.errors import ProtocolError, RingError
 from flightlog.proto.frames import PAD_MARKER, U32
-from flightlog.ring import RingView, cursor_distance, cursor_reached, spill_path
+from flightlog.proto.ring import cursor_distance, cursor_reached, spill_path
+
+from .ring import RingView
 
 from .wal import SRC_INTERNAL, SRC_RING, SRC_SPILL
 

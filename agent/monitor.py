@@ -21,7 +21,7 @@ from typing import Any
 import anyio
 import psutil
 
-from flightlog.paths import AgentPaths
+from flightlog.proto.paths import AgentPaths
 from flightlog.proto.events import Alert, Event, SystemStats
 
 __all__ = ["Monitor", "RunInfo", "GpuReader", "Rates", "DiskWatch", "gpu_selection"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 
-from flightlog.paths import AgentPaths
+from flightlog.proto.paths import AgentPaths
 from flightlog.proto.events import Event, Image
 
 __all__ = ["render_plots", "classify", "pair_train_val", "PlotService", "SIZE_PX", "DPI"]

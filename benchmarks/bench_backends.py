@@ -151,8 +151,8 @@ def bench_mlflow(n: int, root: Path) -> dict[str, Any]:
                                  stderr=open(root / "agent.log", "ab"))
         try:
             import flightlog
-            from flightlog.client import connect
-            from flightlog.paths import resolve_paths
+            from flightlog.proto.control import connect
+            from flightlog.proto.paths import resolve_paths
 
             paths = resolve_paths()
 

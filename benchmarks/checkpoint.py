@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from flightlog.agent.checkpoint.format import CODECS
+from flightlog.proto.checkpoint.format import CODECS
 from flightlog.checkpoint import ModelCheckpointer
 
 
@@ -78,7 +78,7 @@ def _plain_write(path: Path, raw: bytes, direct: bool) -> None:
             f.flush()
             os.fsync(f.fileno())
         return
-    from flightlog.agent.checkpoint.writer import DirectFile
+    from flightlog.proto.checkpoint.writer import DirectFile
 
     path.unlink(missing_ok=True)
     with DirectFile(path) as f:
@@ -175,7 +175,7 @@ def bench_state(root: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, 
         out["flightlog_none_full_load_hot_s"] = statistics.median(
             _timed(lambda: ck.load(meta.path, target_m, target_o)) for _ in range(repeat))
     # What bounds the time until durable here: one core's zstd speed on this state against the disk.
-    from flightlog.agent.checkpoint.codecs import compress_chunk
+    from flightlog.proto.checkpoint.codecs import compress_chunk
 
     sample = torch.cat([v.reshape(-1).view(torch.uint8) for v in list(flat.values())[:8] if v.dim()])[:64 << 20]
     chunks = [memoryview(sample.numpy())[o:o + (8 << 20)] for o in range(0, sample.numel(), 8 << 20)]

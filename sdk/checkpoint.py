@@ -27,13 +27,13 @@ from typing import Any
 import msgspec
 import torch
 
-from flightlog.agent.checkpoint.codecs import check_level
-from flightlog.agent.checkpoint.format import DTYPE_SIZES, EXTENSIONS
-from flightlog.agent.checkpoint.reader import CheckpointReader
-from flightlog.agent.checkpoint.registry import STANDALONE_NAME, Registry
-from flightlog.agent.checkpoint.writer import commit_checkpoint, recover_interrupted
-from flightlog._os import pid_alive
-from flightlog.paths import ensure_private_dir
+from flightlog.proto.checkpoint.codecs import check_level
+from flightlog.proto.checkpoint.format import DTYPE_SIZES, EXTENSIONS
+from flightlog.proto.checkpoint.reader import CheckpointReader
+from flightlog.proto.checkpoint.registry import STANDALONE_NAME, Registry
+from flightlog.proto.checkpoint.writer import commit_checkpoint, recover_interrupted
+from flightlog.proto.osutil import pid_alive
+from flightlog.proto.paths import ensure_private_dir
 from flightlog.proto.errors import AgentUnavailable, CheckpointCorrupt, CheckpointError, FlightlogError
 from flightlog.proto.events import CheckpointRequest, CheckpointWait
 
@@ -392,7 +392,7 @@ class _AgentWriter:
         return self._wait(spec)
 
     def _connect(self) -> Any:
-        from flightlog.client import connect
+        from flightlog.proto.control import connect
 
         return connect(self.tracker.paths, timeout=2.0)
 

@@ -1,112 +1,24 @@
-"""The producer side of a single-producer/single-consumer ring in shared memory, plus spill files.
-
-Layout (one file in /dev/shm): a 4096-byte header, then a power-of-two data area. Each cursor is one u64
-word on its own cache line packing a frame counter (high 29 bits, counted modulo 2**28) and a byte counter
-(low 35 bits, modulo 2**35): the agent learns how many frames a span holds without walking them, so ingest
-is a memcpy and a CRC. The producer copies a frame in, then publishes the write word with one aligned 8-byte store; the
-agent publishes the read word only after the frames are in its WAL. On x86-64 stores become visible in program order, so no lock, no syscall and no thread is
-needed; elsewhere the SDK falls back to the control socket (see ``ring_supported``).
-"""
+"""The producer side of the shared-memory ring (see ``flightlog.proto.ring`` for the layout), plus spill files."""
 from __future__ import annotations
 
 import logging
 import mmap
 import os
-import platform
 import struct
 import time
 from pathlib import Path
-from typing import Any
 
 from flightlog.proto.errors import RingError
 from flightlog.proto.events import SCHEMA_VERSION
 from flightlog.proto.frames import PAD_MARKER
+from flightlog.proto.ring import (
+    _FRAME_ONE, _HDR, BYTE_BITS, BYTE_MASK, FRAME_MASK, HEADER_SIZE, LAYOUT_VERSION, OFF_CLOSED, OFF_CONSUMED_GEN,
+    OFF_CONSUMED_OFF, OFF_CREATED, OFF_DROPPED, OFF_MAGIC, OFF_PAD, OFF_PID, OFF_PRODUCER_ID, OFF_READ, OFF_SIZE,
+    OFF_SPILL_DIR, OFF_SPILL_GEN, OFF_SPILLED, OFF_VERSION, OFF_WRITE, RING_MAGIC, ring_supported, spill_path,
+    write_header_str,
+)
 
-__all__ = [
-    "RingProducer", "RingView", "HEADER_SIZE", "RING_MAGIC", "ring_supported", "spill_path",
-    "pack_cursor", "unpack_cursor", "cursor_distance", "cursor_reached",
-]
-
-RING_MAGIC = b"FLRING01"
-HEADER_SIZE = 4096
-
-# Header offsets. Producer-owned and consumer-owned fields sit on different cache lines.
-OFF_MAGIC = 0  # 8 bytes
-OFF_VERSION = 8  # u32 layout version, u32 schema version
-OFF_SIZE = 16  # u64 data size
-OFF_PID = 24  # u32 pid, i32 rank
-OFF_CLOSED = 32  # u64: 1 once the producer finished cleanly
-OFF_CREATED = 40  # u64 ns
-OFF_WRITE = 64  # u64 write cursor (producer)
-OFF_READ = 128  # u64 read cursor (consumer)
-OFF_SPILL_GEN = 192  # u64 newest spill generation the producer opened (producer)
-OFF_DROPPED = 200  # u64 events dropped by policy "drop" (producer)
-OFF_SPILLED = 208  # u64 events written to spill files (producer)
-OFF_PAD = 216  # u64 byte counter (mod 2**36) where the newest padding frame starts (producer)
-OFF_CONSUMED_OFF = 256  # u64 bytes of the current spill generation the agent has made durable (consumer)
-OFF_CONSUMED_GEN = 264  # u64 spill generation the agent is reading (consumer)
-OFF_PRODUCER_ID = 512  # u16 length + utf-8
-OFF_SPILL_DIR = 1024  # u16 length + utf-8
-LAYOUT_VERSION = 1
-
-BYTE_BITS = 35
-BYTE_MASK = (1 << BYTE_BITS) - 1  # rings are at most 1 GiB, so spans never reach 2**34
-FRAME_MASK = (1 << 28) - 1  # frames are counted modulo 2**28; at most 2**27 (8 bytes each) fit in 1 GiB
-_FRAME_ONE = 1 << BYTE_BITS
-# The producer adds ``stride + _FRAME_ONE`` to its word on the fast path (two small additions instead of
-# shifts and masks) and renormalises in the slow path, which runs at least once per lap of the ring: so the
-# byte field never carries (the fast path never reaches the physical end) and the frame field stays below
-# 2**28 + 2**27, inside its 29 bits.
-
-_U64 = struct.Struct("=Q")  # native: pack_into is a single 8-byte store, no byte-by-byte loop
-_U16 = struct.Struct("<H")
-_HDR = struct.Struct("<I")
-
-
-def pack_cursor(frames: int, nbytes: int) -> int:
-    return ((frames & FRAME_MASK) << BYTE_BITS) | (nbytes & BYTE_MASK)
-
-
-def unpack_cursor(word: int) -> tuple[int, int]:
-    return (word >> BYTE_BITS) & FRAME_MASK, word & BYTE_MASK
-
-
-def cursor_distance(older: int, newer: int) -> tuple[int, int]:
-    """(frames, bytes) from cursor word ``older`` to ``newer``, modular."""
-    return ((newer >> BYTE_BITS) - (older >> BYTE_BITS)) & FRAME_MASK, ((newer - older) & BYTE_MASK)
-
-
-def cursor_reached(read_word: int, target_bytes: int) -> bool:
-    """True when the read cursor is at or past ``target_bytes`` (a producer byte counter)."""
-    d = (target_bytes - read_word) & BYTE_MASK
-    return d == 0 or d >= 1 << (BYTE_BITS - 1)
-
-
-def ring_supported() -> bool:
-    """True where plain stores are seen in program order by other cores (x86-64's TSO).
-
-    ``FLIGHTLOG_TRANSPORT=socket`` forces the socket fallback (used by its tests on x86-64).
-    """
-    if os.environ.get("FLIGHTLOG_TRANSPORT") == "socket":
-        return False
-    return platform.machine().lower() in ("x86_64", "amd64")
-
-
-def spill_path(spill_dir: str | os.PathLike[str], producer_id: str, gen: int) -> Path:
-    return Path(spill_dir) / f"{producer_id}.{gen}.spill"
-
-
-def _write_str(mm: mmap.mmap, off: int, value: str, limit: int) -> None:
-    raw = value.encode()
-    if len(raw) > limit - 2:
-        raise RingError(f"ring header field too long ({len(raw)} bytes): {value!r}")
-    _U16.pack_into(mm, off, len(raw))
-    mm[off + 2 : off + 2 + len(raw)] = raw
-
-
-def _read_str(mm: mmap.mmap, off: int) -> str:
-    (n,) = _U16.unpack_from(mm, off)
-    return bytes(mm[off + 2 : off + 2 + n]).decode()
+__all__ = ["RingProducer", "ring_supported"]
 
 
 class RingProducer:
@@ -148,8 +60,8 @@ class RingProducer:
         struct.pack_into("<Q", mm, OFF_SIZE, size)
         struct.pack_into("<Ii", mm, OFF_PID, os.getpid(), rank)
         struct.pack_into("<Q", mm, OFF_CREATED, time.time_ns())
-        _write_str(mm, OFF_PRODUCER_ID, producer_id, 512)
-        _write_str(mm, OFF_SPILL_DIR, str(self.spill_dir), 3072)
+        write_header_str(mm, OFF_PRODUCER_ID, producer_id, 512)
+        write_header_str(mm, OFF_SPILL_DIR, str(self.spill_dir), 3072)
         mm[OFF_MAGIC : OFF_MAGIC + 8] = RING_MAGIC  # last: the agent ignores rings without magic
         self._view = memoryview(mm)
         self._data = self._view[HEADER_SIZE:]
@@ -329,116 +241,3 @@ class RingProducer:
         self._mm.close()
         if unlink:
             self.path.unlink(missing_ok=True)
-
-
-class RingView:
-    """The consumer's view of a ring file (used by the agent; also by tests)."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        fd = os.open(self.path, os.O_RDWR)
-        try:
-            st = os.fstat(fd)
-            if st.st_size < HEADER_SIZE:
-                raise RingError(f"{self.path} is not a flightlog ring (only {st.st_size} bytes)")
-            self._mm = mmap.mmap(fd, st.st_size)
-        finally:
-            os.close(fd)
-        mm = self._mm
-        if mm[0:8] != RING_MAGIC:
-            self._mm.close()
-            raise RingError(f"{self.path} is not a flightlog ring (bad magic); remove it if stale")
-        layout, schema = struct.unpack_from("<II", mm, OFF_VERSION)
-        if layout != LAYOUT_VERSION:
-            self._mm.close()
-            raise RingError(f"{self.path} has ring layout {layout}, this agent reads {LAYOUT_VERSION}")
-        self.schema = schema
-        (self.size,) = struct.unpack_from("<Q", mm, OFF_SIZE)
-        if st.st_size != HEADER_SIZE + self.size:
-            self._mm.close()
-            raise RingError(f"{self.path} size does not match its header; remove the stale ring")
-        self.pid, self.rank = struct.unpack_from("<Ii", mm, OFF_PID)
-        self.producer_id = _read_str(mm, OFF_PRODUCER_ID)
-        self.spill_dir = Path(_read_str(mm, OFF_SPILL_DIR))
-        self._view = memoryview(mm)
-        self.data = self._view[HEADER_SIZE:]
-        self._c = self._view[:HEADER_SIZE].cast("Q")
-
-    @property
-    def write_word(self) -> int:
-        return self._c[OFF_WRITE // 8]
-
-    @property
-    def read_word(self) -> int:
-        return self._c[OFF_READ // 8]
-
-    @read_word.setter
-    def read_word(self, value: int) -> None:
-        self._c[OFF_READ // 8] = value
-
-    @property
-    def pending(self) -> tuple[int, int]:
-        """(frames, bytes) published by the producer and not yet consumed."""
-        return cursor_distance(self.read_word, self.write_word)
-
-    @property
-    def closed(self) -> bool:
-        return bool(self._c[OFF_CLOSED // 8])
-
-    @property
-    def spill_gen(self) -> int:
-        return self._c[OFF_SPILL_GEN // 8]
-
-    @property
-    def dropped(self) -> int:
-        return self._c[OFF_DROPPED // 8]
-
-    @property
-    def spilled(self) -> int:
-        return self._c[OFF_SPILLED // 8]
-
-    @property
-    def consumed(self) -> tuple[int, int]:
-        return self._c[OFF_CONSUMED_GEN // 8], self._c[OFF_CONSUMED_OFF // 8]
-
-    def set_consumed(self, gen: int, offset: int) -> None:
-        # Offset before generation: a producer that sees the new generation also sees its offset.
-        if gen != self._c[OFF_CONSUMED_GEN // 8]:
-            self._c[OFF_CONSUMED_OFF // 8] = 0
-            self._c[OFF_CONSUMED_GEN // 8] = gen
-        self._c[OFF_CONSUMED_OFF // 8] = offset
-
-    def take(self, read_word: int, write_word: int) -> tuple[bytes | memoryview, int, int] | None:
-        """The frames between two cursor words: (frames bytes, frame count, read word after).
-
-        No frame is walked: the count comes from the cursor words, and a padding frame is cut out using
-        the position the producer recorded (at most one wrap lies between the cursors).
-        """
-        count, nbytes = cursor_distance(read_word, write_word)
-        if not nbytes:
-            return None
-        size = self.size
-        pos = read_word & (size - 1)
-        if pos + nbytes <= size:
-            return self.data[pos : pos + nbytes], count, write_word
-        pad = self._c[OFF_PAD // 8]
-        pad_offset = (pad - read_word) & BYTE_MASK  # bytes from the read cursor to the padding frame
-        if pad_offset < nbytes:
-            head = self.data[pos : pos + pad_offset]
-            skipped = size - pos - pad_offset
-        else:  # the frame before the wrap ended exactly at the end: no padding frame
-            head = self.data[pos:size]
-            skipped = 0
-        tail_len = nbytes - len(head) - skipped
-        if tail_len < 0 or len(head) + skipped != size - pos:
-            raise RingError(f"ring {self.path}: inconsistent padding record at byte {pad}")
-        return bytes(head) + bytes(self.data[0:tail_len]), count, write_word
-
-    def close(self) -> None:
-        self._c.release()
-        self.data.release()
-        self._view.release()
-        try:
-            self._mm.close()
-        except BufferError:
-            pass  # a slice handed out by take() is still referenced (e.g. by a traceback); GC unmaps it

@@ -22,8 +22,8 @@ import msgspec
 
 from flightlog import capture as _capture
 from flightlog.client import AgentClient, connect_or_start
-from flightlog.config import Config, config_hash, config_to_dict, load_config
-from flightlog.paths import resolve_paths
+from flightlog.proto.config import Config, config_hash, config_to_dict, load_config
+from flightlog.proto.paths import resolve_paths
 from flightlog.proto.codec import event_encoder
 from flightlog.proto.errors import AgentUnavailable, FlightlogError
 from flightlog.progress import NEVER, Progress

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from flightlog.paths import AgentPaths, resolve_paths
+from flightlog.proto.paths import AgentPaths, resolve_paths
 
 
 class AgentProcess:
@@ -35,7 +35,7 @@ class AgentProcess:
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
-        from flightlog.client import connect
+        from flightlog.proto.control import connect
 
         while time.monotonic() < deadline:
             client = connect(self.paths, timeout=1.0)

@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from flightlog.agent.checkpoint import CheckpointReader, Entry, choose_best, plan_retention, write_container
-from flightlog.agent.checkpoint.format import CODECS, DTYPE_SIZES, TensorInfo
-from flightlog.agent.checkpoint.writer import DirectFile
+from flightlog.proto.checkpoint import CheckpointReader, Entry, choose_best, plan_retention, write_container
+from flightlog.proto.checkpoint.format import CODECS, DTYPE_SIZES, TensorInfo
+from flightlog.proto.checkpoint.writer import DirectFile
 from flightlog.agent.ckpt_cli import add_subparsers
 from flightlog.checkpoint import ModelCheckpointer, PendingCheckpoint
 from flightlog.proto.errors import CheckpointCorrupt, CheckpointError

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from flightlog import ExperimentTracker
-from flightlog.agent.checkpoint import Registry, verify_file
+from flightlog.proto.checkpoint import Registry, verify_file
 from flightlog.checkpoint import CheckpointMetadata
-from flightlog.paths import AgentPaths
+from flightlog.proto.paths import AgentPaths
 
 from conftest import AgentProcess
 

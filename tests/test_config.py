@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flightlog.config import (
+from flightlog.proto.config import (
     AgentConfig,
     CheckpointConfig,
     Config,

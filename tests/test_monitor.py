@@ -19,7 +19,7 @@ import pytest
 import flightlog
 from flightlog.agent.monitor import DiskWatch, GpuReader, Monitor, Rates, gpu_selection
 from flightlog.agent.store import Store
-from flightlog.paths import AgentPaths
+from flightlog.proto.paths import AgentPaths
 from flightlog.proto.events import Alert, RunStart, SystemStats
 
 from conftest import AgentProcess

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import flightlog
-from flightlog.paths import AgentPaths
+from flightlog.proto.paths import AgentPaths
 
 from conftest import AgentProcess
 

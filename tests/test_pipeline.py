@@ -19,7 +19,7 @@ import pytest
 
 import flightlog
 from flightlog.agent.store import Store
-from flightlog.paths import AgentPaths, resolve_paths
+from flightlog.proto.paths import AgentPaths, resolve_paths
 
 from conftest import AgentProcess, new_id
 

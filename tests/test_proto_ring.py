@@ -17,7 +17,9 @@ from flightlog.proto.events import (
     Artifact, CheckpointSaved, HyperParams, Metrics, RunEnd, RunStart, SystemStats, Tags, Text,
 )
 from flightlog.proto.frames import count_frames, iter_frames
-from flightlog.ring import RingProducer, RingView, spill_path
+from flightlog.agent.ring import RingView
+from flightlog.proto.ring import spill_path
+from flightlog.ring import RingProducer
 
 names = st.text(min_size=1, max_size=20)
 floats = st.floats(allow_nan=False)  # NaN != NaN; checked separately below
@@ -179,7 +181,7 @@ def test_encode_into_reuses_buffer() -> None:
 
 def test_cursor_words_wrap_their_counters(tmp_path: Path) -> None:
     """Start just below the 2**35 byte and 2**28 frame counters: spans across the wrap stay exact."""
-    from flightlog.ring import BYTE_MASK, FRAME_MASK, OFF_READ, OFF_WRITE, cursor_reached, pack_cursor
+    from flightlog.proto.ring import BYTE_MASK, FRAME_MASK, OFF_READ, OFF_WRITE, cursor_reached, pack_cursor
 
     prod, cons = _ring(tmp_path)
     start_bytes = (BYTE_MASK + 1) - 4096 * 3 + 512  # not ring-aligned, so the wrap lands mid-ring

@@ -18,7 +18,7 @@ from conftest_backends import MlflowServer, drive, mlflow_server, run_events, wr
 from flightlog.agent.sinks import Batch, MLflowTracker, SinkCursor
 from flightlog.agent.sinks.memory import InMemorySink
 from flightlog.agent.sinks.mlflow_sink import MAX_PARAMS, chunk_batch, classify_mlflow_error
-from flightlog.paths import AgentPaths
+from flightlog.proto.paths import AgentPaths
 from flightlog.proto.errors import PermanentBackendError, RetryableBackendError
 from flightlog.proto.events import HyperParams, Metrics, RunEnd, RunStart
 

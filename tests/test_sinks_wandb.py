@@ -17,8 +17,8 @@ from conftest import AgentProcess
 from conftest_backends import drive, free_port, read_wandb_log, run_events, tb_scalars, wandb_history, wandb_logs, write_wal
 from flightlog.agent.sinks import WandBTracker
 from flightlog.agent.sinks.wandb_sink import wandb_run_id
-from flightlog.client import connect
-from flightlog.paths import AgentPaths
+from flightlog.proto.control import connect
+from flightlog.proto.paths import AgentPaths
 from flightlog.proto.events import StatusRequest
 
 pytestmark = pytest.mark.timeout(240)

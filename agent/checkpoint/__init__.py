@@ -1,17 +1,3 @@
-"""flightlog.agent.checkpoint: the checkpoint file format, writer, reader, registry and retention."""
-from .reader import CheckpointReader, verify_file
-from .registry import Registry
-from .retention import Entry, choose_best, plan_retention
-from .writer import commit_checkpoint, recover_interrupted, write_container
-
-__all__ = [
-    "CheckpointReader",
-    "verify_file",
-    "Registry",
-    "Entry",
-    "choose_best",
-    "plan_retention",
-    "commit_checkpoint",
-    "recover_interrupted",
-    "write_container",
-]
+"""flightlog.agent.checkpoint: the agent's checkpoint service (staged checkpoints from trainers into files,
+the registry, retention, uploads). The file format, reader, writer and registry are the shared core's
+(``flightlog.proto.checkpoint``)."""

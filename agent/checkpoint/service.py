@@ -17,8 +17,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from flightlog.proto.errors import FlightlogError
 from flightlog.proto.events import Artifact, CheckpointRequest, CheckpointSaved, CheckpointWait, Reply
 
-from .format import CODECS
-from .writer import commit_checkpoint, recover_interrupted
+from flightlog.proto.checkpoint.format import CODECS
+from flightlog.proto.checkpoint.writer import commit_checkpoint, recover_interrupted
 
 __all__ = ["CheckpointService", "validate_spec", "SPEC_KEYS"]
 

@@ -40,10 +40,10 @@ def backend_sinks(settings: dict[str, Any], data_dir: str | os.PathLike[str] | N
 
     ``settings`` is the agent's config dict: its ``tracking`` section (if any) gives defaults under each
     run's own. The sinks' state lives in ``<data_dir>/sinks`` (default: the data dir that
-    ``flightlog.paths.resolve_paths`` finds from the environment and ``settings["agent"]``).
+    ``flightlog.proto.paths.resolve_paths`` finds from the environment and ``settings["agent"]``).
     """
     if data_dir is None:
-        from flightlog.paths import resolve_paths
+        from flightlog.proto.paths import resolve_paths
 
         agent = settings.get("agent") or {}
         data_dir = resolve_paths(agent.get("data_dir"), agent.get("socket")).data_dir

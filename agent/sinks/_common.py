@@ -149,7 +149,7 @@ class RunSinkBase:
                  defaults: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None,
                  accept_all_runs: bool = False) -> None:
         if state_dir is None:
-            from flightlog.paths import resolve_paths
+            from flightlog.proto.paths import resolve_paths
 
             state_dir = resolve_paths().data_dir / "sinks"
         self.state_dir = Path(state_dir) / self.name

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from flightlog._os import fsync_dir
+from flightlog.proto.osutil import fsync_dir
 from flightlog.proto.errors import ProtocolError, WALError
 from flightlog.proto.frames import iter_frames
 

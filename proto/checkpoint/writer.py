@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 
 import xxhash
 
-from flightlog._os import fsync_dir, pid_alive
+from flightlog.proto.osutil import fsync_dir, pid_alive
 from flightlog.proto.errors import CheckpointError
 
 from .codecs import check_level, compress_chunk

@@ -1,0 +1,392 @@
+"""Experiment configuration: YAML (with ``extends:``), dicts and ``FLIGHTLOG_*`` overrides decoded into
+typed msgspec Structs, plus the stable hash that identifies an experiment."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import msgspec
+from msgspec import Meta
+
+from flightlog.proto.errors import ConfigError
+
+__all__ = [
+    "TrackingConfig",
+    "CheckpointConfig",
+    "MonitoringConfig",
+    "AgentConfig",
+    "WalConfig",
+    "Config",
+    "load_config",
+    "config_hash",
+    "config_to_dict",
+]
+
+_NonNegInt = Annotated[int, Meta(ge=0)]
+_PosInt = Annotated[int, Meta(gt=0)]
+_NonNegFloat = Annotated[float, Meta(ge=0)]
+_PosFloat = Annotated[float, Meta(gt=0)]
+
+
+class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Shared options: subclasses inherit them, so a typo in any section is an error, never ignored."""
+
+
+class TrackingConfig(_Section):
+    use_wandb: bool = False
+    wandb_project: str = "flightlog"
+    wandb_entity: str | None = None
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"
+    wandb_dir: str | None = None
+    use_tensorboard: bool = True
+    tensorboard_log_dir: str = "logs/tensorboard"
+    use_mlflow: bool = False
+    mlflow_tracking_uri: str = "sqlite:///mlflow.db"
+    mlflow_experiment_name: str | None = None
+
+
+class CheckpointConfig(_Section):
+    checkpoint_dir: str = "checkpoints"
+    max_checkpoints: _NonNegInt = 10  # 0 keeps all
+    save_frequency: _NonNegInt = 0  # 0: only explicit saves
+    compression: Literal["zstd", "gzip", "none", "zstd-bytegroup"] = "zstd"
+    compression_level: int = 1  # zstd 1 packs tensors as well as 3, at 1.6x the speed; range checked by the writer
+    monitor: str | None = None
+    mode: Literal["min", "max"] = "min"
+    keep_every_n_steps: _NonNegInt = 0
+    upload: Literal["none", "best", "all"] = "none"
+    min_free_bytes: _NonNegInt = 0
+
+
+class MonitoringConfig(_Section):
+    log_gpu_usage: bool = True
+    log_memory_usage: bool = True
+    create_plots: bool = True
+    interval_seconds: _PosFloat = 5.0
+    plot_every_minutes: _NonNegFloat = 0.0
+    all_gpus: bool = False
+    disk_free_floor_bytes: _NonNegInt = 1 << 30
+
+
+_RING_MIN, _RING_MAX = 64 << 10, 1 << 30
+
+
+class AgentConfig(_Section):
+    data_dir: str | None = None
+    socket: str | None = None
+    autostart: bool = True
+    idle_exit_seconds: _NonNegFloat = 5.0
+    ring_bytes: int = 8 << 20
+    on_full: Literal["spill", "block", "drop"] = "spill"
+    block_timeout_seconds: _NonNegFloat = 5.0
+    connect_timeout_seconds: _PosFloat = 10.0
+
+    def __post_init__(self) -> None:
+        # The ring indexes its data area with a mask, so the size must be a power of two.
+        n = self.ring_bytes
+        if not (_RING_MIN <= n <= _RING_MAX and n & (n - 1) == 0):
+            # "field: ..." lets the error translator point at the key, not just the section.
+            raise ValueError(
+                f"ring_bytes: {n} is not a power of two between 64 KiB ({_RING_MIN}) and 1 GiB ({_RING_MAX});"
+                f" use e.g. {8 << 20} (8 MiB)"
+            )
+
+
+class WalConfig(_Section):
+    fsync: Literal["interval", "always", "never"] = "interval"
+    fsync_ms: _PosInt = 100
+    segment_bytes: _PosInt = 64 << 20
+    max_bytes: _NonNegInt = 0  # 0: no cap
+
+
+class Config(_Section):
+    description: str = ""
+    tags: list[str] = msgspec.field(default_factory=list)
+    tracking: TrackingConfig = msgspec.field(default_factory=TrackingConfig)
+    checkpointing: CheckpointConfig = msgspec.field(default_factory=CheckpointConfig)
+    monitoring: MonitoringConfig = msgspec.field(default_factory=MonitoringConfig)
+    agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
+    wal: WalConfig = msgspec.field(default_factory=WalConfig)
+
+
+_Source = Union[str, os.PathLike[str], Mapping[str, Any], Config, None]
+_Origins = dict[str, str]  # dotted key path -> where its value came from (file, "dict", env var)
+
+_ENV_PREFIX = "FLIGHTLOG_"
+_FLAT_KEYS = ("checkpoint_dir", "max_checkpoints", "save_frequency", "compression")
+
+
+def _fields(cls: Any) -> dict[str, Any]:
+    """Field name -> type of a Struct class; {} for anything else (a leaf has no keys below it)."""
+    if isinstance(cls, type) and issubclass(cls, msgspec.Struct):
+        return {f.name: f.type for f in msgspec.structs.fields(cls)}
+    return {}
+
+
+_SECTIONS = [name for name, tp in _fields(Config).items() if _fields(tp)]
+
+
+def load_config(source: _Source = None, *, env: Mapping[str, str] | None = None) -> Config:
+    """Resolve ``source`` (None, a YAML path, a dict or a Config) plus ``FLIGHTLOG_*`` overrides into a Config.
+
+    Raises ConfigError naming the key, the source (file, "dict" or variable) and the fix.
+    """
+    env = os.environ if env is None else env
+    if isinstance(source, Config):
+        data: dict[str, Any] = msgspec.to_builtins(source)
+        origins: _Origins = {}
+        default_src = "Config object"
+        if not _apply_env(data, origins, env):
+            return source  # nothing to override: hand back the caller's object untouched
+    elif source is None:
+        data, origins, default_src = {}, {}, "defaults"
+        _apply_env(data, origins, env)
+    elif isinstance(source, Mapping):
+        default_src = "dict"
+        data, origins = _resolve(source, default_src, Path.cwd(), [])
+        _apply_env(data, origins, env)
+    elif isinstance(source, (str, os.PathLike)):
+        default_src = os.fspath(source)
+        data, origins = _load_file(Path(source), [])
+        _apply_env(data, origins, env)
+    else:
+        raise ConfigError(f"load_config: unsupported source {type(source).__name__}; pass a path, dict or Config")
+    try:
+        return msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise _translate(str(exc), origins, default_src) from exc
+
+
+def config_hash(config: Config | Mapping[str, Any] | str | os.PathLike[str]) -> str:
+    """sha256 hex of the resolved config's canonical JSON, without the node-local ``agent`` section."""
+    if isinstance(config, Config):
+        # Re-validate so a hand-built Config (an int where a float is due) hashes like its loaded twin.
+        try:
+            cfg = msgspec.convert(msgspec.to_builtins(config), Config)
+        except msgspec.ValidationError as exc:
+            raise _translate(str(exc), {}, "Config object") from exc
+    else:
+        cfg = load_config(config, env={})  # env={}: the identity must not depend on the shell
+    data = msgspec.to_builtins(cfg)
+    del data["agent"]
+    return hashlib.sha256(msgspec.json.encode(data, order="sorted")).hexdigest()
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """Plain builtins (dicts, lists, scalars) of ``config``, e.g. for logging it as run parameters."""
+    out: dict[str, Any] = msgspec.to_builtins(config)
+    return out
+
+
+# --- loading -------------------------------------------------------------------------------------------
+
+
+def _load_file(path: Path, stack: list[Path]) -> tuple[dict[str, Any], _Origins]:
+    import yaml  # lazy: keeps `import flightlog` fast
+
+    real = path.resolve()
+    if real in stack:
+        chain = " -> ".join(str(p) for p in [*stack[stack.index(real):], real])
+        raise ConfigError(f"extends cycle: {chain}; remove one of these `extends:` entries")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}; check the path") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"YAML syntax error in {where}: {exc.problem or exc}; fix the file") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"YAML error in {path}: {exc}; fix the file") from exc
+    return _resolve(raw, str(path), real.parent, [*stack, real])
+
+
+def _resolve(raw: Any, src: str, base_dir: Path, stack: list[Path]) -> tuple[dict[str, Any], _Origins]:
+    """One layer: its bases (``extends:``) first, then this layer deep-merged over them."""
+    if raw is None:
+        raw = {}  # an empty file is an empty config
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{src}: the top level must be a mapping of keys to values, got {type(raw).__name__}")
+    data = dict(raw)
+    extends = data.pop("extends", None)
+    data = _normalise(data, src)
+    merged: dict[str, Any] = {}
+    origins: _Origins = {}
+    for base in _as_paths(extends, src):
+        base_data, base_origins = _load_file(base_dir / base, stack)
+        merged = _merge(merged, base_data)
+        origins.update(base_origins)
+    _mark(data, src, "", origins)
+    return _merge(merged, data), origins
+
+
+def _as_paths(extends: Any, src: str) -> Iterable[str | os.PathLike[str]]:
+    if extends is None:
+        return ()
+    items = extends if isinstance(extends, list) else [extends]
+    for item in items:
+        if not isinstance(item, (str, os.PathLike)):
+            raise ConfigError(f"{src}: `extends` must be a path or a list of paths, got {item!r}")
+    return items
+
+
+def _normalise(data: dict[str, Any], src: str) -> dict[str, Any]:
+    """Fold the flat form into ``checkpointing`` and read an empty section (``tracking:``) as {}."""
+    for name in _SECTIONS:
+        if name in data and data[name] is None:
+            data[name] = {}
+    section = data.get("checkpointing", {})
+    if not isinstance(section, Mapping):
+        return data  # leave both as they are: validation names the malformed `checkpointing`
+    flat = {k: data.pop(k) for k in _FLAT_KEYS if k in data}
+    if flat:
+        section = dict(section)
+        for key, value in flat.items():
+            if key in section and section[key] != value:
+                raise ConfigError(
+                    f"{src}: `{key}` is set both at the top level ({value!r}) and as `checkpointing.{key}`"
+                    f" ({section[key]!r}); keep only one"
+                )
+            section[key] = value
+        data["checkpointing"] = section
+    return data
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge: mappings merge key by key; lists and scalars in ``over`` replace."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = dict(value) if isinstance(value, Mapping) else value
+    return out
+
+
+def _mark(data: Mapping[str, Any], src: str, prefix: str, origins: _Origins) -> None:
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        origins[path] = src
+        if isinstance(value, Mapping):
+            _mark(value, src, f"{path}.", origins)
+
+
+# --- environment overrides -----------------------------------------------------------------------------
+
+
+def _apply_env(data: dict[str, Any], origins: _Origins, env: Mapping[str, str]) -> bool:
+    """Apply ``FLIGHTLOG_<SECTION>__<KEY>`` variables to ``data`` in place; True if any applied."""
+    applied = False
+    top = Config.__struct_fields__
+    for name in sorted(env):
+        if not name.upper().startswith(_ENV_PREFIX):
+            continue
+        key = name[len(_ENV_PREFIX):].lower()
+        # Other FLIGHTLOG_* variables (FLIGHTLOG_DATA_DIR, FLIGHTLOG_AGENT_SOCKET) belong to other readers.
+        if "__" not in key and key not in top:
+            continue
+        parts = key.split("__")
+        ftype: Any = Config
+        node = data
+        for i, part in enumerate(parts):
+            fields = _fields(ftype)
+            if part not in fields:
+                where = ".".join(parts[: i + 1])
+                valid = f"; valid keys here: {', '.join(fields)}" if fields else ""
+                raise ConfigError(
+                    f"environment variable {name}: unknown config key `{where}`{valid}; unset or rename it"
+                )
+            ftype = fields[part]
+            if i < len(parts) - 1:
+                if not isinstance(node.get(part), dict):
+                    node[part] = {}
+                node = node[part]
+        path = ".".join(parts)
+        value = _parse_env_value(name, env[name], ftype)
+        last = parts[-1]
+        if isinstance(value, Mapping) and isinstance(node.get(last), Mapping):
+            node[last] = _merge(node[last], value)
+        else:
+            node[last] = value
+        origins[path] = f"environment variable {name}"
+        if isinstance(value, Mapping):
+            _mark(value, f"environment variable {name}", f"{path}.", origins)
+        applied = True
+    return applied
+
+
+_YAML_NULLS = ("", "~", "null", "Null", "NULL")
+
+
+def _parse_env_value(name: str, raw: str, ftype: Any) -> Any:
+    # A string field keeps the raw text, so FLIGHTLOG_DESCRIPTION=yes or an entity named 1234 stay strings.
+    if _accepts(ftype, str):
+        return None if _accepts(ftype, type(None)) and raw.strip() in _YAML_NULLS else raw
+    import yaml
+
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"environment variable {name}: {raw!r} is not a valid YAML value; quote or fix it") from exc
+
+
+def _accepts(tp: Any, kind: type) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _accepts(typing.get_args(tp)[0], kind)
+    if origin in (Union, types.UnionType):
+        return any(_accepts(arg, kind) for arg in typing.get_args(tp))
+    if origin is Literal:
+        return all(isinstance(arg, kind) for arg in typing.get_args(tp))
+    return tp is kind
+
+
+# --- error messages ------------------------------------------------------------------------------------
+
+_AT = re.compile(r"(?P<problem>.*?)(?: - at `\$(?P<path>[^`]*)`)?", re.S)
+
+
+def _translate(message: str, origins: _Origins, default_src: str) -> ConfigError:
+    """Turn msgspec's ``Expected `bool`, got `str` - at `$.tracking.use_mlflow``` into a message for people."""
+    m = _AT.fullmatch(message)
+    problem, path = (m["problem"], (m["path"] or "").lstrip(".")) if m else (message, "")
+    unknown = re.fullmatch(r"Object contains unknown field `(.+)`", problem)
+    if unknown:
+        section = path
+        path = f"{path}.{unknown[1]}" if path else unknown[1]
+        valid = ", ".join(_fields(_type_at(section)))
+        what = "unknown key"
+        todo = f"remove it or fix its spelling (valid keys{f' in `{section}`' if section else ''}: {valid})"
+    else:
+        field = re.fullmatch(r"(\w+): (.*)", problem, re.S)  # raised by a __post_init__ check
+        if field:
+            path, problem = f"{path}.{field[1]}" if path else field[1], field[2]
+        what = problem[:1].lower() + problem[1:]
+        todo = ""
+    src = _origin(path, origins, default_src)
+    todo = todo or ("fix or unset that variable" if src.startswith("environment") else "fix the value")
+    return ConfigError(f"invalid config in {src}: `{path or '<top level>'}`: {what}; {todo}")
+
+
+def _origin(path: str, origins: _Origins, default_src: str) -> str:
+    parts = re.sub(r"\[\d+\]", "", path).split(".")
+    for n in range(len(parts), 0, -1):  # longest known prefix: a list item comes from where its list was set
+        src = origins.get(".".join(parts[:n]))
+        if src is not None:
+            return src
+    return default_src
+
+
+def _type_at(path: str) -> Any:
+    tp: Any = Config
+    for part in filter(None, path.split(".")):
+        tp = _fields(tp).get(part)
+    return tp
