@@ -69,13 +69,17 @@ class AgentSettings:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], *, sidecar: bool = False) -> AgentSettings:
-        wal = cfg.get("wal", {})
-        agent = cfg.get("agent", {})
+        """Settings from the agent's config (builtins: a loaded file, or what the SDK hands a sidecar),
+        decoded into the config Structs: their defaults are the only ones."""
+        from flightlog.proto.config import decode_config
+
+        config, problems = decode_config(cfg)
+        for problem in problems:
+            log.warning("agent settings: %s", problem)
+        wal, agent = config.wal, config.agent
         return cls(
-            fsync=wal.get("fsync", "interval"), fsync_ms=int(wal.get("fsync_ms", 100)),
-            segment_bytes=int(wal.get("segment_bytes", 64 << 20)), max_wal_bytes=int(wal.get("max_bytes", 0)),
-            sidecar=sidecar, idle_exit_seconds=float(agent.get("idle_exit_seconds", 5.0)),
-            extra=cfg,
+            fsync=wal.fsync, fsync_ms=wal.fsync_ms, segment_bytes=wal.segment_bytes, max_wal_bytes=wal.max_bytes,
+            sidecar=sidecar, idle_exit_seconds=agent.idle_exit_seconds, extra=cfg,
         )
 
 

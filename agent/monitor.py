@@ -1,6 +1,7 @@
 """The system monitor: one sampler per agent (per node), whatever the number of runs and ranks.
 
-Every tick it reads the running runs from the local store (their config says what to log and how often),
+Every tick it reads the running runs from the local store (their config, decoded into the config Structs,
+says what to log and how often),
 finds their trainer processes among the registered producers, samples CPU, memory, disk, network and the
 runs' GPUs (NVML) once, and emits one ``SystemStats`` per due run into the WAL, so every sink gets
 ``system/...`` metrics. It also watches free disk space and raises alerts (``flightlog status``).
@@ -8,7 +9,6 @@ runs' GPUs (NVML) once, and emits one ``SystemStats`` per due run into the WAL, 
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import socket
 import sqlite3
@@ -21,15 +21,17 @@ from typing import Any
 import anyio
 import psutil
 
-from flightlog.proto.paths import AgentPaths
+from flightlog.proto.config import Config, decode_config
+from flightlog.proto.errors import FlightlogError
 from flightlog.proto.events import Alert, Event, SystemStats
+from flightlog.proto.paths import AgentPaths
+
+from .store import Store
 
 __all__ = ["Monitor", "RunInfo", "GpuReader", "Rates", "DiskWatch", "gpu_selection"]
 
 log = logging.getLogger("flightlog.agent")
 
-DEFAULT_INTERVAL = 5.0
-DEFAULT_FLOOR = 1 << 30
 _DISCOVER_SECONDS = 1.0  # how soon a new run gets its first sample (one small SQLite query)
 _MIN_SLEEP = 0.05
 
@@ -235,7 +237,7 @@ class GpuReader:
 @dataclass
 class RunInfo:
     run_id: str
-    config: dict[str, Any]
+    config: Config  # the run's own config, decoded (every default comes from the Structs)
     metadata: dict[str, Any]
     pids: dict[int, int] = field(default_factory=dict)  # pid -> rank
     next_due: float = 0.0
@@ -248,27 +250,21 @@ class RunInfo:
         self.last_step = max(int(wall - self.created_at) if self.created_at else 0, self.last_step + 1)
         return self.last_step
 
-    def monitoring(self, key: str, default: Any) -> Any:
-        return (self.config.get("monitoring") or {}).get(key, default)
-
     @property
     def interval(self) -> float:
-        try:
-            v = float(self.monitoring("interval_seconds", DEFAULT_INTERVAL))
-        except (TypeError, ValueError):
-            return DEFAULT_INTERVAL
-        return v if v > 0 else DEFAULT_INTERVAL
+        return self.config.monitoring.interval_seconds  # > 0: the Struct says so
 
     def dirs(self, data_dir: Path) -> dict[str, str]:
+        """The directories whose disks this run's stats report. The SDK sends absolute paths; a relative one
+        (a hand-made RunStart, a default the SDK did not resolve) means nothing in the agent's cwd."""
         out = {"data": str(data_dir)}
-        t = self.config.get("tracking") or {}
-        c = self.config.get("checkpointing") or {}
-        if c.get("checkpoint_dir"):
-            out["checkpoint"] = str(c["checkpoint_dir"])
-        if t.get("use_tensorboard") and t.get("tensorboard_log_dir"):
-            out["tensorboard"] = str(t["tensorboard_log_dir"])
-        if t.get("use_wandb") and t.get("wandb_dir"):
-            out["wandb"] = str(t["wandb_dir"])
+        t, c = self.config.tracking, self.config.checkpointing
+        if Path(c.checkpoint_dir).is_absolute():
+            out["checkpoint"] = c.checkpoint_dir
+        if t.use_tensorboard and Path(t.tensorboard_log_dir).is_absolute():
+            out["tensorboard"] = t.tensorboard_log_dir
+        if t.use_wandb and t.wandb_dir and Path(t.wandb_dir).is_absolute():
+            out["wandb"] = t.wandb_dir
         return out
 
     def cuda_visible(self) -> str | None:
@@ -291,13 +287,16 @@ class Monitor:
     """The agent's system sampler. ``run`` is one task in the agent's task group."""
 
     def __init__(self, paths: AgentPaths, producers: Callable[[], list[dict[str, Any]]],
-                 emit: Callable[[Event], None], settings: Mapping[str, Any] | None = None, *,
+                 emit: Callable[[Event], None], settings: Config | Mapping[str, Any] | None = None, *,
                  gpu: GpuReader | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.paths = paths
         self._producers = producers
         self.emit = emit
-        mon = dict((settings or {}).get("monitoring") or {})
-        self.agent_floor = int(mon.get("disk_free_floor_bytes", DEFAULT_FLOOR))
+        if not isinstance(settings, Config):
+            settings, problems = decode_config(settings)
+            for problem in problems:
+                log.warning("monitor: agent settings: %s", problem)
+        self.agent_floor = settings.monitoring.disk_free_floor_bytes
         self.gpu = gpu or GpuReader()
         self.clock = clock
         self.host = socket.gethostname()
@@ -307,7 +306,7 @@ class Monitor:
         self._rates = Rates()
         self._procs: dict[int, psutil.Process] = {}
         self._proc_cpu = Rates()
-        self._db: sqlite3.Connection | None = None
+        self._store: Store | None = None  # read-only, long-lived; used by one tick (worker thread) at a time
         self._system(self.clock())  # prime CPU and I/O counters: the first real sample has rates
 
     # --- the loop ----------------------------------------------------------------------------------
@@ -338,9 +337,7 @@ class Monitor:
         return list(self.disk.alerts.values())
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        self._close_store()
         self.gpu.close()
 
     def tick(self, producers: list[dict[str, Any]]) -> float:
@@ -348,9 +345,9 @@ class Monitor:
         Returns the seconds until the next pass."""
         try:
             self._refresh_runs(producers)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, FlightlogError) as exc:
             log.debug("monitor: cannot read the runs table yet: %s", exc)
-            self._close_db()
+            self._close_store()  # opened again next tick (the store sink may not have created it yet)
         wall = time.time()
         self._watch_disks(wall)
         if not self.runs:
@@ -364,20 +361,24 @@ class Monitor:
 
     # --- runs --------------------------------------------------------------------------------------
 
-    def _close_db(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+    def _close_store(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
-    def _query_running(self) -> list[tuple[Any, ...]]:
-        if self._db is None:
-            if not self.paths.store.exists():
-                return []
-            self._db = sqlite3.connect(f"file:{self.paths.store}?mode=ro", uri=True, timeout=5,
-                                       check_same_thread=False)
-        return self._db.execute(
-            "SELECT run_id, config, metadata, pid, rank, host, created_at FROM runs WHERE status='running'"
-        ).fetchall()
+    def _open_store(self) -> Store | None:
+        if self._store is None and self.paths.store.exists():
+            self._store = Store(self.paths.store, readonly=True)
+        return self._store
+
+    def _new_run(self, store: Store, run_id: str, created_at: float) -> RunInfo:
+        config, problems = decode_config(store.run_config(run_id))
+        for problem in problems:
+            log.info("monitor: run %s: config %s", run_id, problem)
+        info = RunInfo(run_id, config, store.run_metadata(run_id), created_at=created_at)
+        # The first sample comes one interval after discovery, so that it has rates and CPU shares.
+        info.next_due = self.clock() + info.interval
+        return info
 
     def _refresh_runs(self, producers: list[dict[str, Any]]) -> None:
         live: dict[str, dict[int, int]] = {}
@@ -387,8 +388,11 @@ class Monitor:
             pid = int(p.get("pid") or 0)
             producer = str(p.get("producer") or "")
             live.setdefault(producer, {})[pid] = int(p.get("rank") or 0)
+        store = self._open_store()
+        if store is None:
+            return
         seen = set()
-        for run_id, config, metadata, pid, rank, host, created_at in self._query_running():
+        for run_id, _status, created_at, _ended, pid, rank, host in store.run_states("running"):
             pids: dict[int, int] = {}
             for producer, ps in live.items():
                 if producer.startswith(run_id + "-"):  # producer ids are "<run id>-<pid>-<random>"
@@ -401,10 +405,7 @@ class Monitor:
             seen.add(run_id)
             info = self.runs.get(run_id)
             if info is None:
-                # The first sample comes one interval after discovery, so that it has rates and CPU shares.
-                info = RunInfo(run_id, _json(config), _json(metadata), created_at=float(created_at or 0.0))
-                info.next_due = self.clock() + info.interval
-                self.runs[run_id] = info
+                info = self.runs[run_id] = self._new_run(store, run_id, created_at)
             new_pids = [p for p in pids if p not in info.pids]
             info.pids = pids
             for p in new_pids:
@@ -418,7 +419,7 @@ class Monitor:
     def _watch_disks(self, wall: float) -> None:
         checks = {("data", str(self.paths.data_dir)): self.agent_floor}
         for r in self.runs.values():
-            floor = int(r.monitoring("disk_free_floor_bytes", DEFAULT_FLOOR) or 0)
+            floor = r.config.monitoring.disk_free_floor_bytes
             dirs = r.dirs(self.paths.data_dir)
             for label in ("data", "checkpoint"):
                 if label in dirs:
@@ -517,8 +518,8 @@ class Monitor:
                         disks[path] = {"free_bytes": float(u.free), "used_percent": float(u.percent)}
                     except OSError:
                         disks[path] = {}
-            if r.monitoring("log_gpu_usage", True):
-                sel = gpu_selection(r.cuda_visible(), bool(r.monitoring("all_gpus", False)))
+            if r.config.monitoring.log_gpu_usage:
+                sel = gpu_selection(r.cuda_visible(), r.config.monitoring.all_gpus)
                 if sel is None:
                     sel = [(ref, ref) for ref in self.gpu.all_refs()]
                 selections[r.run_id] = sel
@@ -526,7 +527,7 @@ class Monitor:
         gpus = self.gpu.read(sorted(gpu_refs)) if gpu_refs else {}
         for r in due:
             values = dict(base)
-            log_mem = bool(r.monitoring("log_memory_usage", True))
+            log_mem = r.config.monitoring.log_memory_usage
             if log_mem:
                 values.update(mem)
             for pid, rank in r.pids.items():
@@ -549,14 +550,4 @@ class Monitor:
             self.emit(SystemStats(r.run_id, wall, values, r.next_step(wall)))
             r.next_due = max(r.next_due + r.interval, now)
             self.samples_total += 1
-
-
-def _json(text: Any) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        out = json.loads(text)
-    except (TypeError, ValueError):
-        return {}
-    return out if isinstance(out, dict) else {}
 

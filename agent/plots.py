@@ -7,11 +7,11 @@ each PNG as an ``Image`` event for the sinks.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -20,8 +20,12 @@ from typing import Any
 
 import anyio
 
-from flightlog.proto.paths import AgentPaths
+from flightlog.proto.config import MonitoringConfig, decode_config
+from flightlog.proto.errors import FlightlogError
 from flightlog.proto.events import Event, Image
+from flightlog.proto.paths import AgentPaths
+
+from .store import Store
 
 __all__ = ["render_plots", "classify", "pair_train_val", "PlotService", "SIZE_PX", "DPI"]
 
@@ -79,19 +83,15 @@ def pair_train_val(loss_keys: list[str]) -> list[tuple[str, str]]:
 # --- reading --------------------------------------------------------------------------------------------
 
 
-def _read_series(db: sqlite3.Connection, run_id: str, keys: list[str]) -> dict[str, tuple[list[int], list[float]]]:
+def _read_series(store: Store, run_id: str, keys: list[str]) -> dict[str, tuple[list[int], list[float]]]:
     out = {}
     for key in keys:
-        rows = db.execute(
-            "SELECT step, value FROM metrics WHERE run_id=? AND key=? AND value IS NOT NULL ORDER BY step, ts",
-            (run_id, key),
-        ).fetchall()
-        rows = [(s, v) for s, v in rows if v == v and abs(v) != float("inf")]
+        rows = store.metric_series(run_id, key)
         if len(rows) > _MAX_POINTS:
             stride = -(-len(rows) // _MAX_POINTS)
             rows = rows[::stride] + ([rows[-1]] if (len(rows) - 1) % stride else [])
         if rows:
-            out[key] = ([int(s) for s, _ in rows], [float(v) for _, v in rows])
+            out[key] = ([s for s, _ in rows], [v for _, v in rows])
     return out
 
 
@@ -143,20 +143,19 @@ def _interp(x: list[int], xs: list[int], ys: list[float]) -> list[float]:
     return list(np.interp(np.asarray(x, dtype=float), np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)))
 
 
-def render_plots(store_path: str | os.PathLike[str], run_id: str, out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Render a run's plots from the local store into ``out_dir`` (created); returns the PNGs written.
+def render_plots(store: Store | str | os.PathLike[str], run_id: str, out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Render a run's plots from the local store (an open Store, or its path: opened read-only for the
+    call) into ``out_dir`` (created); returns the PNGs written.
 
     ``loss.png``, ``loss_log.png`` (learning curves, log scale), ``accuracy.png`` and ``overfitting.png``
     (validation − training loss at the validation steps), each ``SIZE_PX`` pixels; a plot without data is
     not drawn.
     """
-    db = sqlite3.connect(f"file:{Path(store_path)}?mode=ro", uri=True, timeout=30)
-    try:
-        keys = [k for (k,) in db.execute("SELECT DISTINCT key FROM metrics WHERE run_id=?", (run_id,))]
-        groups = classify(keys)
-        series = _read_series(db, run_id, groups["loss"] + groups["accuracy"])
-    finally:
-        db.close()
+    if not isinstance(store, Store):
+        with Store(store, readonly=True) as opened:
+            return render_plots(opened, run_id, out_dir)
+    groups = classify(store.metric_keys(run_id))
+    series = _read_series(store, run_id, groups["loss"] + groups["accuracy"])
     loss = {k: series[k] for k in groups["loss"] if k in series}
     acc = {k: series[k] for k in groups["accuracy"] if k in series}
     out = Path(out_dir)
@@ -194,22 +193,12 @@ def render_plots(store_path: str | os.PathLike[str], run_id: str, out_dir: str |
 # --- the agent task -------------------------------------------------------------------------------------
 
 
-def _json(text: Any) -> dict[str, Any]:
-    try:
-        out = json.loads(text) if text else {}
-    except (TypeError, ValueError):
-        return {}
-    return out if isinstance(out, dict) else {}
-
-
-def _monitoring(config: Any) -> dict[str, Any]:
-    """The ``monitoring`` section of a run's stored config."""
-    return _json(config).get("monitoring") or {}
-
-
 class PlotService:
     """Renders plots at run end and every ``monitoring.plot_every_minutes``, into
-    ``<data dir>/runs/<run id>/plots/``, and emits each as an ``Image`` event."""
+    ``<data dir>/runs/<run id>/plots/``, and emits each as an ``Image`` event.
+
+    Reads the store through one long-lived read-only Store, from its worker threads: ``tick`` and
+    ``pending`` may run at once (the Store's lock keeps them apart on the connection)."""
 
     MARKER = ".rendered"
 
@@ -223,28 +212,52 @@ class PlotService:
         self._last: dict[str, float] = {}  # running run -> last periodic render (clock)
         self._rendering = False
         self.rendered = 0
+        self._store: Store | None = None
+        self._store_lock = threading.Lock()  # tick and pending may both open it
+        self._settings: dict[str, MonitoringConfig] = {}  # run -> its monitoring section (a config never changes)
 
     def plot_dir(self, run_id: str) -> Path:
         return self.paths.data_dir / "runs" / run_id / "plots"
 
     async def run(self) -> None:
-        while True:
-            await anyio.sleep(self.poll_seconds)
-            try:
-                await anyio.to_thread.run_sync(self.tick)
-            except (sqlite3.Error, OSError) as exc:
-                log.warning("plots: %s; trying again in %.0f s", exc, self.poll_seconds)
-            except Exception:  # a plotting bug must not take the agent down
-                log.exception("plots: rendering failed")
-
-    def _runs(self) -> list[tuple[Any, ...]]:
-        if not self.paths.store.exists():
-            return []
-        db = sqlite3.connect(f"file:{self.paths.store}?mode=ro", uri=True, timeout=5)
         try:
-            return db.execute("SELECT run_id, status, ended_at, config FROM runs").fetchall()
+            while True:
+                await anyio.sleep(self.poll_seconds)
+                try:
+                    await anyio.to_thread.run_sync(self.tick)
+                except (sqlite3.Error, FlightlogError, OSError) as exc:
+                    log.warning("plots: %s; trying again in %.0f s", exc, self.poll_seconds)
+                except Exception:  # a plotting bug must not take the agent down
+                    log.exception("plots: rendering failed")
         finally:
-            db.close()
+            self.close()
+
+    def close(self) -> None:
+        with self._store_lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+    def _open_store(self) -> Store | None:
+        with self._store_lock:
+            if self._store is None and self.paths.store.exists():
+                self._store = Store(self.paths.store, readonly=True)
+            return self._store
+
+    def _runs(self) -> list[tuple[str, str, float | None]]:
+        """(run id, status, ended at) of every run in the store."""
+        store = self._open_store()
+        return [] if store is None else [(r.run_id, r.status, r.ended_at) for r in store.run_states()]
+
+    def _monitoring(self, run_id: str) -> MonitoringConfig:
+        mon = self._settings.get(run_id)
+        if mon is None:
+            store = self._open_store()
+            config, problems = decode_config(store.run_config(run_id) if store else {})
+            for problem in problems:
+                log.info("plots: run %s: config %s", run_id, problem)
+            mon = self._settings[run_id] = config.monitoring
+        return mon
 
     def _final_due(self, run_id: str, ended_at: Any) -> bool:
         """Whether an ended run still needs its final plots (settling the ones that do not)."""
@@ -264,12 +277,12 @@ class PlotService:
             return True
         try:
             rows = self._runs()
-        except sqlite3.Error:
+            return any(run_id not in self._done and status != "running"
+                       and self._monitoring(run_id).create_plots
+                       and self._final_due(run_id, ended_at)
+                       for run_id, status, ended_at in rows)
+        except (sqlite3.Error, FlightlogError):
             return False
-        return any(run_id not in self._done and status != "running"
-                   and _monitoring(config).get("create_plots", True)
-                   and self._final_due(run_id, ended_at)
-                   for run_id, status, ended_at, config in rows)
 
     def tick(self) -> int:
         """Render what is due; returns the number of runs rendered."""
@@ -283,11 +296,11 @@ class PlotService:
         rows = self._runs()
         n = 0
         now = self.clock()
-        for run_id, status, ended_at, config in rows:
+        for run_id, status, ended_at in rows:
             if run_id in self._done:
                 continue
-            mon = _monitoring(config)
-            if not mon.get("create_plots", True):
+            mon = self._monitoring(run_id)
+            if not mon.create_plots:
                 self._done.add(run_id)
                 continue
             if status != "running":
@@ -308,7 +321,7 @@ class PlotService:
                 self._last.pop(run_id, None)
                 n += 1
                 continue
-            every = float(mon.get("plot_every_minutes") or 0) * 60
+            every = mon.plot_every_minutes * 60
             if every > 0:
                 last = self._last.setdefault(run_id, now)
                 if now - last >= every:
@@ -318,8 +331,11 @@ class PlotService:
         return n
 
     def _render(self, run_id: str, ended_at: float | None) -> list[Path]:
-        paths = render_plots(self.paths.store, run_id, self.plot_dir(run_id))
-        step = self._last_step(run_id)
+        store = self._open_store()
+        if store is None:
+            return []
+        paths = render_plots(store, run_id, self.plot_dir(run_id))
+        step = store.last_step(run_id) or 0
         ts = time.time()
         for path in paths:
             data = path.read_bytes()
@@ -330,11 +346,3 @@ class PlotService:
         log.info("plots: %d for run %s in %s", len(paths), run_id, self.plot_dir(run_id))
         return paths
 
-    def _last_step(self, run_id: str) -> int:
-        db = sqlite3.connect(f"file:{self.paths.store}?mode=ro", uri=True, timeout=5)
-        try:
-            row = db.execute("SELECT MAX(step) FROM metrics WHERE run_id=? AND key NOT LIKE 'system/%'",
-                             (run_id,)).fetchone()
-        finally:
-            db.close()
-        return int(row[0]) if row and row[0] is not None else 0

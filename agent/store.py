@@ -1,16 +1,21 @@
-"""The local store: one SQLite database in the agent's data directory (runs, params, tags, metric points,
-sink cursors). The embedded default backend, and what `flightlog runs` reads."""
+"""The local store: all SQL on the agent's database (``flightlog.db`` in its data directory: runs, params,
+tags, metric points, sink cursors). The embedded default backend, what `flightlog runs` reads, and what the
+monitor and the plot service read runs and metrics from. (The checkpoint registry's table lives in the same
+file; its SQL is the shared core's, ``flightlog.proto.checkpoint.registry``.)"""
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import math
 import sqlite3
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
+from flightlog.proto import sqlite as _sqlite
 from flightlog.proto.errors import FlightlogError
 from flightlog.proto.events import (
     Artifact,
@@ -25,7 +30,11 @@ from flightlog.proto.events import (
     Text,
 )
 
-__all__ = ["Store", "SCHEMA"]
+__all__ = ["Store", "RunState", "SCHEMA"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_EXPORT_CHUNK = 10_000  # rows per fetch of metric_points
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -52,47 +61,89 @@ def _finite_or_none(v: float) -> float | None:
     return None if v != v else v
 
 
+def _locked(method: Callable[Concatenate[Store, _P], _R]) -> Callable[Concatenate[Store, _P], _R]:
+    """Run a Store method under the store's lock (one thread at a time on the connection)."""
+
+    @functools.wraps(method)
+    def locked(self: Store, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
+def _json_object(text: Any) -> dict[str, Any]:
+    """A JSON column holding an object; {} for NULL or anything else (a row written by a broken client)."""
+    if not text:
+        return {}
+    try:
+        out = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+class RunState(NamedTuple):
+    """A run as the monitor and the plot service poll it: no JSON decoded (that is once per new run)."""
+
+    run_id: str
+    status: str
+    created_at: float
+    ended_at: float | None
+    pid: int
+    rank: int
+    host: str
+
+
 class Store:
-    """A connection to the local store. One per thread (sqlite3 connections are not shared)."""
+    """One long-lived connection to the local store.
+
+    The agent holds three: the store sink's (read-write; its runner's worker threads), the monitor's and
+    the plot service's (read-only, ``readonly=True``; their worker threads), so a slow plot query never
+    holds up a commit (WAL journalling: readers and the writer do not block each other). A Store may be
+    called from several threads (the plot service asks ``pending`` while a render runs): every call holds
+    the store's lock, and a transaction holds it from BEGIN to COMMIT, so no two threads ever use the
+    sqlite3 connection at once.
+    """
 
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
+        self.readonly = readonly
+        self._lock = threading.RLock()
         try:
             if readonly:
                 if not self.path.exists():
                     raise FlightlogError(
                         f"no flightlog store at {self.path}; is FLIGHTLOG_DATA_DIR (or --data-dir) right?"
                     )
-                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30, check_same_thread=False)
+                self.db = _sqlite.connect(self.path, readonly=True)
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                # Sinks run on anyio worker threads, one call at a time: sharing across threads is safe here.
-                self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-                self.db.execute("PRAGMA journal_mode=WAL")
-                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db = _sqlite.connect(self.path)
                 self.db.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise FlightlogError(f"cannot open the flightlog store {self.path}: {exc}") from exc
 
     def close(self) -> None:
-        self.db.close()
+        with self._lock:
+            self.db.close()
 
-    @contextlib.contextmanager
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
     def transaction(self) -> Iterator[None]:
-        """BEGIN IMMEDIATE ... COMMIT; on any error a rollback (itself allowed to fail: disk full)."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        """BEGIN IMMEDIATE ... COMMIT (``flightlog.proto.sqlite.transaction``: a rollback on any error, itself
+        allowed to fail on a full disk without masking the error). Holds the store's lock throughout."""
+        with self._lock, _sqlite.transaction(self.db):
             yield
-            self.db.execute("COMMIT")
-        except BaseException:
-            try:
-                self.db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            raise
 
     # --- writing -------------------------------------------------------------------------------
 
+    @_locked
     def apply(self, events: Iterable[Event]) -> int:
         """Write events (inside the caller's transaction). Returns the number of metric points written."""
         points: list[tuple[str, str, int, float, float | None]] = []
@@ -144,23 +195,77 @@ class Store:
             db.executemany("INSERT INTO metrics VALUES (?,?,?,?,?)", points)
         return len(points)
 
+    @_locked
     def save_cursor(self, sink: str, segment: int, offset: int, seq: int) -> None:
         self.db.execute(
             "INSERT OR REPLACE INTO cursors VALUES (?,?,?,?,?)", (sink, segment, offset, seq, time.time())
         )
 
+    @_locked
     def load_cursor(self, sink: str) -> tuple[int, int, int] | None:
         row = self.db.execute("SELECT segment, offset, seq FROM cursors WHERE sink=?", (sink,)).fetchone()
         return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
 
+    @_locked
     def add_sink_runs(self, sink: str, run_ids: Iterable[str]) -> None:
         self.db.executemany("INSERT OR IGNORE INTO sink_runs VALUES (?,?)", [(sink, r) for r in run_ids])
 
+    @_locked
     def sink_runs(self, sink: str) -> set[str]:
         return {r for (r,) in self.db.execute("SELECT run_id FROM sink_runs WHERE sink=?", (sink,))}
 
+    # --- the monitor and the plot service ------------------------------------------------------------
+
+    @_locked
+    def run_states(self, status: str | None = None) -> list[RunState]:
+        """Every run (or those in ``status``), oldest first: what the monitor and the plot service poll."""
+        sql = ("SELECT run_id, status, COALESCE(created_at, 0), ended_at, COALESCE(pid, 0), COALESCE(rank, 0),"
+               " COALESCE(host, '') FROM runs")
+        args: tuple[Any, ...] = ()
+        if status is not None:
+            sql += " WHERE status=?"
+            args = (status,)
+        return [RunState(*row) for row in self.db.execute(sql + " ORDER BY created_at", args)]
+
+    def run_config(self, run_id: str) -> dict[str, Any]:
+        """The config a run started with, as the SDK sent it ({} if unknown or unreadable)."""
+        return self._json_column("config", run_id)
+
+    def run_metadata(self, run_id: str) -> dict[str, Any]:
+        """The metadata a run started with (environment, git, command line; {} if unknown or unreadable)."""
+        return self._json_column("metadata", run_id)
+
+    @_locked
+    def _json_column(self, column: str, run_id: str) -> dict[str, Any]:
+        row = self.db.execute(f"SELECT {column} FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        return _json_object(row[0]) if row else {}
+
+    @_locked
+    def metric_keys(self, run_id: str) -> list[str]:
+        return [k for (k,) in self.db.execute("SELECT DISTINCT key FROM metrics WHERE run_id=?", (run_id,))]
+
+    @_locked
+    def metric_series(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) of one metric in step order, finite values only (NaN is stored as NULL)."""
+        rows = self.db.execute(
+            "SELECT step, value FROM metrics WHERE run_id=? AND key=? AND value IS NOT NULL ORDER BY step, ts",
+            (run_id, key),
+        )
+        return [(int(s), float(v)) for s, v in rows if not math.isinf(v)]
+
+    @_locked
+    def last_step(self, run_id: str, *, skip_prefix: str = "system/") -> int | None:
+        """The highest step of a run's metrics, not counting keys under ``skip_prefix`` (the monitor's
+        ``system/`` stats count seconds, not training steps); None if it has none."""
+        (step,) = self.db.execute(
+            "SELECT MAX(step) FROM metrics WHERE run_id=? AND substr(key, 1, ?) != ?",
+            (run_id, len(skip_prefix), skip_prefix),
+        ).fetchone()
+        return None if step is None else int(step)
+
     # --- reading -------------------------------------------------------------------------------
 
+    @_locked
     def runs(self) -> list[dict[str, Any]]:
         cur = self.db.execute(
             "SELECT r.run_id, r.name, r.status, r.created_at, r.ended_at, r.config_hash,"
@@ -169,6 +274,7 @@ class Store:
         keys = ("run_id", "name", "status", "created_at", "ended_at", "config_hash", "points")
         return [dict(zip(keys, row)) for row in cur]
 
+    @_locked
     def resolve_run(self, ref: str) -> str:
         """A run id, a unique id prefix, or a run name (the newest run of that name)."""
         row = self.db.execute("SELECT run_id FROM runs WHERE run_id=?", (ref,)).fetchone()
@@ -186,6 +292,7 @@ class Store:
             raise FlightlogError(f"run prefix {ref!r} is ambiguous ({len(rows)} runs); give more characters")
         raise FlightlogError(f"no run {ref!r} in {self.path}; `flightlog runs ls` lists the runs")
 
+    @_locked
     def run(self, run_id: str) -> dict[str, Any]:
         cur = self.db.execute("SELECT * FROM runs WHERE run_id=?", (run_id,))
         row = cur.fetchone()
@@ -198,14 +305,22 @@ class Store:
         return out
 
     def metric_points(self, run_id: str, key: str | None = None) -> Iterator[dict[str, Any]]:
+        """A run's points (of one key, or all) for export. Read in chunks, each under the lock, so a long
+        export never holds the store for the whole run."""
         sql = "SELECT key, step, ts, value FROM metrics WHERE run_id=?"
         args: tuple[Any, ...] = (run_id,)
         if key is not None:
             sql += " AND key=?"
             args += (key,)
-        for k, step, ts, value in self.db.execute(sql + " ORDER BY key, step, ts", args):
-            yield {"run": run_id, "key": k, "step": step, "timestamp": ts, "value": _json_number(value)}
-
+        with self._lock:
+            cur = self.db.execute(sql + " ORDER BY key, step, ts", args)
+        while True:
+            with self._lock:
+                rows = cur.fetchmany(_EXPORT_CHUNK)
+            if not rows:
+                return
+            for k, step, ts, value in rows:
+                yield {"run": run_id, "key": k, "step": step, "timestamp": ts, "value": _json_number(value)}
 
 def _json_number(value: float | None) -> float | str:
     """JSON has no NaN/Infinity: export them as strings, the way MLflow's REST API does."""

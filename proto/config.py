@@ -26,6 +26,7 @@ __all__ = [
     "load_config",
     "config_hash",
     "config_to_dict",
+    "decode_config",
 ]
 
 _NonNegInt = Annotated[int, Meta(ge=0)]
@@ -182,6 +183,57 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     """Plain builtins (dicts, lists, scalars) of ``config``, e.g. for logging it as run parameters."""
     out: dict[str, Any] = msgspec.to_builtins(config)
     return out
+
+
+def decode_config(data: Any) -> tuple[Config, list[str]]:
+    """A Config from builtins that were resolved elsewhere: a run's config as its SDK sent it, the settings a
+    sidecar is started with. The agent reads every setting from the Structs, so defaults live only there.
+
+    Lenient where ``load_config`` is strict, because these bytes come from another process, maybe of another
+    version: a key this version does not know is dropped, and a value that does not validate falls back to
+    its default; each is one line of the returned problems (``section.key: what``), for the caller to log
+    with the name of the run or file. Never raises for the data's sake.
+    """
+    problems: list[str] = []
+    if not isinstance(data, Mapping):
+        if data is not None:
+            problems.append(f"<top level>: a mapping was expected, got {type(data).__name__}; defaults are used")
+        return Config(), problems
+    good: dict[str, Any] = {}
+    for name, value in data.items():
+        ftype = _fields(Config).get(name)
+        if ftype is None:
+            problems.append(f"{name}: unknown key, ignored")
+        elif _fields(ftype):
+            good[name] = _valid_keys(ftype, name, value if value is not None else {}, problems)
+        elif _valid(Config, name, value, problems, name):
+            good[name] = value
+    return msgspec.convert(good, Config), problems
+
+
+def _valid_keys(section: type[_Section], name: str, value: Any, problems: list[str]) -> dict[str, Any]:
+    """The keys of one section that validate on their own (every section key has a default)."""
+    if not isinstance(value, Mapping):
+        problems.append(f"{name}: a mapping was expected, got {type(value).__name__}; defaults are used")
+        return {}
+    fields = _fields(section)
+    out = {}
+    for key, v in value.items():
+        if key not in fields:
+            problems.append(f"{name}.{key}: unknown key, ignored")
+        elif _valid(section, key, v, problems, f"{name}.{key}"):
+            out[key] = v
+    return out
+
+
+def _valid(struct: type[msgspec.Struct], key: str, value: Any, problems: list[str], where: str) -> bool:
+    try:
+        msgspec.convert({key: value}, struct)  # the field alone, with its __post_init__ check
+    except msgspec.ValidationError as exc:
+        problem = re.sub(r" - at `\$[^`]*`$", "", str(exc)).removeprefix(f"{key}: ")  # a __post_init__ names it
+        problems.append(f"{where}: {problem[:1].lower()}{problem[1:]}; its default is used")
+        return False
+    return True
 
 
 # --- loading -------------------------------------------------------------------------------------------

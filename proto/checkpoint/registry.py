@@ -10,12 +10,11 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from flightlog.proto.errors import CheckpointError
+from flightlog.proto.sqlite import connect, transaction
 
 from .retention import Entry, choose_best, plan_retention
 
@@ -37,18 +36,18 @@ _JSON_COLUMNS = ("metrics", "dtypes")
 
 
 class Registry:
-    """A short-lived connection (open per operation; SQLite connections stay on their thread)."""
+    """A connection for one checkpoint's write (``begin`` … ``commit``) or one look-up: checkpoints come
+    seconds to hours apart, so the writer opens it per checkpoint, on the thread that writes; it is
+    never shared between threads."""
 
     def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False) -> None:
         self.path = Path(path)
         try:
             if readonly:
-                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
+                self.db = connect(self.path, readonly=True)
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-                self.db.execute("PRAGMA journal_mode=WAL")
-                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db = connect(self.path)
                 self.db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise CheckpointError(f"cannot open the checkpoint registry {self.path}: {exc}") from exc
@@ -61,16 +60,6 @@ class Registry:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
 
     def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         try:
@@ -94,7 +83,7 @@ class Registry:
     def begin(self, spec: dict[str, Any], tmp_path: str) -> None:
         """Record a checkpoint as being written (retention never touches it in this state)."""
         path = spec["path"]
-        with self._tx() as db:
+        with transaction(self.db) as db:
             (seq,) = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM checkpoints").fetchone()
             db.execute(
                 "INSERT OR REPLACE INTO checkpoints (path, dir, seq, state, request_id, run_id, epoch, step, metrics,"
@@ -112,7 +101,7 @@ class Registry:
         the paths the caller must now delete (already marked deleted here)."""
         path, directory = spec["path"], str(Path(spec["path"]).parent)
         ret = spec.get("retention", {})
-        with self._tx() as db:
+        with transaction(self.db) as db:
             cur = self._rows("SELECT * FROM checkpoints WHERE dir=? AND state='done' AND is_best=1", (directory,))
             current = _entry(cur[0]) if cur else None
             new = Entry(path, 0, spec["step"], spec.get("metrics", {}))
