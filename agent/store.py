@@ -258,8 +258,8 @@ class Store:
         """The highest step of a run's metrics, not counting keys under ``skip_prefix`` (the monitor's
         ``system/`` stats count seconds, not training steps); None if it has none."""
         (step,) = self.db.execute(
-            "SELECT MAX(step) FROM metrics WHERE run_id=? AND substr(key, 1, ?) != ?",
-            (run_id, len(skip_prefix), skip_prefix),
+            "SELECT MAX(step) FROM metrics WHERE run_id=?1 AND (?2 = '' OR substr(key, 1, length(?2)) != ?2)",
+            (run_id, skip_prefix),
         ).fetchone()
         return None if step is None else int(step)
 
