@@ -3,6 +3,8 @@ long-lived connections shared by threads, and what the monitor and the plot serv
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -245,9 +247,10 @@ def test_monitor_and_plots_keep_one_connection(tmp_path: Path, monkeypatch: pyte
     data = tmp_path / "data"
     data.mkdir()
     paths = AgentPaths(data_dir=data, socket=tmp_path / "s", ring_dir=tmp_path / "r", spill_dir=data / "sp")
-    with Store(paths.store) as store:
-        store.apply([RunStart("live", "x", time.time(), config={"monitoring": {"plot_every_minutes": 1}}),
-                     Metrics("live", 0, 0.0, {"loss": 1.0}), Metrics("live", 1, 0.0, {"loss": 0.5})])
+    store = Store(paths.store)
+    store.apply([RunStart("live", "x", time.time(), config={"monitoring": {"plot_every_minutes": 1}}),
+                 Metrics("live", 0, 0.0, {"loss": 1.0}), Metrics("live", 1, 0.0, {"loss": 0.5})])
+    store.close()
     opened: list[str] = []
     real = sqlite3.connect
 
@@ -265,17 +268,18 @@ def test_monitor_and_plots_keep_one_connection(tmp_path: Path, monkeypatch: pyte
         svc.pending()
         mon.tick([])
         clock[0] += 61
+    assert len(opened) == 2, opened  # one read-only connection each
+    assert rendered == 2  # periodic renders at 61 s and 122 s read the store too
     svc.close()
     mon.close()
-    assert rendered == 2  # periodic renders at 61 s and 122 s read the store too
-    assert len(opened) == 2, opened  # one read-only connection each
 
 
 def test_paths_with_uri_characters(tmp_path: Path) -> None:
     """A read-only open goes through a file: URI; '#', '?' and '%' in the path must not cut it short."""
     data = tmp_path / "exp #1?x=%41"
-    with Store(data / "flightlog.db") as store:
-        store.apply([RunStart("r", "x", 0.0), Metrics("r", 0, 0.0, {"loss": 1.0}), Metrics("r", 1, 0.0, {"loss": 2.0})])
+    store = Store(data / "flightlog.db")
+    store.apply([RunStart("r", "x", 0.0), Metrics("r", 0, 0.0, {"loss": 1.0}), Metrics("r", 1, 0.0, {"loss": 2.0})])
+    store.close()
     assert [p.name for p in render_plots(data / "flightlog.db", "r", tmp_path / "out")] == ["loss.png", "loss_log.png"]
     with Registry(data / "registry.db") as reg:
         reg.begin(_spec(data / "a.safetensors.zst"), "tmp")
@@ -320,15 +324,11 @@ def test_monitor_reads_a_run_settings_from_the_structs(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
     paths = AgentPaths(data_dir=data, socket=tmp_path / "s", ring_dir=tmp_path / "r", spill_dir=data / "sp")
-    import os
-    import socket
-
-    with Store(paths.store) as store:
-        store.apply([
-            RunStart("bad", "x", time.time(), pid=os.getpid(), host=socket.gethostname(),
-                     config={"monitoring": {"interval_seconds": "often", "log_gpu_usage": False},
-                             "checkpointing": {"checkpoint_dir": "relative/ckpt"}}),
-        ])
+    store = Store(paths.store)
+    store.apply([RunStart("bad", "x", time.time(), pid=os.getpid(), host=socket.gethostname(),
+                          config={"monitoring": {"interval_seconds": "often", "log_gpu_usage": False},
+                                  "checkpointing": {"checkpoint_dir": "relative/ckpt"}})])
+    store.close()
     mon = Monitor(paths, lambda: [], lambda ev: None, {"monitoring": {"disk_free_floor_bytes": 0}})
     mon.tick([])
     info = mon.runs["bad"]
