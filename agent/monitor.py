@@ -20,7 +20,6 @@ from typing import Any
 
 import anyio
 import psutil
-
 from flightlog.proto.config import Config, decode_config
 from flightlog.proto.errors import FlightlogError
 from flightlog.proto.events import Alert, Event, SystemStats
@@ -287,7 +286,7 @@ class Monitor:
     """The agent's system sampler. ``run`` is one task in the agent's task group."""
 
     def __init__(self, paths: AgentPaths, producers: Callable[[], list[dict[str, Any]]],
-                 emit: Callable[[Event], None], settings: Config | Mapping[str, Any] | None = None, *,
+                 emit: Callable[[Event], object], settings: Config | Mapping[str, Any] | None = None, *,
                  gpu: GpuReader | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.paths = paths
         self._producers = producers
@@ -408,8 +407,8 @@ class Monitor:
                 info = self.runs[run_id] = self._new_run(store, run_id, created_at)
             new_pids = [p for p in pids if p not in info.pids]
             info.pids = pids
-            for p in new_pids:
-                self._process(p, self.clock(), {})  # prime its CPU counter
+            for new_pid in new_pids:
+                self._process(new_pid, self.clock(), {})  # prime its CPU counter
         for run_id in list(self.runs):
             if run_id not in seen:
                 del self.runs[run_id]

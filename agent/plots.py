@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-
 from flightlog.proto.config import MonitoringConfig, decode_config
 from flightlog.proto.errors import FlightlogError
 from flightlog.proto.events import Event, Image
@@ -202,7 +201,7 @@ class PlotService:
 
     MARKER = ".rendered"
 
-    def __init__(self, paths: AgentPaths, emit: Callable[[Event], None], *, poll_seconds: float = 2.0,
+    def __init__(self, paths: AgentPaths, emit: Callable[[Event], object], *, poll_seconds: float = 2.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.paths = paths
         self.emit = emit

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sqlite3
 import threading
 import time
@@ -64,11 +65,11 @@ def _finite_or_none(v: float) -> float | None:
 def _locked(method: Callable[Concatenate[Store, _P], _R]) -> Callable[Concatenate[Store, _P], _R]:
     """Run a Store method under the store's lock (one thread at a time on the connection)."""
 
-    @functools.wraps(method)
-    def locked(self: Store, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+    def locked(self: Store, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         with self._lock:
             return method(self, *args, **kwargs)
 
+    functools.update_wrapper(locked, method)
     return locked
 
 
@@ -106,7 +107,7 @@ class Store:
     sqlite3 connection at once.
     """
 
-    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False) -> None:
         self.path = Path(path)
         self.readonly = readonly
         self._lock = threading.RLock()
@@ -149,13 +150,13 @@ class Store:
         points: list[tuple[str, str, int, float, float | None]] = []
         db = self.db
         for ev in events:
-            t = type(ev)
-            if t is Metrics:
+            # isinstance, not a lookup of type(ev): as fast here, and a type checker follows it
+            if isinstance(ev, Metrics):
                 run, step, ts = ev.run_id, ev.step, ev.timestamp
                 points.extend((run, k, step, ts, _finite_or_none(v)) for k, v in ev.values.items())
-            elif t is SystemStats:
+            elif isinstance(ev, SystemStats):
                 points.extend((ev.run_id, k, ev.step, ev.timestamp, _finite_or_none(v)) for k, v in ev.values.items())
-            elif t is RunStart:
+            elif isinstance(ev, RunStart):
                 db.execute(
                     "INSERT INTO runs (run_id, name, description, status, created_at, config, config_hash, host,"
                     " pid, rank, tags, sinks, metadata) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
@@ -164,29 +165,29 @@ class Store:
                      ev.config_hash, ev.host, ev.pid, ev.rank, json.dumps(ev.tags), json.dumps(ev.sinks),
                      json.dumps(ev.metadata)),
                 )
-            elif t is RunEnd:
+            elif isinstance(ev, RunEnd):
                 db.execute(
                     "UPDATE runs SET status=?, ended_at=?, error=?, dropped=? WHERE run_id=?",
                     (ev.status, ev.timestamp, ev.error, ev.dropped, ev.run_id),
                 )
-            elif t is HyperParams:
+            elif isinstance(ev, HyperParams):
                 db.executemany(
                     "INSERT OR REPLACE INTO params VALUES (?,?,?)",
                     [(ev.run_id, k, json.dumps(v)) for k, v in ev.params.items()],
                 )
-            elif t is Tags:
+            elif isinstance(ev, Tags):
                 db.executemany(
                     "INSERT OR REPLACE INTO tags VALUES (?,?,?)", [(ev.run_id, k, v) for k, v in ev.tags.items()]
                 )
-            elif t is Text:
+            elif isinstance(ev, Text):
                 db.execute("INSERT INTO texts VALUES (?,?,?,?,?)", (ev.run_id, ev.key, ev.step, ev.timestamp, ev.text))
-            elif t is CheckpointSaved:
+            elif isinstance(ev, CheckpointSaved):
                 db.execute(
                     "INSERT INTO checkpoints_seen VALUES (?,?,?,?,?,?,?,?,?)",
                     (ev.run_id, ev.path, ev.epoch, ev.step, ev.timestamp, json.dumps(ev.metrics), ev.size,
                      ev.checksum, int(ev.is_best)),
                 )
-            elif t is Artifact and ev.kind != "checkpoint":  # checkpoints: the registry has them; this is an upload
+            elif isinstance(ev, Artifact) and ev.kind != "checkpoint":  # a checkpoint: the registry has it
                 db.execute(
                     "INSERT INTO artifacts VALUES (?,?,?,?,?,?,?)",
                     (ev.run_id, ev.name, ev.path, ev.timestamp, ev.kind, ev.checksum, ev.size),

@@ -6,13 +6,12 @@ import logging
 import os
 import socket
 import sqlite3
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-
 from flightlog.agent.daemon import AgentSettings
 from flightlog.agent.plots import PlotService, render_plots
 from flightlog.agent.store import RunState, Store
@@ -50,20 +49,18 @@ def count(db: sqlite3.Connection) -> int:
 
 def test_an_error_in_the_body_rolls_back_and_is_raised(tmp_path: Path) -> None:
     db = flaky(tmp_path / "db")
-    with pytest.raises(ValueError, match="boom"):
-        with fsqlite.transaction(db):
-            db.execute("INSERT INTO t VALUES (1)")
-            raise ValueError("boom")
+    with pytest.raises(ValueError, match="boom"), fsqlite.transaction(db):
+        db.execute("INSERT INTO t VALUES (1)")
+        raise ValueError("boom")
     assert count(db) == 0 and not db.in_transaction
 
 
 def test_a_failing_rollback_does_not_mask_the_original_error(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     db = flaky(tmp_path / "db")
     db.fail_rollbacks = 1
-    with pytest.raises(ValueError, match="boom") as info:
-        with fsqlite.transaction(db):
-            db.execute("INSERT INTO t VALUES (1)")
-            raise ValueError("boom")
+    with pytest.raises(ValueError, match="boom") as info, fsqlite.transaction(db):
+        db.execute("INSERT INTO t VALUES (1)")
+        raise ValueError("boom")
     assert any("ROLLBACK that followed failed too" in note for note in info.value.__notes__)
     assert "ROLLBACK failed after ValueError" in caplog.text
     assert db.in_transaction and db.stale_transaction  # the failed rollback left it open
@@ -75,12 +72,11 @@ def test_a_failing_rollback_does_not_mask_the_original_error(tmp_path: Path, cap
 def test_a_rollback_that_still_fails_keeps_the_connection_refusing(tmp_path: Path) -> None:
     db = flaky(tmp_path / "db")
     db.fail_rollbacks = 2
-    with pytest.raises(KeyError):
-        with fsqlite.transaction(db):
-            raise KeyError("k")
-    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):  # said, never a silent commit of the old one
-        with fsqlite.transaction(db):
-            db.execute("INSERT INTO t VALUES (3)")
+    with pytest.raises(KeyError), fsqlite.transaction(db):
+        raise KeyError("k")
+    # The leftover cannot be rolled back either: said, and nothing of the new transaction is written.
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"), fsqlite.transaction(db):
+        db.execute("INSERT INTO t VALUES (3)")
     with fsqlite.transaction(db):
         db.execute("INSERT INTO t VALUES (4)")
     assert [x for (x,) in db.execute("SELECT x FROM t")] == [4]
@@ -97,9 +93,8 @@ def _deferred_fk(db: sqlite3.Connection, table: str) -> None:
 def test_a_failing_commit_is_rolled_back_and_raised(tmp_path: Path) -> None:
     db = flaky(tmp_path / "db")
     _deferred_fk(db, "t")
-    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
-        with fsqlite.transaction(db):
-            db.execute("INSERT INTO t VALUES (1)")
+    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"), fsqlite.transaction(db):
+        db.execute("INSERT INTO t VALUES (1)")
     assert not db.in_transaction and count(db) == 0
     other = fsqlite.connect(tmp_path / "db")  # the write lock was released, not held by a dead transaction
     with fsqlite.transaction(other):
@@ -113,9 +108,8 @@ def test_transactions_do_not_nest(tmp_path: Path) -> None:
     db = flaky(tmp_path / "db")
     with fsqlite.transaction(db):
         db.execute("INSERT INTO t VALUES (1)")
-        with pytest.raises(RuntimeError, match="do not nest"):
-            with fsqlite.transaction(db):
-                pass
+        with pytest.raises(RuntimeError, match="do not nest"), fsqlite.transaction(db):
+            pass
         db.execute("INSERT INTO t VALUES (2)")
     assert count(db) == 2  # the outer one was neither rolled back nor committed early
 
@@ -127,10 +121,9 @@ def test_a_full_database_leaves_the_batch_out_and_the_store_usable(tmp_path: Pat
     (pages,) = store.db.execute("PRAGMA page_count").fetchone()
     store.db.execute(f"PRAGMA max_page_count={pages + 2}")
     big = [Metrics("r", s, 0.0, {f"key/{i}": float(i) for i in range(50)}) for s in range(200)]
-    with pytest.raises(sqlite3.OperationalError, match="full"):
-        with store.transaction():
-            store.apply(big)
-            store.save_cursor("store", 1, 2, 3)
+    with pytest.raises(sqlite3.OperationalError, match="full"), store.transaction():
+        store.apply(big)
+        store.save_cursor("store", 1, 2, 3)
     assert store.load_cursor("store") is None and list(store.metric_points("r")) == []
     with store.transaction():
         store.apply([Metrics("r", 0, 0.0, {"loss": 1.0})])
@@ -180,31 +173,22 @@ def test_one_store_shared_by_threads(tmp_path: Path) -> None:
     (unguarded, a second thread's BEGIN lands inside the first one's transaction)."""
     store = Store(tmp_path / "flightlog.db")
     store.apply([RunStart("r", "r", 0.0)])
-    errors: list[BaseException] = []
 
     def write(n: int) -> None:
-        try:
-            for i in range(100):
-                with store.transaction():
-                    store.apply([Metrics("r", n * 1000 + i, 0.0, {"loss": float(i)})])
-                    store.save_cursor(f"sink{n}", 0, i, i)
-        except BaseException as exc:
-            errors.append(exc)
+        for i in range(100):
+            with store.transaction():
+                store.apply([Metrics("r", n * 1000 + i, 0.0, {"loss": float(i)})])
+                store.save_cursor(f"sink{n}", 0, i, i)
 
     def read() -> None:
-        try:
-            for _ in range(200):
-                store.run_states()
-                store.metric_series("r", "loss")
-        except BaseException as exc:
-            errors.append(exc)
+        for _ in range(200):
+            store.run_states()
+            store.metric_series("r", "loss")
 
-    threads = [threading.Thread(target=write, args=(n,)) for n in range(3)] + [threading.Thread(target=read)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    with ThreadPoolExecutor(4) as pool:
+        jobs = [pool.submit(write, n) for n in range(3)] + [pool.submit(read)]
+    for job in jobs:
+        job.result()  # raises what the thread raised
     assert len(store.metric_series("r", "loss")) == 300
     assert [store.load_cursor(f"sink{n}") for n in range(3)] == [(0, 99, 99)] * 3
     store.close()
@@ -261,7 +245,7 @@ def test_monitor_and_plots_keep_one_connection(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(sqlite3, "connect", counting)
     clock = [0.0]
     svc = PlotService(paths, lambda ev: None, clock=lambda: clock[0])
-    mon = Monitor(paths, lambda: [], lambda ev: None, {"monitoring": {"disk_free_floor_bytes": 0}})
+    mon = Monitor(paths, list, lambda ev: None, {"monitoring": {"disk_free_floor_bytes": 0}})
     rendered = 0
     for _ in range(3):
         rendered += svc.tick()
@@ -329,7 +313,7 @@ def test_monitor_reads_a_run_settings_from_the_structs(tmp_path: Path) -> None:
                           config={"monitoring": {"interval_seconds": "often", "log_gpu_usage": False},
                                   "checkpointing": {"checkpoint_dir": "relative/ckpt"}})])
     store.close()
-    mon = Monitor(paths, lambda: [], lambda ev: None, {"monitoring": {"disk_free_floor_bytes": 0}})
+    mon = Monitor(paths, list, lambda ev: None, {"monitoring": {"disk_free_floor_bytes": 0}})
     mon.tick([])
     info = mon.runs["bad"]
     mon.close()
