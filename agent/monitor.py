@@ -293,8 +293,8 @@ class Monitor:
         self.emit = emit
         if not isinstance(settings, Config):
             settings, problems = decode_config(settings)
-            for problem in problems:
-                log.warning("monitor: agent settings: %s", problem)
+            for problem in problems:  # the agent said these when it read its settings (AgentSettings)
+                log.debug("monitor: agent settings: %s", problem)
         self.agent_floor = settings.monitoring.disk_free_floor_bytes
         self.gpu = gpu or GpuReader()
         self.clock = clock

@@ -79,7 +79,7 @@ def _json_object(text: Any) -> dict[str, Any]:
         return {}
     try:
         out = json.loads(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return {}
     return out if isinstance(out, dict) else {}
 

@@ -118,8 +118,11 @@ def test_plot_service_renders_at_end_once_and_emits_images(tmp_path: Path) -> No
     clock[0] += 61
     assert svc.tick() == 1  # the live run's periodic plots
     assert {e.caption for e in events if isinstance(e, Image) and e.run_id == "live"} == {"periodic"}
+    svc.close()
     # a new agent over the same data directory does not render "done" again
-    assert PlotService(paths, events.append).tick() == 0
+    again = PlotService(paths, events.append)
+    assert again.tick() == 0
+    again.close()
 
 
 def test_agent_renders_plots_at_run_end_and_cli_renders_on_demand(

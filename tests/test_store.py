@@ -11,13 +11,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from flightlog.agent.daemon import AgentSettings
 from flightlog.agent.plots import PlotService, render_plots
 from flightlog.agent.store import RunState, Store
 from flightlog.proto import sqlite as fsqlite
 from flightlog.proto.checkpoint.registry import Registry
-from flightlog.proto.config import Config, decode_config
+from flightlog.proto.config import Config, config_to_dict, decode_config
 from flightlog.proto.events import Metrics, RunEnd, RunStart, SystemStats
 from flightlog.proto.paths import AgentPaths
 
@@ -320,3 +323,45 @@ def test_monitor_reads_a_run_settings_from_the_structs(tmp_path: Path) -> None:
     assert info.interval == Config().monitoring.interval_seconds
     assert info.config.monitoring.log_gpu_usage is False
     assert info.dirs(data) == {"data": str(data)}  # a relative dir means nothing in the agent's cwd
+
+
+_SCALARS = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20)
+_KEYS = st.sampled_from([*Config.__struct_fields__, "interval_seconds", "ring_bytes", "fsync", "x"]) | st.text(max_size=8)
+_JSONISH = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_KEYS, inner, max_size=6),
+                        max_leaves=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.dictionaries(_KEYS, _JSONISH, max_size=8) | _JSONISH)
+def test_decode_config_takes_any_builtins(data: Any) -> None:
+    """A run's config comes from another process: whatever it holds, the agent gets a valid Config."""
+    cfg, problems = decode_config(data)
+    assert isinstance(cfg, Config) and all(isinstance(p, str) for p in problems)
+    msgspec.convert(msgspec.to_builtins(cfg), Config)  # every value in it validates
+
+
+@settings(max_examples=100, deadline=None)
+@given(interval=st.floats(0.01, 1e6), floor=st.integers(0, 2**62), plots=st.booleans(),
+       fsync=st.sampled_from(["interval", "always", "never"]), tags=st.lists(st.text(max_size=5), max_size=3))
+def test_decode_config_round_trips_a_valid_config(interval: float, floor: int, plots: bool, fsync: str,
+                                                  tags: list[str]) -> None:
+    cfg = msgspec.convert({"tags": tags, "monitoring": {"interval_seconds": interval, "disk_free_floor_bytes": floor,
+                                                        "create_plots": plots}, "wal": {"fsync": fsync}}, Config)
+    assert decode_config(config_to_dict(cfg)) == (cfg, [])
+    assert decode_config(msgspec.json.decode(msgspec.json.encode(cfg))) == (cfg, [])  # as the store keeps it
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=60) | st.sampled_from(
+    ["[1]", "null", "1e999", "NaN", '{"a": 1}', '{"a": [1, {"b": null}]}', "[" * 100_000 + "]" * 100_000,
+     '{"a": ' * 100_000 + "1" + "}" * 100_000]))
+def test_a_stored_json_column_reads_as_an_object_or_nothing(tmp_path_factory: pytest.TempPathFactory,
+                                                            text: str) -> None:
+    path = tmp_path_factory.getbasetemp() / "json-columns.db"
+    store = Store(path)
+    store.apply([RunStart("r", "r", 0.0)])
+    store.db.execute("UPDATE runs SET config=?, metadata=? WHERE run_id='r'", (text, text))
+    config, metadata = store.run_config("r"), store.run_metadata("r")
+    store.close()
+    assert isinstance(config, dict) and config == metadata
+    assert decode_config(config)[0] is not None
