@@ -13,8 +13,6 @@ from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from flightlog.agent.daemon import AgentSettings
 from flightlog.agent.plots import PlotService, render_plots
 from flightlog.agent.store import RunState, Store
@@ -23,6 +21,8 @@ from flightlog.proto.checkpoint.registry import Registry
 from flightlog.proto.config import Config, config_to_dict, decode_config
 from flightlog.proto.events import Metrics, RunEnd, RunStart, SystemStats
 from flightlog.proto.paths import AgentPaths
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 class FlakyConnection(fsqlite.Connection):
