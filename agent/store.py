@@ -99,9 +99,10 @@ class RunState(NamedTuple):
 class Store:
     """One long-lived connection to the local store.
 
-    The agent holds three: the store sink's (read-write; its runner's worker threads), the monitor's and
-    the plot service's (read-only, ``readonly=True``; their worker threads), so a slow plot query never
-    holds up a commit (WAL journalling: readers and the writer do not block each other). A Store may be
+    In the agent: the store sink's (read-write; its runner's worker threads), the cursor store's for the
+    other sinks (read-write; ``runner.CursorStore``), the monitor's and the plot service's (read-only,
+    ``readonly=True``; their worker threads), so a slow plot query never holds up a commit (WAL
+    journalling: readers and the writer do not block each other). A Store may be
     called from several threads (the plot service asks ``pending`` while a render runs): every call holds
     the store's lock, and a transaction holds it from BEGIN to COMMIT, so no two threads ever use the
     sqlite3 connection at once.
