@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 import psutil
+
 from flightlog.proto.config import Config, decode_config
 from flightlog.proto.errors import FlightlogError
 from flightlog.proto.events import Alert, Event, SystemStats

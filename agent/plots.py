@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+
 from flightlog.proto.config import MonitoringConfig, decode_config
 from flightlog.proto.errors import FlightlogError
 from flightlog.proto.events import Event, Image

@@ -13,6 +13,9 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from flightlog.agent.daemon import AgentSettings
 from flightlog.agent.plots import PlotService, render_plots
 from flightlog.agent.store import RunState, Store
@@ -21,8 +24,6 @@ from flightlog.proto.checkpoint.registry import Registry
 from flightlog.proto.config import Config, config_to_dict, decode_config
 from flightlog.proto.events import Metrics, RunEnd, RunStart, SystemStats
 from flightlog.proto.paths import AgentPaths
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 class FlakyConnection(fsqlite.Connection):
@@ -327,8 +328,13 @@ def test_monitor_reads_a_run_settings_from_the_structs(tmp_path: Path) -> None:
 
 _SCALARS = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20)
 _KEYS = st.sampled_from([*Config.__struct_fields__, "interval_seconds", "ring_bytes", "fsync", "x"]) | st.text(max_size=8)
-_JSONISH = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_KEYS, inner, max_size=6),
-                        max_leaves=30)
+
+
+def _nested(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return _SCALARS | st.lists(inner, max_size=4) | st.dictionaries(_KEYS, inner, max_size=6)
+
+
+_JSONISH = _nested(_nested(_nested(_SCALARS)))  # three levels: a config's top, its sections, their values
 
 
 @settings(max_examples=300, deadline=None)
