@@ -161,9 +161,9 @@ class CheckpointService:
             spec = decode_spec(msg.spec)
             if isinstance(spec, str):
                 return Reply(ok=False, error=spec)
-            job = _Job(msg.request_id, spec, anyio.Event())
-            self._jobs[msg.request_id] = job
-            await self._send.send(job)
+            new = _Job(msg.request_id, spec, anyio.Event())
+            self._jobs[msg.request_id] = new
+            await self._send.send(new)
             return Reply(ok=True)
         job = self._jobs.get(msg.request_id)
         if job is None:
