@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from flightlog import artifacts, capture, viz
+from flightlog import artifacts, capture
 from flightlog.link import AgentLink
 from flightlog.metadata import ExperimentMetadata, absolute_paths, default_rank, new_metadata, run_metadata, sinks_of
 from flightlog.metrics import MetricsPath
@@ -291,6 +291,8 @@ class ExperimentTracker:
     def log_gradient_flow(self, model: Any, step: int | None = None, *, plot: bool = True) -> dict[str, float]:
         """Per-layer gradient L2 norms as ``grad_norm/<param>`` metrics, and (``plot=True``) a gradient-flow
         bar chart as the image ``gradient_flow``. Call after ``backward()``; does not move the step."""
+        from flightlog import viz  # light, but not needed by most runs
+
         norms, events = viz.gradient_flow_events(self.run_id, model, self._at(step), plot)
         self._emit_checked(events)
         return norms
@@ -298,6 +300,8 @@ class ExperimentTracker:
     def log_histograms(self, model: Any, step: int | None = None, *, bins: int = 64,
                        gradients: bool = True) -> int:
         """``weights/<param>`` and ``gradients/<param>`` histograms; returns how many were logged."""
+        from flightlog import viz
+
         events = viz.histogram_events(self.run_id, viz.parameter_histograms(model, bins=bins, gradients=gradients),
                                       self._at(step))
         self._emit_checked(events)
@@ -305,12 +309,16 @@ class ExperimentTracker:
 
     def log_data_distribution(self, batch: Any, step: int | None = None, *, bins: int = 64) -> int:
         """``data/<name>`` histograms (and ``data/<name>/mean``, ``/std`` metrics) of a batch's tensors."""
+        from flightlog import viz
+
         n, events = viz.data_distribution_events(self.run_id, batch, self._at(step), bins)
         self._emit_checked(events)
         return n
 
     def log_model_summary(self, model: Any) -> str:
         """The model's layers and parameter counts as the text ``model/summary``; counts as parameters."""
+        from flightlog import viz
+
         text, events = viz.model_summary_events(self.run_id, model, self._at(None))
         self._emit_checked(events)
         return text
@@ -319,6 +327,8 @@ class ExperimentTracker:
         """CUDA memory of this process per device (allocated, max allocated, reserved, max reserved bytes),
         logged as ``memory/cuda:<i>/...`` metrics at the current step. {} when torch is not loaded or has
         no GPU (torch is never imported here)."""
+        from flightlog import viz
+
         out = viz.cuda_memory_stats()
         if log and out:
             self._emit_checked([Metrics(self.run_id, self._at(None), time.time(), out)])

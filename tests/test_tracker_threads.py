@@ -160,3 +160,24 @@ def test_side_channel_without_an_agent_then_one_comes(agent_paths: AgentPaths, b
         assert_exactly_once(points, ["main", "side"], 100)
     finally:
         proc.stop()
+
+
+def test_socket_transport_from_several_threads(agent: AgentProcess, base_config: dict,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where rings are not safe every thread shares the socket batcher, behind its lock."""
+    monkeypatch.setenv("FLIGHTLOG_TRANSPORT", "socket")
+    n = 5_000
+    t = flightlog.ExperimentTracker("socket-threads", base_config)
+    assert t._producer is None
+    threads = [threading.Thread(target=lambda i=i: [t.log_text(f"s{i}", f"{i}:{j}", step=j) for j in range(500)])
+               for i in range(2)]
+    for th in threads:
+        th.start()
+    for step in range(n):
+        t.log_metrics({"m": float(step)}, step=step)
+    for th in threads:
+        th.join()
+    t.finish()
+    assert_exactly_once(wait_points(agent.paths, t.run_id, n), ["m"], n)
+    rows = _texts(agent.paths, t.run_id, 1000)
+    assert sorted(rows) == sorted((f"s{i}", j, f"{i}:{j}") for i in range(2) for j in range(500))
