@@ -5,7 +5,7 @@ so an older agent can read a newer SDK's events and the other way round.
 """
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
@@ -31,6 +31,9 @@ __all__ = [
     "FlushRequest",
     "EventBatch",
     "StatusRequest",
+    "CheckpointSpec",
+    "RetentionSpec",
+    "TensorRow",
     "CheckpointRequest",
     "CheckpointWait",
     "Reply",
@@ -212,11 +215,61 @@ class StatusRequest(msgspec.Struct, tag="status", array_like=True):
     pass
 
 
+_NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+#: One tensor of a staged checkpoint: name, safetensors dtype, shape, and its [begin, end) bytes in the
+#: staging buffer.
+TensorRow = tuple[str, str, list[_NonNegative], _NonNegative, _NonNegative]
+
+
+class RetentionSpec(msgspec.Struct, kw_only=True):
+    """What the writer keeps after a checkpoint is durable (``flightlog.proto.checkpoint.retention``)."""
+
+    max_checkpoints: _NonNegative = 10  # 0 keeps all
+    keep_every_n_steps: _NonNegative = 0
+    monitor: str | None = None  # the metric that picks the best checkpoint
+    mode: Literal["min", "max"] = "min"
+
+
+class CheckpointSpec(msgspec.Struct, kw_only=True):
+    """A staged checkpoint to write: built by the SDK's checkpointer, decoded by the agent's checkpoint
+    service (or handed to the in-process writer). Every key typed, every default here. Encoded as a map
+    (not array_like): a spec of an older or newer SDK still decodes, unknown keys are ignored."""
+
+    path: str  # the final, absolute path
+    staging: str  # the shared-memory file holding the tensors' bytes
+    data_bytes: _NonNegative
+    tensors: list[TensorRow]
+    metadata: dict[str, str]  # the safetensors __metadata__
+    epoch: int
+    step: int
+    request_id: str = ""
+    v: int = 1
+    codec: str = "zstd"  # one of flightlog.proto.checkpoint.format.CODECS
+    level: int = 1
+    metrics: dict[str, float] = {}
+    is_best: bool | None = None  # None: the retention's monitor decides
+    dtypes: dict[str, _NonNegative] = {}  # safetensors dtype -> bytes
+    retention: RetentionSpec = msgspec.field(default_factory=RetentionSpec)
+    min_free_bytes: _NonNegative = 0
+    run_id: str = ""
+    config_hash: str = ""
+    git_commit: str = ""
+    created: float = 0.0
+    upload: Literal["none", "best", "all"] = "none"
+
+
 class CheckpointRequest(msgspec.Struct, tag="ckreq", array_like=True):
-    """Ask the agent to write a staged checkpoint; ``spec`` is defined by flightlog.checkpoint."""
+    """Ask the agent to write a staged checkpoint. ``spec`` is an encoded CheckpointSpec, decoded by the
+    agent's checkpoint service so that a malformed one gets an error reply naming the key (build it with
+    ``CheckpointRequest.of``)."""
 
     request_id: str
-    spec: dict[str, Any]
+    spec: msgspec.Raw
+
+    @classmethod
+    def of(cls, spec: CheckpointSpec) -> CheckpointRequest:
+        return cls(spec.request_id, msgspec.Raw(msgspec.msgpack.encode(spec)))
 
 
 class CheckpointWait(msgspec.Struct, tag="ckwait", array_like=True):

@@ -3,12 +3,13 @@ ETA as metrics. The tracker calls ``tick`` only when a step passes ``next_step``
 comparison; ``tick`` chooses the next threshold so real work happens about every ``interval`` seconds."""
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Progress", "NEVER", "terminal_attached"]
+__all__ = ["Progress", "RunProgress", "NEVER", "terminal_attached"]
 
 #: A step threshold no run reaches: progress off.
 NEVER = 1 << 62
@@ -89,3 +90,36 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class RunProgress:
+    """A tracker's progress: the Progress of ``start(total)``, ticked from log_metrics' thresholds; its
+    metrics go out through ``emit(step, metrics)``. A broken terminal turns it off, never the run."""
+
+    def __init__(self, emit: Callable[[int, dict[str, float]], None]) -> None:
+        self.emit = emit
+        self.progress: Progress | None = None
+
+    def start(self, total: int, *, bar: bool | None) -> None:
+        self.close()
+        self.progress = Progress(total, bar=bar)
+
+    def tick(self, step: int) -> int:
+        """The next step at which to call again (NEVER once off)."""
+        p = self.progress
+        if p is None:
+            return NEVER
+        try:
+            nxt, metrics = p.tick(step)
+            if metrics is not None:
+                self.emit(step, metrics)
+            return nxt
+        except Exception as exc:  # a broken terminal must not stop training
+            logging.getLogger("flightlog").warning("flightlog: progress display disabled: %r", exc)
+            self.progress = None
+            return NEVER
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None

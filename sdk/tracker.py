@@ -1,15 +1,12 @@
-"""ExperimentTracker: a thin facade over the config, the run's metadata, the ring producer and the agent."""
+"""ExperimentTracker: a thin facade over the run's parts — its metadata (``flightlog.metadata``), the
+transport into the agent (``flightlog.transport``, ``flightlog.link``), the log_metrics hot path
+(``flightlog.metrics``), artifacts, progress, the visualisation helpers and the checkpointer."""
 from __future__ import annotations
 
 import atexit
-import hashlib
 import logging
-import operator
 import os
 import platform
-import shutil
-import socket as _socket
-import threading
 import time
 import traceback
 import uuid
@@ -20,115 +17,32 @@ from typing import Any
 
 import msgspec
 
-from flightlog import capture as _capture
-from flightlog.client import AgentClient, connect_or_start
-from flightlog.proto.config import Config, config_hash, config_to_dict, load_config
-from flightlog.proto.paths import resolve_paths
-from flightlog.proto.codec import event_encoder
+from flightlog import artifacts, capture
+from flightlog.link import AgentLink
+from flightlog.metadata import ExperimentMetadata, absolute_paths, default_rank, new_metadata, run_metadata, sinks_of
+from flightlog.metrics import MetricsPath
+from flightlog.progress import NEVER, RunProgress
+from flightlog.proto.config import Config, config_to_dict, load_config
 from flightlog.proto.errors import AgentUnavailable, FlightlogError
-from flightlog.progress import NEVER, Progress
-from flightlog.proto.events import (
-    Artifact,
-    Event,
-    EventBatch,
-    FlushRequest,
-    Histogram,
-    HyperParams,
-    Image,
-    Metrics,
-    Register,
-    RunEnd,
-    RunStart,
-    Tags,
-    Text,
-    Unregister,
-)
-from flightlog.proto.frames import append_frame
+from flightlog.proto.events import Event, HyperParams, Metrics, RunEnd, RunStart, Tags, Text, Unregister
+from flightlog.proto.paths import resolve_paths
 from flightlog.ring import RingProducer, ring_supported
+from flightlog.transport import Transport, open_transport
+from flightlog.validate import KeyRules, check_experiment_name, check_run_id, check_step
 
 __all__ = ["ExperimentTracker", "ExperimentMetadata", "experiment_tracking"]
 
 log = logging.getLogger("flightlog")
 
 _STATUSES = ("running", "completed", "failed", "killed")
-_now = time.time
-
-
-class ExperimentMetadata(msgspec.Struct, kw_only=True):
-    """What identifies and describes one run."""
-
-    id: str
-    name: str
-    description: str = ""
-    tags: list[str] = []
-    created_at: float = 0.0
-    ended_at: float | None = None
-    status: str = "running"
-    error: str = ""
-    config: dict[str, Any] = {}
-    config_hash: str = ""
-    host: str = ""
-    pid: int = 0
-    rank: int = 0
-    environment: dict[str, Any] = {}  # python, OS, host, CPU, RAM, GPUs, packages, allow-listed env vars
-    git: dict[str, Any] = {}  # commit, branch, dirty, remote_url (no credentials), diff_bytes, diff_artifact
-    command: dict[str, Any] = {}  # argv (secrets masked), cwd, executable
-    seed: dict[str, Any] = {}  # what flightlog.seed_everything did
-    total_steps: int | None = None
-
-
-def _coerce_metrics(metrics: Any) -> dict[str, float | int]:
-    """Slow path of log_metrics: a clear TypeError, or numbers converted (bool, numpy, 0-dim tensors)."""
-    if not isinstance(metrics, Mapping):
-        raise TypeError(f"log_metrics expects a dict of name -> number, got {type(metrics).__name__}")
-    out: dict[str, float | int] = {}
-    for key, value in metrics.items():
-        if type(key) is not str:
-            raise TypeError(f"metric names must be str, got {key!r} ({type(key).__name__})")
-        if type(value) is float or type(value) is int:
-            out[key] = value
-            continue
-        if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
-            raise TypeError(
-                f"metric {key!r} must be a number, got {type(value).__name__}: {value!r:.80}; "
-                "log text with log_text()"
-            )
-        try:
-            out[key] = float(value)
-        except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a tensor with more than one element
-            raise TypeError(f"metric {key!r} cannot be converted to a number: {exc}") from exc
-    return out
-
-
-def _absolute_paths(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The config as the agent must see it: relative paths resolved against this process's cwd."""
-    t = dict(cfg["tracking"])
-    for key in ("tensorboard_log_dir", "wandb_dir"):
-        if t.get(key):
-            t[key] = os.path.abspath(t[key])
-    uri = t.get("mlflow_tracking_uri") or ""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        t["mlflow_tracking_uri"] = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
-    elif uri and "://" not in uri:  # a plain local path is a file store
-        t["mlflow_tracking_uri"] = os.path.abspath(uri)
-    c = dict(cfg["checkpointing"])
-    c["checkpoint_dir"] = os.path.abspath(c["checkpoint_dir"])
-    return {**cfg, "tracking": t, "checkpointing": c}
-
-
-def _default_rank() -> int:
-    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
-        value = os.environ.get(var)
-        if value and value.isdigit():
-            return int(value)
-    return 0
 
 
 class ExperimentTracker:
     """Logs one run. ``log_metrics`` encodes an event and copies it into a shared-memory ring.
 
-    ``log_metrics`` is not thread-safe (it is lock-free): log from one thread, or give each logging thread
-    its own tracker. The other methods take a lock.
+    Every method may be called from any thread. The thread that created the tracker writes into the run's
+    ring without a lock; other threads (callbacks, data-loader hooks) go through a side channel of their own
+    behind a lock, so the ring keeps its single producer.
     """
 
     def __init__(
@@ -142,167 +56,112 @@ class ExperimentTracker:
         rank: int | None = None,
         total_steps: int | None = None,
     ) -> None:
-        if not isinstance(name, str) or not name:
-            raise ValueError("experiment name must be a non-empty string")
+        check_experiment_name(name)
+        self.run_id = check_run_id(run_id) if run_id else uuid.uuid4().hex[:16]
         self.config: Config = load_config(config)
         cfg = self.config
-        self.rank = _default_rank() if rank is None else rank
-        self.run_id = run_id or uuid.uuid4().hex[:16]
-        self.metadata = ExperimentMetadata(
-            id=self.run_id,
-            name=name,
-            description=cfg.description if description is None else description,
-            tags=list(cfg.tags if tags is None else tags),
-            created_at=time.time(),
-            config=_capture.redact(config_to_dict(cfg)),  # secrets never reach the WAL; the hash is of the real one
-            config_hash=config_hash(cfg),
-            host=_socket.gethostname(),
-            pid=os.getpid(),
-            rank=self.rank,
-        )
-        git_diff = self._capture_run_info()
+        self.rank = default_rank() if rank is None else rank
+        self.metadata, git_diff = new_metadata(self.run_id, name, cfg, self.rank, description, tags)
         self.paths = resolve_paths(cfg.agent.data_dir, cfg.agent.socket)
-        self._lock = threading.Lock()
         self._finished = False
-        self._client: AgentClient | None = None
         self._ckpt: Any = None
-        self._pending = bytearray()  # socket fallback only
-        self._pending_count = 0
-        self._step = -1
-        self._warned_backwards = False
-        self._progress: Progress | None = None
-        self._progress_next = NEVER  # log_metrics' one extra comparison: progress off
-        self._producer = self._open_producer()
-        self._buf = bytearray(512)  # reused: encode_into resizes it to each payload
-        self._encode_into = event_encoder.encode_into
-        self._write = self._producer.write_frame if self._producer else self._write_via_socket
+        d = config_to_dict(cfg)
+        self._link = AgentLink(self.paths, {"agent": d["agent"], "wal": d["wal"]}, autostart=cfg.agent.autostart,
+                               timeout=cfg.agent.connect_timeout_seconds)
+        if not ring_supported():
+            log.info("flightlog: no shared-memory ring on this CPU (%s); events go to the agent over its "
+                     "socket, in batches", platform.machine())
+        self._transport: Transport = open_transport(self.paths, cfg.agent, self.run_id, self.rank, self._link,
+                                                    ring_supported())
+        self.producer_id = self._transport.producer_id
+        self._rules = KeyRules(mlflow=cfg.tracking.use_mlflow)
+        self._progress = RunProgress(self._emit_progress)
+        self._metrics = MetricsPath(self.run_id, self._transport, self._rules, self._progress.tick)
+        self.__dict__["log_metrics"] = self._metrics.log_metrics  # the closure: no bound-method hop per call
         self._connect()
-        self._emit(
-            RunStart(
-                run_id=self.run_id, name=name, timestamp=self.metadata.created_at,
-                description=self.metadata.description, tags=self.metadata.tags,
-                config=_absolute_paths(self.metadata.config), config_hash=self.metadata.config_hash,
-                sinks=self._sinks(), pid=os.getpid(), rank=self.rank, host=self.metadata.host,
-                metadata=self._run_metadata(),
-            )
+        start = RunStart(
+            run_id=self.run_id, name=name, timestamp=self.metadata.created_at,
+            description=self.metadata.description, tags=self.metadata.tags,
+            config=absolute_paths(self.metadata.config), config_hash=self.metadata.config_hash,
+            sinks=sinks_of(cfg), pid=os.getpid(), rank=self.rank, host=self.metadata.host,
+            metadata=run_metadata(self.metadata),
         )
+        self._emit(start)
+        self._transport.mark_start(start)
         if git_diff:
-            self._save_git_diff(git_diff)
-        _capture._listen_for_seed(self)
+            saved = artifacts.save_git_diff(self.run_id, self.run_dir, git_diff)
+            if saved is not None:
+                self.metadata.git["diff_artifact"] = str(saved[0])
+                self._emit(saved[1])
+        capture._listen_for_seed(self)
         if total_steps is not None:
             self.progress(total_steps)
         atexit.register(self._atexit)
 
-    # --- setup -----------------------------------------------------------------------------------
-
-    def _sinks(self) -> list[str]:
-        t = self.config.tracking
-        sinks = ["store"]
-        if t.use_tensorboard:
-            sinks.append("tensorboard")
-        if t.use_mlflow:
-            sinks.append("mlflow")
-        if t.use_wandb:
-            sinks.append("wandb")
-        return sinks
-
-    def _open_producer(self) -> RingProducer | None:
-        self.producer_id = f"{self.run_id}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        if not ring_supported():
-            log.info("flightlog: no shared-memory ring on this CPU (%s); events go to the agent over its "
-                     "socket, in batches", platform.machine())
-            return None
-        a = self.config.agent
-        return RingProducer(
-            self.paths.ring_dir / f"{self.producer_id}.ring", a.ring_bytes, self.producer_id,
-            self.paths.spill_dir, rank=self.rank, on_full=a.on_full, block_timeout=a.block_timeout_seconds,
-        )
-
-    def _agent_settings(self) -> dict[str, Any]:
-        d = config_to_dict(self.config)
-        return {"agent": d["agent"], "wal": d["wal"]}
-
     def _connect(self) -> None:
-        a = self.config.agent
-        try:
-            self._client = connect_or_start(
-                self.paths, self._agent_settings(), autostart=a.autostart, timeout=a.connect_timeout_seconds
-            )
-        except AgentUnavailable as exc:
-            # Training goes on: events wait in the ring and spill file until an agent drains them.
-            log.warning("flightlog: %s; events are kept in %s until an agent runs", exc, self.paths.ring_dir)
-            self._client = None
-        if self._client is None:
-            if self._producer is None:
-                raise AgentUnavailable(
-                    f"no flightlog agent on {self.paths.socket} and this CPU has no shared-memory ring; "
-                    "start one with `flightlog agent`"
-                )
-            log.warning("flightlog: no agent on %s yet; logging into %s", self.paths.socket, self.paths.ring_dir)
+        for reg in self._transport.registrations():
+            self._link.register(reg)
+        if self._link.connect():
             return
-        ring_path = str(self._producer.path) if self._producer is not None else ""
-        self._client.request(
-            Register(producer_id=self.producer_id, ring_path=ring_path, pid=os.getpid(), rank=self.rank,
-                     run_id=self.run_id)
-        )
+        if self._transport.ring is None:
+            raise AgentUnavailable(
+                f"no flightlog agent on {self.paths.socket} and this CPU has no shared-memory ring; "
+                "start one with `flightlog agent`"
+            )
+        log.warning("flightlog: no agent on %s yet; logging into %s", self.paths.socket, self.paths.ring_dir)
+
+    @property
+    def _producer(self) -> RingProducer | None:
+        """The owner thread's ring (None on the socket transport)."""
+        return self._transport.ring
+
+    @property
+    def _client(self) -> Any:
+        return self._link.client
+
+    @property
+    def _step(self) -> int:
+        return self._metrics.step
 
     # --- logging ---------------------------------------------------------------------------------
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log numbers at a step (default: the previous step + 1). NaN and ±inf are logged as they are.
 
-        A step lower than the previous one is recorded as given (one warning per run).
+        A step lower than the previous one is recorded as given (one warning per run). (Each tracker replaces
+        this method by its ``flightlog.metrics`` closure; this body only serves calls through the class.)
         """
-        try:
-            for k, v in metrics.items():
-                if (type(v) is not float and type(v) is not int) or type(k) is not str:
-                    metrics = _coerce_metrics(metrics)
-                    break
-        except AttributeError:
-            metrics = _coerce_metrics(metrics)  # not a mapping: raises a clear TypeError
-        if step is None:
-            step = self._step + 1
-        elif type(step) is not int or step < self._step:
-            step = self._check_step(step)
-        self._step = step
-        buf = self._buf
-        self._encode_into(Metrics(self.run_id, step, _now(), metrics), buf, 0)
-        self._write(buf)
-        if step >= self._progress_next:  # progress off: never true; on: about every 0.5 s
-            self._progress_tick(step)
-
-    def _check_step(self, step: Any) -> int:
-        try:
-            step = operator.index(step)  # ints, numpy integers, 0-dim integer tensors
-        except TypeError:
-            raise TypeError(f"step must be an int, got {type(step).__name__}: {step!r:.40}") from None
-        if step < self._step and not self._warned_backwards:
-            self._warned_backwards = True
-            log.warning("flightlog: step went backwards (%d after %d); points are recorded as given",
-                        step, self._step)
-        return int(step)
+        self._metrics.log_metrics(metrics, step)
 
     def log_hyperparameters(self, params: Mapping[str, Any]) -> None:
         """Log hyper-parameters (values: numbers, strings, bools, None, or nested lists/dicts)."""
         if not isinstance(params, Mapping):
             raise TypeError(f"log_hyperparameters expects a dict, got {type(params).__name__}")
-        clean = _capture.redact({str(k): v for k, v in params.items()})
+        clean = capture.redact({str(k): v for k, v in params.items()})
         try:
             msgspec.msgpack.encode(clean)
         except TypeError as exc:
             raise TypeError(f"hyper-parameters must be plain data (numbers, strings, lists, dicts): {exc}") from exc
+        self._rules.params(clean)
         self._emit(HyperParams(self.run_id, clean, time.time()))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._emit(Tags(self.run_id, _capture.redact({str(k): str(v) for k, v in tags.items()}), time.time()))
+        clean = capture.redact({str(k): str(v) for k, v in tags.items()})
+        self._rules.check(clean, "tag key")
+        self._emit(Tags(self.run_id, clean, time.time()))
 
     def log_text(self, key: str, text: str, step: int | None = None) -> None:
-        self._emit(Text(self.run_id, key, str(text), self._step if step is None else step, time.time()))
+        self._emit(Text(self.run_id, key, str(text), self._metrics.step if step is None else check_step(step),
+                        time.time()))
 
     def _emit(self, event: Event) -> None:
-        with self._lock:
-            self._encode_into(event, self._buf, 0)
-            self._write(self._buf)
+        self._transport.emit(event)
+
+    def _emit_progress(self, step: int, metrics: dict[str, float]) -> None:
+        self._emit(Metrics(self.run_id, step, time.time(), metrics))
+
+    def _at(self, step: int | None) -> int:
+        return max(self._metrics.step, 0) if step is None else check_step(int(step))
 
     # --- checkpoints (flightlog.checkpoint, imported on first use: it needs torch) ---------------
 
@@ -333,62 +192,14 @@ class ExperimentTracker:
         freq = self.config.checkpointing.save_frequency
         return freq > 0 and step > 0 and step % freq == 0
 
-    # --- the socket fallback (CPUs without the ring's store ordering) -----------------------------
-
-    def _write_via_socket(self, payload: bytearray) -> None:
-        """Batch frames in memory and send them to the agent every 64 KiB and at flush.
-
-        Weaker than the ring: events not yet sent are lost if the trainer dies, and a batch re-sent after
-        an agent crash may be ingested twice. Documented in the README.
-        """
-        append_frame(self._pending, bytes(payload))
-        self._pending_count += 1
-        if len(self._pending) >= 64 << 10:
-            self._send_pending()
-
-    def _send_pending(self) -> None:
-        if not self._pending_count:
-            return
-        reply = self._request(EventBatch(self.producer_id, bytes(self._pending), self._pending_count))
-        if not reply.ok:
-            raise FlightlogError(f"the agent refused a batch of events: {reply.error}")
-        self._pending.clear()
-        self._pending_count = 0
-
     # --- durability and lifecycle ----------------------------------------------------------------
 
     def flush(self, timeout: float = 60.0) -> None:
-        """Return once everything logged so far is in the agent's WAL and fsynced, and every checkpoint
-        saved so far is durable."""
+        """Return once everything logged so far (from every thread) is in the agent's WAL and fsynced, and
+        every checkpoint saved so far is durable."""
         if self._ckpt is not None:
             self._ckpt.wait_all(timeout)
-        if self._producer is None:
-            with self._lock:
-                self._send_pending()
-            return
-        w, gen, spill_pos = self._producer.positions()
-        reply = self._request(FlushRequest(self.producer_id, w, gen, spill_pos, timeout), timeout + 5)
-        if not reply.ok:
-            raise FlightlogError(f"flush failed: {reply.error}")
-
-    def _request(self, message: Any, timeout: float = 30.0) -> Any:
-        """A control request; reconnects once (an agent restarted after a crash is found again)."""
-        for attempt in (1, 2):
-            if self._client is None:
-                self._connect()
-                if self._client is None:
-                    raise AgentUnavailable(
-                        f"no flightlog agent on {self.paths.socket}; start one with `flightlog agent` "
-                        "(events logged so far are kept in shared memory and spill files until then)"
-                    )
-            try:
-                return self._client.request(message, timeout=timeout)
-            except AgentUnavailable:
-                self._client.close()
-                self._client = None
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        self._transport.flush(timeout)
 
     def finish(self, status: str = "completed", error: str = "") -> None:
         """End the run: record its status, make every event durable, release the ring."""
@@ -397,33 +208,37 @@ class ExperimentTracker:
         if status not in _STATUSES:
             raise ValueError(f"status must be one of {_STATUSES}, got {status!r}")
         self._finished = True
-        self.metadata.status = status
-        self.metadata.error = error
-        self.metadata.ended_at = time.time()
-        dropped = self._producer.dropped if self._producer else 0
+        md = self.metadata
+        md.status, md.error, md.ended_at = status, error, time.time()
+        dropped = self._transport.dropped
         if dropped:
             log.warning("flightlog: %d events were dropped because the ring was full (agent.on_full=drop)", dropped)
-        if self._progress is not None:
-            self._progress.close()
-            self._progress, self._progress_next = None, NEVER
-        self._emit(RunEnd(self.run_id, status, self.metadata.ended_at, error, dropped))
+        self._progress.close()
+        self._metrics.progress_next = NEVER
+        if not self._link.connected:
+            self._connect_quietly()  # an agent may have come up since (or autostart starts one now)
+        self._transport.fence_before_end()
+        self._emit(RunEnd(self.run_id, status, md.ended_at, error, dropped))
         try:
-            if self._client is None:
-                self._connect()  # an agent may have come up since (or autostart starts one now)
-            if self._client is not None:
+            if self._link.connected:
                 self.flush()
-            if self._client is not None:
-                self._client.request(Unregister(self.producer_id))
+                for producer_id in self._link.producer_ids:
+                    self._link.request(Unregister(producer_id), reconnect=False)
         except FlightlogError as exc:
             log.warning("flightlog: could not confirm the end of run %s with the agent: %s", self.run_id, exc)
         finally:
+            self._metrics.retire()
             if self._ckpt is not None:
                 self._ckpt.close()  # waits for checkpoint writes still running, frees the staging buffers
-            if self._client is not None:
-                self._client.close()
-            if self._producer is not None:
-                self._producer.close()
+            self._link.close()
+            self._transport.close()
             atexit.unregister(self._atexit)
+
+    def _connect_quietly(self) -> None:
+        try:
+            self._link.connect()
+        except FlightlogError as exc:
+            log.warning("flightlog: could not reach the agent at the end of run %s: %s", self.run_id, exc)
 
     def _atexit(self) -> None:
         if not self._finished:
@@ -440,42 +255,12 @@ class ExperimentTracker:
         else:
             self.finish("failed", "".join(traceback.format_exception(exc_type, exc, tb)))
 
-    # --- reproducibility capture (flightlog.capture) ------------------------------------------------
+    # --- reproducibility, progress, artifacts --------------------------------------------------
 
     @property
     def run_dir(self) -> Path:
         """This run's directory in the agent's data directory (artifacts, plots)."""
         return self.paths.data_dir / "runs" / self.run_id
-
-    def _capture_run_info(self) -> str:
-        """Fill the metadata's environment, git, command and seed; returns the uncommitted git diff."""
-        md = self.metadata
-        try:
-            md.environment = _capture.capture_environment()
-            md.command = _capture.capture_command()
-            md.git, diff = _capture.capture_git()
-        except Exception as exc:  # capture is best effort: it must never stop a run from starting
-            log.warning("flightlog: reproducibility capture incomplete: %r", exc)
-            diff = ""
-        md.seed = _capture.last_seed()
-        return diff
-
-    def _run_metadata(self) -> dict[str, Any]:
-        md = self.metadata
-        info = {"environment": md.environment, "git": md.git, "command": md.command, "seed": md.seed}
-        return _capture.redact(msgspec.to_builtins(info, enc_hook=str))  # plain data only on the wire
-
-    def _save_git_diff(self, diff: str) -> None:
-        try:
-            path = self.run_dir / "artifacts" / "git_diff.patch"
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            data = diff.encode()
-            path.write_bytes(data)
-            self.metadata.git["diff_artifact"] = str(path)
-            self._emit(Artifact(self.run_id, "git_diff.patch", str(path), time.time(), "git-diff",
-                                "sha256:" + hashlib.sha256(data).hexdigest(), len(data)))
-        except OSError as exc:
-            log.warning("flightlog: could not save the uncommitted git diff: %s", exc)
 
     def _record_seed(self, info: dict[str, Any]) -> None:
         """Called by flightlog.seed_everything while this run is alive."""
@@ -485,77 +270,31 @@ class ExperimentTracker:
         self._emit(HyperParams(self.run_id, {"seed": info["seed"], "deterministic": info["deterministic"]},
                                time.time()))
 
-    # --- progress and ETA (flightlog.progress) --------------------------------------------------------
-
     def progress(self, total_steps: int) -> None:
         """Track progress towards ``total_steps``: a bar on a terminal (rank 0 only), and the metrics
         ``progress/eta_seconds`` and ``progress/steps_per_second``, from the steps log_metrics sees."""
-        if self._progress is not None:
-            self._progress.close()
-        self._progress = Progress(total_steps, bar=None if self.rank == 0 else False)
+        self._progress.start(total_steps, bar=None if self.rank == 0 else False)
         self.metadata.total_steps = total_steps
-        self._progress_next = 0
-
-    def _progress_tick(self, step: int) -> None:
-        p = self._progress
-        if p is None:
-            self._progress_next = NEVER
-            return
-        try:
-            self._progress_next, metrics = p.tick(step)
-            if metrics is not None:
-                self._emit(Metrics(self.run_id, step, _now(), metrics))
-        except Exception as exc:  # a broken terminal must not stop training
-            log.warning("flightlog: progress display disabled: %r", exc)
-            self._progress, self._progress_next = None, NEVER
-
-    # --- artifacts ----------------------------------------------------------------------------------
+        self._metrics.progress_next = 0
 
     def log_artifact(self, path: str | os.PathLike[str], name: str | None = None, type: str | None = None) -> Path:
         """Copy a file or directory into the run's directory, with a sha256, and hand it to the sinks.
 
         Returns the copy's path. A second artifact of the same name replaces the first.
         """
-        src = Path(path)
-        if not src.exists():
-            raise FileNotFoundError(f"log_artifact: {src} does not exist")
-        name = name or src.name
-        if not name or name in (".", "..") or "/" in name or os.sep in name:
-            raise ValueError(f"artifact name must be a plain file name, got {name!r}")
-        dest_dir = self.run_dir / "artifacts"
-        dest_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        dest = dest_dir / name
-        tmp = dest_dir / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
-        if src.is_dir():
-            shutil.copytree(src, tmp, symlinks=True)
-        else:
-            shutil.copyfile(src, tmp)
-        checksum, size = _sha256_tree(tmp)
-        if dest.is_dir() and not dest.is_symlink():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-        self._emit(Artifact(self.run_id, name, str(dest), time.time(), type or ("dir" if src.is_dir() else "file"),
-                            checksum, size))
+        dest, event = artifacts.copy_artifact(self.run_id, self.run_dir, path, name, type)
+        self._emit(event)
         return dest
 
     # --- visualisation (flightlog.viz: imports torch on first use) --------------------------------------
 
-    def _at(self, step: int | None) -> int:
-        return max(self._step, 0) if step is None else int(step)
-
     def log_gradient_flow(self, model: Any, step: int | None = None, *, plot: bool = True) -> dict[str, float]:
         """Per-layer gradient L2 norms as ``grad_norm/<param>`` metrics, and (``plot=True``) a gradient-flow
         bar chart as the image ``gradient_flow``. Call after ``backward()``; does not move the step."""
-        from flightlog import viz
+        from flightlog import viz  # light, but not needed by most runs
 
-        step = self._at(step)
-        norms = viz.gradient_norms(model)
-        if norms:
-            self._emit(Metrics(self.run_id, step, _now(), norms))
-        if plot:
-            png = viz.gradient_flow_png(model)
-            if png is not None:
-                self._emit(Image(self.run_id, "gradient_flow", step, _now(), "", png))
+        norms, events = viz.gradient_flow_events(self.run_id, model, self._at(step), plot)
+        self._emit_checked(events)
         return norms
 
     def log_histograms(self, model: Any, step: int | None = None, *, bins: int = 64,
@@ -563,79 +302,45 @@ class ExperimentTracker:
         """``weights/<param>`` and ``gradients/<param>`` histograms; returns how many were logged."""
         from flightlog import viz
 
-        return self._emit_histograms(viz.parameter_histograms(model, bins=bins, gradients=gradients),
-                                     self._at(step))
+        events = viz.histogram_events(self.run_id, viz.parameter_histograms(model, bins=bins, gradients=gradients),
+                                      self._at(step))
+        self._emit_checked(events)
+        return len(events)
 
     def log_data_distribution(self, batch: Any, step: int | None = None, *, bins: int = 64) -> int:
         """``data/<name>`` histograms (and ``data/<name>/mean``, ``/std`` metrics) of a batch's tensors."""
         from flightlog import viz
 
-        step = self._at(step)
-        hists = viz.data_distribution(batch, bins=bins)
-        stats = {f"{key}/{k}": v for key, h in hists for k, v in h.extra.items()}
-        if stats:
-            self._emit(Metrics(self.run_id, step, _now(), stats))
-        return self._emit_histograms(hists, step)
-
-    def _emit_histograms(self, hists: Any, step: int) -> int:
-        n = 0
-        for key, h in hists:
-            self._emit(Histogram(self.run_id, key, step, _now(), h.bucket_limits, h.bucket_counts, h.min, h.max,
-                                 h.count, h.sum, h.sum_squares))
-            n += 1
+        n, events = viz.data_distribution_events(self.run_id, batch, self._at(step), bins)
+        self._emit_checked(events)
         return n
 
     def log_model_summary(self, model: Any) -> str:
         """The model's layers and parameter counts as the text ``model/summary``; counts as parameters."""
         from flightlog import viz
 
-        text, counts = viz.model_summary(model)
-        self._emit(Text(self.run_id, "model/summary", text, max(self._step, 0), time.time()))
-        self._emit(HyperParams(self.run_id, {f"model/{k}": v for k, v in counts.items()}, time.time()))
+        text, events = viz.model_summary_events(self.run_id, model, self._at(None))
+        self._emit_checked(events)
         return text
 
     def memory_stats(self, *, log: bool = True) -> dict[str, float]:
         """CUDA memory of this process per device (allocated, max allocated, reserved, max reserved bytes),
         logged as ``memory/cuda:<i>/...`` metrics at the current step. {} when torch is not loaded or has
         no GPU (torch is never imported here)."""
-        import sys
+        from flightlog import viz
 
-        torch = sys.modules.get("torch")
-        if torch is None or not torch.cuda.is_available():
-            return {}
-        out: dict[str, float] = {}
-        for i in range(torch.cuda.device_count()):
-            p = f"memory/cuda:{i}/"
-            out[p + "allocated_bytes"] = float(torch.cuda.memory_allocated(i))
-            out[p + "max_allocated_bytes"] = float(torch.cuda.max_memory_allocated(i))
-            out[p + "reserved_bytes"] = float(torch.cuda.memory_reserved(i))
-            out[p + "max_reserved_bytes"] = float(torch.cuda.max_memory_reserved(i))
+        out = viz.cuda_memory_stats()
         if log and out:
-            self._emit(Metrics(self.run_id, max(self._step, 0), _now(), out))
+            self._emit_checked([Metrics(self.run_id, self._at(None), time.time(), out)])
         return out
 
-
-def _sha256_tree(path: Path) -> tuple[str, int]:
-    """sha256 of a file, or of a directory's (relative path, file sha256) list; and the total size."""
-    def file_hash(p: Path) -> tuple[str, int]:
-        h = hashlib.sha256()
-        n = 0
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-                n += len(chunk)
-        return h.hexdigest(), n
-
-    if not path.is_dir():
-        digest, size = file_hash(path)
-        return "sha256:" + digest, size
-    outer = hashlib.sha256()
-    total = 0
-    for p in sorted(q for q in path.rglob("*") if q.is_file() and not q.is_symlink()):
-        digest, size = file_hash(p)
-        outer.update(f"{p.relative_to(path).as_posix()}\0{digest}\n".encode())
-        total += size
-    return "sha256:" + outer.hexdigest(), total
+    def _emit_checked(self, events: list[Any]) -> None:
+        """Events built here from model or batch names: their keys checked against the run's backends."""
+        for ev in events:
+            if type(ev) is Metrics:
+                self._rules.metrics(ev.values)
+        for ev in events:
+            self._emit(ev)
 
 
 @contextmanager

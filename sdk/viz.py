@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator, Mapping
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +21,11 @@ __all__ = [
     "histogram",
     "model_summary",
     "data_distribution",
+    "histogram_events",
+    "gradient_flow_events",
+    "data_distribution_events",
+    "model_summary_events",
+    "cuda_memory_stats",
 ]
 
 DEFAULT_BINS = 64
@@ -214,4 +221,60 @@ def data_distribution(batch: Any, *, bins: int = DEFAULT_BINS) -> list[tuple[str
         h = histogram(value, bins)
         if h is not None:
             out.append((f"data/{name}", h))
+    return out
+
+
+# --- events for the tracker (its log_* helpers emit these) ----------------------------------------------
+
+
+def histogram_events(run_id: str, hists: Iterable[tuple[str, HistogramData]], step: int) -> list[Any]:
+    from flightlog.proto.events import Histogram
+
+    return [Histogram(run_id, key, step, time.time(), h.bucket_limits, h.bucket_counts, h.min, h.max, h.count,
+                      h.sum, h.sum_squares) for key, h in hists]
+
+
+def gradient_flow_events(run_id: str, model: Any, step: int, plot: bool) -> tuple[dict[str, float], list[Any]]:
+    """``grad_norm/<param>`` metrics and (``plot``) the ``gradient_flow`` image."""
+    from flightlog.proto.events import Image, Metrics
+
+    norms = gradient_norms(model)
+    events: list[Any] = [Metrics(run_id, step, time.time(), norms)] if norms else []
+    png = gradient_flow_png(model) if plot else None
+    if png is not None:
+        events.append(Image(run_id, "gradient_flow", step, time.time(), "", png))
+    return norms, events
+
+
+def data_distribution_events(run_id: str, batch: Any, step: int, bins: int) -> tuple[int, list[Any]]:
+    """``data/<name>/mean`` and ``/std`` metrics and ``data/<name>`` histograms; and how many histograms."""
+    from flightlog.proto.events import Metrics
+
+    hists = data_distribution(batch, bins=bins)
+    stats = {f"{key}/{k}": v for key, h in hists for k, v in h.extra.items()}
+    events: list[Any] = [Metrics(run_id, step, time.time(), stats)] if stats else []
+    return len(hists), events + histogram_events(run_id, hists, step)
+
+
+def model_summary_events(run_id: str, model: Any, step: int) -> tuple[str, list[Any]]:
+    from flightlog.proto.events import HyperParams, Text
+
+    text, counts = model_summary(model)
+    return text, [Text(run_id, "model/summary", text, step, time.time()),
+                  HyperParams(run_id, {f"model/{k}": v for k, v in counts.items()}, time.time())]
+
+
+def cuda_memory_stats() -> dict[str, float]:
+    """CUDA memory of this process per device, as ``memory/cuda:<i>/...`` values; {} when torch is not
+    loaded or has no GPU (torch is never imported here)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return {}
+    out: dict[str, float] = {}
+    for i in range(torch.cuda.device_count()):
+        p = f"memory/cuda:{i}/"
+        out[p + "allocated_bytes"] = float(torch.cuda.memory_allocated(i))
+        out[p + "max_allocated_bytes"] = float(torch.cuda.max_memory_allocated(i))
+        out[p + "reserved_bytes"] = float(torch.cuda.memory_reserved(i))
+        out[p + "max_reserved_bytes"] = float(torch.cuda.max_memory_reserved(i))
     return out

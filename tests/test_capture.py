@@ -321,11 +321,11 @@ def test_progress_bar_only_on_a_terminal() -> None:
 
 def test_tracker_progress_metrics(agent: Any, base_config: dict) -> None:
     with flightlog.ExperimentTracker("prog", base_config, total_steps=40) as t:
-        assert t._progress is not None and t._progress.bar is None  # not a TTY here
+        assert t._progress.progress is not None and t._progress.progress.bar is None  # not a TTY here
         for step in range(40):
             t.log_metrics({"loss": 1.0}, step=step)
             time.sleep(0.04)
-    assert t._progress_next == NEVER
+    assert t._metrics.progress_next == NEVER
     points = [e for e in wal_events(agent.paths.wal_dir) if isinstance(e, Metrics)
               and "progress/eta_seconds" in e.values]
     assert points, "no progress metrics were logged"

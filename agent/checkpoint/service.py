@@ -12,41 +12,52 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from flightlog.proto.errors import FlightlogError
-from flightlog.proto.events import Artifact, CheckpointRequest, CheckpointSaved, CheckpointWait, Reply
+from flightlog.proto.events import (
+    Artifact,
+    CheckpointRequest,
+    CheckpointSaved,
+    CheckpointSpec,
+    CheckpointWait,
+    Reply,
+)
 
-from flightlog.proto.checkpoint.format import CODECS
+from flightlog.proto.checkpoint.format import CODECS, DTYPE_SIZES
 from flightlog.proto.checkpoint.writer import commit_checkpoint, recover_interrupted
 
-__all__ = ["CheckpointService", "validate_spec", "SPEC_KEYS"]
+__all__ = ["CheckpointService", "decode_spec"]
 
 log = logging.getLogger("flightlog.agent.checkpoint")
 
-#: Keys every request spec carries (see flightlog.checkpoint for how the SDK builds it).
-SPEC_KEYS = ("path", "staging", "data_bytes", "tensors", "metadata", "codec", "level", "epoch", "step")
 _KEEP_FINISHED = 256
+_spec_decoder = msgspec.msgpack.Decoder(CheckpointSpec)
 
 
-def validate_spec(spec: Any) -> str:
-    """An error message for a malformed spec, or ''."""
-    if not isinstance(spec, dict):
-        return "checkpoint spec must be a mapping"
-    missing = [k for k in SPEC_KEYS if k not in spec]
-    if missing:
-        return f"checkpoint spec lacks {', '.join(missing)}"
-    if not os.path.isabs(str(spec["path"])):
-        return f"checkpoint path {spec['path']!r} must be absolute"
-    if spec["codec"] not in CODECS:
-        return f"unknown checkpoint codec {spec['codec']!r}"
-    return ""
+def decode_spec(raw: bytes | memoryview | msgspec.Raw) -> CheckpointSpec | str:
+    """The request's CheckpointSpec, or an error message naming what is wrong with it."""
+    try:
+        spec = _spec_decoder.decode(raw)
+    except msgspec.DecodeError as exc:  # ValidationError included: its message names the key
+        return f"malformed checkpoint request: {exc}"
+    if not os.path.isabs(spec.path):
+        return f"checkpoint path {spec.path!r} must be absolute"
+    if spec.codec not in CODECS:
+        return f"unknown checkpoint codec {spec.codec!r}; one of {', '.join(CODECS)}"
+    for name, dtype, _shape, begin, end in spec.tensors:
+        if dtype not in DTYPE_SIZES:
+            return f"checkpoint tensor {name!r} has unknown dtype {dtype!r}"
+        if not begin <= end <= spec.data_bytes:
+            return f"checkpoint tensor {name!r} spans bytes [{begin}, {end}) outside the {spec.data_bytes} staged"
+    return spec
 
 
 @dataclass
 class _Job:
     request_id: str
-    spec: dict[str, Any]
+    spec: CheckpointSpec
     done: anyio.Event
     result: dict[str, Any] = field(default_factory=dict)
     error: str = ""
@@ -73,10 +84,10 @@ class CheckpointService:
                     job.result = await anyio.to_thread.run_sync(self._commit, job)
                 except FlightlogError as exc:
                     job.error = str(exc)
-                    log.warning("checkpoint %s failed: %s", job.spec.get("path"), exc)
+                    log.warning("checkpoint %s failed: %s", job.spec.path, exc)
                 except Exception as exc:  # a bug must not kill the agent; the trainer hears about it
-                    log.exception("checkpoint %s failed unexpectedly", job.spec.get("path"))
-                    job.error = f"unexpected error writing {job.spec.get('path')}: {exc!r}"
+                    log.exception("checkpoint %s failed unexpectedly", job.spec.path)
+                    job.error = f"unexpected error writing {job.spec.path}: {exc!r}"
                 finally:
                     job.done.set()
                     self._prune()
@@ -92,9 +103,10 @@ class CheckpointService:
             ))
             job.result = row
             anyio.from_thread.run_sync(job.done.set)
-            self._queue_upload(row, job.spec.get("upload", "none"))
+            self._queue_upload(row, job.spec.upload)
 
-        return commit_checkpoint(job.spec, self.agent.paths.store, on_durable=durable)
+        # The writer and registry read the spec's keys; the Struct gave each its type and default.
+        return commit_checkpoint(msgspec.to_builtins(job.spec), self.agent.paths.store, on_durable=durable)
 
     # --- uploads (checkpointing.upload) --------------------------------------------------------
 
@@ -146,12 +158,12 @@ class CheckpointService:
         if isinstance(msg, CheckpointRequest):
             if msg.request_id in self._jobs:
                 return Reply(ok=True, data={"known": True})  # a re-send after a lost reply: idempotent
-            error = validate_spec(msg.spec)
-            if error:
-                return Reply(ok=False, error=error)
-            job = _Job(msg.request_id, msg.spec, anyio.Event())
-            self._jobs[msg.request_id] = job
-            await self._send.send(job)
+            spec = decode_spec(msg.spec)
+            if isinstance(spec, str):
+                return Reply(ok=False, error=spec)
+            new = _Job(msg.request_id, spec, anyio.Event())
+            self._jobs[msg.request_id] = new
+            await self._send.send(new)
             return Reply(ok=True)
         job = self._jobs.get(msg.request_id)
         if job is None:

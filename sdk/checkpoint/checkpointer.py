@@ -1,0 +1,400 @@
+"""ModelCheckpointer: saves (stage, then hand to a writer), lists, chooses and loads checkpoints."""
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import functools
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import torch
+
+from flightlog.checkpoint.loading import apply_state, candidates, in_place_targets, read_state
+from flightlog.checkpoint.staging import BOUNCE_BYTES, StagingBuffer, StagingPool, default_staging_dir, stage
+from flightlog.checkpoint.state import FORMAT_TAG, collect_state, git_commit, metric_value, plan_layout
+from flightlog.checkpoint.writers import AgentWriter, LocalWriter
+from flightlog.proto.checkpoint.codecs import check_level
+from flightlog.proto.checkpoint.format import EXTENSIONS
+from flightlog.proto.checkpoint.reader import CheckpointReader
+from flightlog.proto.checkpoint.registry import STANDALONE_NAME, Registry
+from flightlog.proto.errors import CheckpointCorrupt, CheckpointError, FlightlogError
+from flightlog.proto.events import CheckpointSpec, RetentionSpec
+
+__all__ = ["ModelCheckpointer", "CheckpointMetadata", "PendingCheckpoint"]
+
+log = logging.getLogger("flightlog")
+
+
+class CheckpointMetadata(msgspec.Struct, kw_only=True):
+    """One durable checkpoint, as the registry records it."""
+
+    path: str
+    epoch: int
+    step: int
+    metrics: dict[str, float] = {}
+    size: int = 0
+    checksum: str = ""
+    compression: str = ""
+    dtypes: dict[str, int] = {}  # safetensors dtype -> bytes
+    nbytes: int = 0  # uncompressed tensor bytes
+    tensors: int = 0
+    config_hash: str = ""
+    git_commit: str = ""
+    created: float = 0.0
+    saved: float = 0.0
+    is_best: bool = False
+    run_id: str = ""
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> CheckpointMetadata:
+        names = cls.__struct_fields__
+        return cls(**{k: (row[k] if row[k] is not None else _DEFAULTS[k]) for k in names if k in row})
+
+
+_DEFAULTS: dict[str, Any] = {"metrics": {}, "size": 0, "checksum": "", "compression": "", "dtypes": {}, "nbytes": 0,
+                             "tensors": 0, "config_hash": "", "git_commit": "", "created": 0.0, "saved": 0.0,
+                             "is_best": False, "run_id": "", "epoch": 0, "step": 0, "path": ""}
+
+
+class PendingCheckpoint(str):
+    """The final path of a checkpoint being written (a ``str``); ``wait()`` returns its metadata once the
+    file is durable, or raises CheckpointError."""
+
+    _future: concurrent.futures.Future[CheckpointMetadata]
+
+    def __new__(cls, path: str, future: concurrent.futures.Future[CheckpointMetadata]) -> PendingCheckpoint:
+        obj = super().__new__(cls, path)
+        obj._future = future
+        return obj
+
+    @property
+    def path(self) -> str:
+        return str(self)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> CheckpointMetadata:
+        try:
+            return self._future.result(timeout)
+        except concurrent.futures.TimeoutError as exc:
+            raise CheckpointError(f"checkpoint {self} is still being written after {timeout} s") from exc
+
+
+
+class ModelCheckpointer:
+    """Saves, lists, chooses and loads checkpoints in ``checkpoint_dir``.
+
+    ``save`` blocks only while tensors are copied into a shared-memory staging buffer and returns a
+    PendingCheckpoint (the final path). Standalone it writes on a thread of this process and keeps its
+    registry in ``checkpoint_dir/registry.db``; built with ``for_tracker`` it hands the write to the agent
+    and uses the agent's store as registry.
+    """
+
+    def __init__(
+        self,
+        checkpoint_dir: str | os.PathLike[str] = "checkpoints",
+        max_checkpoints: int = 10,
+        monitor: str | None = "val_loss",
+        mode: str = "min",
+        compression: str = "zstd",
+        compression_level: int = 1,
+        keep_every_n_steps: int = 0,
+        *,
+        min_free_bytes: int = 0,
+        max_in_flight: int = 1,
+        staging_dir: str | os.PathLike[str] | None = None,
+        registry: str | os.PathLike[str] | None = None,
+        run_id: str = "",
+        config_hash: str = "",
+        threads: int = 0,
+        upload: str = "none",
+    ) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if upload not in ("none", "best", "all"):
+            raise ValueError(f"upload must be 'none', 'best' or 'all', got {upload!r}")
+        if max_checkpoints < 0 or keep_every_n_steps < 0 or max_in_flight < 1:
+            raise ValueError("max_checkpoints and keep_every_n_steps must be >= 0, max_in_flight >= 1")
+        check_level(compression, compression_level)
+        self.dir = Path(checkpoint_dir).expanduser().absolute()
+        self.max_checkpoints, self.keep_every_n_steps = max_checkpoints, keep_every_n_steps
+        self.monitor, self.mode = monitor, mode
+        self.compression, self.compression_level = compression, compression_level
+        self.min_free_bytes = min_free_bytes
+        self.upload = upload  # done by the agent's MLflow/W&B sinks: only through a tracker
+        self.run_id, self.config_hash = run_id, config_hash
+        self.registry_path = Path(registry) if registry else self.dir / STANDALONE_NAME
+        self._local = LocalWriter(self.registry_path, threads)
+        self._writer: LocalWriter | AgentWriter = self._local
+        self._pool = StagingPool(Path(staging_dir) if staging_dir else default_staging_dir(), max_in_flight)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_in_flight, thread_name_prefix="flightlog-ckpt")
+        self._pending: dict[str, PendingCheckpoint] = {}
+        self._jobs: list[concurrent.futures.Future[None]] = []  # writer-thread work, retention included
+        self._lock = threading.Lock()
+        self._bounce: torch.Tensor | None = None
+        copiers = min(8, torch.get_num_threads())
+        self._copiers = (concurrent.futures.ThreadPoolExecutor(copiers, thread_name_prefix="flightlog-stage")
+                         if copiers > 1 else None)
+        self._closed = False
+        self._git = git_commit(os.getcwd())
+        self._finalizer = weakref.finalize(self, ModelCheckpointer._cleanup, self._pool)
+        atexit.register(self._atexit)
+
+    @classmethod
+    def for_tracker(cls, tracker: Any) -> ModelCheckpointer:
+        """A checkpointer configured by ``tracker.config.checkpointing``, writing through the tracker's agent."""
+        c = tracker.config.checkpointing
+        tracking = tracker.config.tracking
+        ck = cls(
+            Path.cwd() / c.checkpoint_dir, max_checkpoints=c.max_checkpoints, monitor=c.monitor, mode=c.mode,
+            compression=c.compression, compression_level=c.compression_level,
+            keep_every_n_steps=c.keep_every_n_steps, min_free_bytes=c.min_free_bytes,
+            staging_dir=tracker.paths.ring_dir.parent / "ckpt", registry=tracker.paths.store,
+            run_id=tracker.run_id, config_hash=tracker.metadata.config_hash,
+            upload=c.upload if tracking.use_mlflow or tracking.use_wandb else "none",
+        )
+        ck._writer = AgentWriter(tracker._link, tracker.paths, ck._local)
+        return ck
+
+    # --- saving --------------------------------------------------------------------------------
+
+    def save(self, model: Any = None, epoch: int = 0, step: int = 0, optimizer: Any = None, scheduler: Any = None,
+             scaler: Any = None, is_best: bool | None = None, **metrics: Any) -> PendingCheckpoint:
+        """Stage the training state and return its final path at once; the file appears there atomically
+        when durable. Keyword arguments other than the named ones are metrics (``val_loss=0.3``)."""
+        if self._closed:
+            raise CheckpointError("this ModelCheckpointer is closed")
+        values = {k: metric_value(k, v) for k, v in metrics.items()}
+        path = str(self.dir / f"ckpt-e{int(epoch):04d}-s{int(step):09d}{EXTENSIONS[self.compression]}")
+        with self._lock:
+            tensors, meta = collect_state(model, optimizer, scheduler, scaler)
+            meta.update(epoch=int(epoch), step=int(step), metrics=values, is_best=is_best, run_id=self.run_id,
+                        config_hash=self.config_hash, git_commit=self._git, created=time.time(),
+                        torch=torch.__version__)
+            manifest, order, aliases, total = plan_layout(tensors)
+            meta["aliases"] = aliases
+            buf = self._pool.acquire()
+            try:
+                staging = buf.ensure(total)
+                stage(staging, manifest, order, self._pinned, self._copiers)
+                spec = self._spec(path, buf, total, manifest, meta, is_best)
+                future: concurrent.futures.Future[CheckpointMetadata] = concurrent.futures.Future()
+                self._jobs = [j for j in self._jobs if not j.done()]
+                self._jobs.append(self._executor.submit(self._write, spec, buf, future))
+            except BaseException:
+                self._pool.release(buf)
+                raise
+            pending = PendingCheckpoint(path, future)
+            self._pending[path] = pending
+        future.add_done_callback(functools.partial(_report, path))
+        return pending
+
+    def _spec(self, path: str, buf: StagingBuffer, total: int, manifest: list[list[Any]], meta: dict[str, Any],
+              is_best: bool | None) -> CheckpointSpec:
+        """What the writer needs to write the staged checkpoint (the agent decodes the same Struct)."""
+        dtypes: dict[str, int] = {}
+        for _name, dtype, _shape, b, e in manifest:
+            dtypes[dtype] = dtypes.get(dtype, 0) + e - b
+        epoch, step = meta["epoch"], meta["step"]
+        return CheckpointSpec(
+            request_id=uuid.uuid4().hex, path=path, staging=str(buf.path), data_bytes=total,
+            tensors=[(n, d, list(shape), b, e) for n, d, shape, b, e in manifest],
+            metadata={"format": FORMAT_TAG, "epoch": str(epoch), "step": str(step),
+                      "flightlog": json.dumps(meta, separators=(",", ":"))},
+            codec=self.compression, level=self.compression_level, epoch=epoch, step=step, metrics=meta["metrics"],
+            is_best=is_best, dtypes=dtypes,
+            retention=RetentionSpec(max_checkpoints=self.max_checkpoints, keep_every_n_steps=self.keep_every_n_steps,
+                                    monitor=self.monitor, mode=self.mode),  # type: ignore[arg-type]
+            min_free_bytes=self.min_free_bytes, run_id=self.run_id, config_hash=self.config_hash,
+            git_commit=self._git, created=meta["created"], upload=self.upload,  # type: ignore[arg-type]
+        )
+
+    def _pinned(self) -> torch.Tensor:
+        if self._bounce is None:
+            self._bounce = torch.empty(BOUNCE_BYTES, dtype=torch.uint8, pin_memory=True)
+        return self._bounce
+
+    def _write(self, spec: CheckpointSpec, buf: StagingBuffer,
+               future: concurrent.futures.Future[CheckpointMetadata]) -> None:
+        """Runs on the writer thread; resolves ``future`` (and frees the staging buffer) the moment the
+        checkpoint is durable, before retention's deletions."""
+        released = False
+
+        def durable(row: dict[str, Any]) -> None:
+            nonlocal released
+            self._pool.release(buf)
+            released = True
+            future.set_result(CheckpointMetadata.from_row(row))
+
+        try:
+            row = self._writer.write(spec, on_durable=durable)
+            if not future.done():
+                future.set_result(CheckpointMetadata.from_row(row))
+        except BaseException as exc:
+            if future.done():  # durable already; only the clean-up after it failed
+                log.warning("flightlog: after checkpoint %s: %s", spec.path, exc)
+            elif isinstance(exc, CheckpointError):
+                future.set_exception(exc)
+            elif isinstance(exc, FlightlogError):
+                future.set_exception(CheckpointError(f"checkpoint {spec.path} failed: {exc}"))
+            else:
+                future.set_exception(CheckpointError(f"checkpoint {spec.path} failed unexpectedly: {exc!r}"))
+        finally:
+            if not released:
+                self._pool.release(buf)
+
+    # --- waiting and listing -------------------------------------------------------------------
+
+    def wait_all(self, timeout: float | None = None) -> list[CheckpointMetadata]:
+        """Wait for every checkpoint saved so far, and for the retention that follows each; raises
+        CheckpointError naming those that failed."""
+        with self._lock:
+            pending = list(self._pending.values())
+            jobs, self._jobs = self._jobs, []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        done, failed = [], []
+        for p in pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                done.append(p.wait(left))
+            except CheckpointError as exc:
+                if not p.done():
+                    raise
+                failed.append(f"{p}: {exc}")
+            with self._lock:
+                if p.done() and self._pending.get(str(p)) is p:
+                    del self._pending[str(p)]
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        unfinished = concurrent.futures.wait(jobs, left).not_done
+        with self._lock:
+            self._jobs[:0] = list(unfinished)
+        if failed:
+            raise CheckpointError(f"{len(failed)} checkpoint(s) failed: " + "; ".join(failed))
+        return done
+
+    def _settle(self) -> None:
+        try:
+            self.wait_all()
+        except CheckpointError:
+            pass  # already logged when it failed; listing shows what is durable
+
+    def _registry(self) -> Registry | None:
+        if not self.registry_path.exists():
+            return None
+        return Registry(self.registry_path)
+
+    def list(self) -> list[CheckpointMetadata]:
+        """Durable checkpoints of this directory, oldest first."""
+        self._settle()
+        reg = self._registry()
+        if reg is None:
+            return []
+        with reg:
+            return [CheckpointMetadata.from_row(r) for r in reg.entries(str(self.dir))]
+
+    def best(self) -> str | None:
+        """Path of the best checkpoint (by ``is_best=`` or the monitored metric), or None."""
+        self._settle()
+        reg = self._registry()
+        if reg is None:
+            return None
+        with reg:
+            row = reg.best(str(self.dir))
+        return row["path"] if row else None
+
+    def latest(self) -> str | None:
+        self._settle()
+        reg = self._registry()
+        if reg is None:
+            return None
+        with reg:
+            row = reg.latest(str(self.dir))
+        return row["path"] if row else None
+
+    # --- loading -------------------------------------------------------------------------------
+
+    def load(self, path: str | os.PathLike[str] = "latest", model: Any = None, optimizer: Any = None,
+             scheduler: Any = None, scaler: Any = None, *, fallback: bool = False, map_location: Any = "cpu",
+             strict: bool = True, restore_rng: bool = True) -> tuple[int, int]:
+        """Verify and restore a checkpoint ("best", "latest", or a path; a pending one is waited for).
+        Returns (epoch, step). A damaged file raises CheckpointCorrupt naming it; with ``fallback=True`` the
+        newest older checkpoint that verifies is loaded instead.
+
+        CPU tensors that already exist with the right dtype and shape (the model's parameters, the
+        optimizer's state) are filled in place, each piece only after its frame's checksum passed; if a
+        later frame turns out damaged, those tensors may hold part of this checkpoint (every byte of it
+        verified), so after CheckpointCorrupt load another checkpoint, as ``fallback=True`` does."""
+        target = os.fspath(path)
+        if isinstance(path, PendingCheckpoint):
+            path.wait()
+        elif target in ("best", "latest"):
+            self._settle()
+        else:
+            with self._lock:
+                pending = self._pending.get(str(Path(target).absolute()))
+            if pending is not None:
+                pending.wait()
+        into = in_place_targets(model, optimizer, scheduler, scaler) if map_location in (None, "cpu") else {}
+        errors: list[str] = []
+        for cand, checksum in candidates(self._registry(), self.dir, target, fallback):
+            try:
+                with CheckpointReader(cand, verify=False, expected_checksum=checksum) as reader:
+                    state = read_state(reader, map_location, into)
+            except CheckpointError as exc:
+                if not fallback:
+                    raise
+                log.warning("flightlog: skipping checkpoint %s: %s", cand, exc)
+                errors.append(str(exc))
+                continue
+            return apply_state(state, model, optimizer, scheduler, scaler, strict, restore_rng)
+        if errors:
+            raise CheckpointCorrupt(f"no valid checkpoint in {self.dir}: " + "; ".join(errors))
+        raise CheckpointError(f"no checkpoint to load for {target!r} in {self.dir}")
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for pending writes, then release the staging buffers."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._settle() if timeout is None else self.wait_all(timeout)
+        finally:
+            self._executor.shutdown(wait=True)
+            if self._copiers is not None:
+                self._copiers.shutdown(wait=True)
+            self._finalizer()
+            atexit.unregister(self._atexit)
+
+    def _atexit(self) -> None:
+        try:
+            self.close()
+        except CheckpointError as exc:
+            log.warning("flightlog: %s", exc)
+
+    @staticmethod
+    def _cleanup(pool: StagingPool) -> None:
+        pool.close()
+
+    def __enter__(self) -> ModelCheckpointer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _report(path: str, future: concurrent.futures.Future[CheckpointMetadata]) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.error("flightlog: checkpoint %s failed (training continues): %s", path, exc)

@@ -1,0 +1,107 @@
+"""Loading: choose the file (best, latest, a path; older ones on fallback), decompress and verify it
+straight into the model's and optimizer's tensors where they fit, then apply the state."""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flightlog.checkpoint.state import DTYPES_BY_NAME, collect_state, decode_value, set_rng_state
+from flightlog.proto.checkpoint.format import DTYPE_SIZES
+from flightlog.proto.checkpoint.reader import CheckpointReader
+from flightlog.proto.checkpoint.registry import Registry
+from flightlog.proto.errors import CheckpointCorrupt, CheckpointError
+
+__all__ = ["candidates", "in_place_targets", "read_state", "apply_state"]
+
+
+def candidates(reg: Registry | None, directory: Path, target: str, fallback: bool) -> list[tuple[str, str | None]]:
+    """(path, registered checksum) to try in order: the target, then (fallback) older ones."""
+    rows: list[dict[str, Any]] = []
+    chosen: dict[str, Any] | None = None
+    if reg is not None:
+        with reg:
+            rows = reg.entries(str(directory))[::-1]  # newest first
+            if target not in ("best", "latest"):
+                chosen = reg.get(str(Path(target).absolute()))
+    if target == "latest":
+        chosen = rows[0] if rows else None
+    elif target == "best":
+        chosen = next((r for r in rows if r["is_best"]), None)
+    if target in ("best", "latest") and chosen is None:
+        raise CheckpointError(f"no {target} checkpoint registered for {directory}")
+    if chosen is None or chosen["state"] != "done":
+        first: tuple[str, str | None] = (str(Path(target).absolute()), None)
+        return [first] + ([(r["path"], r["checksum"]) for r in rows if r["path"] != first[0]] if fallback else [])
+    out: list[tuple[str, str | None]] = [(chosen["path"], chosen["checksum"])]
+    if fallback:
+        out += [(r["path"], r["checksum"]) for r in rows
+                if r["path"] != chosen["path"] and (target == "best" or r["seq"] < chosen["seq"])]
+    return out
+
+
+def in_place_targets(model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> dict[str, torch.Tensor]:
+    """The tensors the objects being loaded into already hold, under the names a save gives them."""
+    try:
+        tensors, _ = collect_state(model, optimizer, scheduler, scaler)
+    except (CheckpointError, RuntimeError, TypeError, AttributeError):
+        return {}  # something odd about the targets: load everything into fresh memory instead
+    return tensors
+
+
+def read_state(reader: CheckpointReader, map_location: Any, into: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Decompress and verify the checkpoint. Tensors whose target (``into``: a model parameter, existing
+    optimizer state) has the same dtype and shape are loaded straight into it, each piece only after its
+    frame's checksum passed; the rest go to fresh memory. The file's checksum runs alongside and is
+    checked before anything is applied."""
+    try:
+        meta = json.loads(reader.metadata["flightlog"])
+    except (KeyError, ValueError) as exc:
+        raise CheckpointCorrupt(f"{reader.path}: no flightlog metadata in the safetensors header") from exc
+    in_place: dict[str, torch.Tensor] = {}
+    for info in reader.tensors.values():
+        t = into.get(info.name)
+        if (t is not None and t.device.type == "cpu" and t.dtype == DTYPES_BY_NAME[info.dtype]
+                and tuple(t.shape) == info.shape and t.is_contiguous() and t.numel()):
+            in_place[info.name] = t
+    data = reader.read_data(verify=True, in_place={k: t.data_ptr() for k, t in in_place.items()})
+    base = torch.frombuffer(data, dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+    tensors: dict[str, torch.Tensor] = {}
+    for info in reader.tensors.values():
+        dtype = DTYPES_BY_NAME[info.dtype]
+        if info.name in in_place:
+            t = in_place[info.name]
+        elif info.end == info.begin:
+            t = torch.empty(info.shape, dtype=dtype)
+        else:
+            raw = base[info.begin:info.end]
+            if info.begin % DTYPE_SIZES[info.dtype]:
+                raw = raw.clone()
+            t = raw.view(dtype).view(info.shape)
+        tensors[info.name] = t if map_location in (None, "cpu") else t.to(map_location)
+    for alias, target in meta.get("aliases", {}).items():
+        tensors[alias] = tensors[target]
+    meta["_tensors"] = tensors
+    return dict(meta)
+
+
+def apply_state(state: dict[str, Any], model: Any, optimizer: Any, scheduler: Any, scaler: Any, strict: bool,
+           restore_rng: bool) -> tuple[int, int]:
+    tensors = state["_tensors"]
+    if model is not None:
+        sd: dict[str, Any] = {k: v for k, v in tensors.items() if not k.startswith("@")}
+        sd.update({k: decode_value(v, tensors) for k, v in state.get("model_extra", {}).items()})
+        model.load_state_dict(sd, strict=strict)
+    for key, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if obj is None:
+            continue
+        if key not in state:
+            raise CheckpointError(f"the checkpoint holds no {key} state, but a {key} was given to load into")
+        obj.load_state_dict(decode_value(state[key], tensors))
+    if restore_rng and "rng" in state:
+        set_rng_state(decode_value(state["rng"], tensors))
+    return int(state["epoch"]), int(state["step"])
+

@@ -1,0 +1,174 @@
+"""The checkpoint's state codec, with no pickle: tensors go into the safetensors data under their names (or
+``@path`` names for tensors inside optimizer/scheduler/scaler state), everything else into JSON."""
+from __future__ import annotations
+
+import functools
+import random
+import subprocess
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from flightlog.proto.checkpoint.format import DTYPE_SIZES
+from flightlog.proto.errors import CheckpointError
+
+__all__ = ["FORMAT_TAG", "TORCH_DTYPES", "DTYPES_BY_NAME", "encode_value", "decode_value", "rng_state",
+           "set_rng_state", "metric_value", "git_commit", "collect_state", "plan_layout"]
+
+FORMAT_TAG = "flightlog-checkpoint/1"
+TORCH_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+}
+DTYPES_BY_NAME = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+def encode_value(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON-able form of a state value; tensors are moved to ``tensors`` under ``@path`` names."""
+    if isinstance(obj, torch.Tensor):
+        name = "@" + path
+        tensors[name] = obj
+        return {"__tensor__": name}
+    if obj is None or type(obj) in (bool, int, float, str):
+        return obj
+    for kind in (bool, int, float, str):  # subclasses (IntEnum, ...) are stored as their base type
+        if isinstance(obj, kind):
+            return kind(obj)
+    if isinstance(obj, list):
+        return [encode_value(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode_value(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, Mapping):
+        if all(type(k) is str and not k.startswith("__") for k in obj):
+            return {k: encode_value(v, f"{path}/{k}", tensors) for k, v in obj.items()}
+        return {"__dict__": [[encode_value(k, f"{path}/key", tensors), encode_value(v, f"{path}/{k}", tensors)]
+                             for k, v in obj.items()]}
+    if isinstance(obj, torch.dtype):
+        return {"__dtype__": str(obj).removeprefix("torch.")}
+    mod = type(obj).__module__
+    if mod == "numpy":
+        import numpy as np
+
+        if isinstance(obj, np.ndarray):
+            return {"__ndarray__": obj.dtype.str, "shape": list(obj.shape), "data": obj.ravel().tolist()}
+        if isinstance(obj, np.generic):
+            return obj.item()
+    raise CheckpointError(
+        f"cannot store the value at {path!r} ({type(obj).__name__}) without pickle: only tensors, numbers, "
+        "strings, lists, tuples and dicts are stored; convert it in your state_dict"
+    )
+
+
+def decode_value(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [decode_value(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__tuple__" in obj:
+        return tuple(decode_value(v, tensors) for v in obj["__tuple__"])
+    if "__dict__" in obj:
+        return {decode_value(k, tensors): decode_value(v, tensors) for k, v in obj["__dict__"]}
+    if "__dtype__" in obj:
+        return getattr(torch, obj["__dtype__"])
+    if "__ndarray__" in obj:
+        import numpy as np
+
+        return np.array(obj["data"], dtype=np.dtype(obj["__ndarray__"])).reshape(obj["shape"])
+    return {k: decode_value(v, tensors) for k, v in obj.items()}
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy ships with torch in practice
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    if "python" in state:
+        random.setstate(state["python"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].clone())
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([t.clone() for t in state["cuda"]])
+
+
+def metric_value(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not hasattr(value, "__float__") or isinstance(value, (str, bytes)):
+        raise TypeError(f"checkpoint metric {name!r} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+@functools.lru_cache(maxsize=8)
+def git_commit(cwd: str) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+
+def collect_state(model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {}
+    if model is not None:
+        sd = model if isinstance(model, Mapping) else model.state_dict()
+        extra = {}
+        for name, value in sd.items():
+            if name.startswith("@"):
+                raise CheckpointError(f"model state key {name!r}: names starting with '@' are reserved")
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value
+            else:
+                extra[name] = encode_value(value, f"model/{name}", tensors)
+        meta["model_extra"] = extra
+    for key, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+        if obj is not None:
+            meta[key] = encode_value(obj.state_dict(), key, tensors)
+    meta["rng"] = encode_value(rng_state(), "rng", tensors)
+    return tensors, meta
+
+
+def plan_layout(tensors: Mapping[str, torch.Tensor]) -> tuple[list[list[Any]], list[torch.Tensor], dict[str, str], int]:
+    """Deduplicate exact aliases (tied weights), order by element size (so every tensor is aligned),
+    and lay the tensors out back to back: returns (manifest rows, tensors in row order, aliases, bytes)."""
+    seen: dict[tuple[Any, ...], str] = {}
+    aliases: dict[str, str] = {}
+    unique: list[tuple[str, torch.Tensor, str]] = []
+    for name, t in tensors.items():
+        if t.layout != torch.strided:
+            raise CheckpointError(f"tensor {name!r} has layout {t.layout}; only dense tensors are stored")
+        dtype = TORCH_DTYPES.get(t.dtype)
+        if dtype is None:
+            raise CheckpointError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot hold")
+        if t.numel():
+            key = (t.device, t.dtype, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+            if key in seen:
+                aliases[name] = seen[key]
+                continue
+            seen[key] = name
+        unique.append((name, t, dtype))
+    unique.sort(key=lambda u: (-DTYPE_SIZES[u[2]], u[0]))
+    manifest, order, pos = [], [], 0
+    for name, t, dtype in unique:
+        n = t.numel() * DTYPE_SIZES[dtype]
+        manifest.append([name, dtype, list(t.shape), pos, pos + n])
+        order.append(t)
+        pos += n
+    return manifest, order, aliases, pos

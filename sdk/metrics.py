@@ -1,0 +1,137 @@
+"""``log_metrics``, the hot path: built once per tracker as a closure over its ring, its encode buffer and
+its step, so a call pays no attribute look-ups, no lock and no syscall on the owner thread. Any other thread
+takes the checked, locked path into the transport's side channel.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flightlog.progress import NEVER
+from flightlog.proto.codec import event_encoder
+from flightlog.proto.events import Metrics
+from flightlog.transport import NO_OWNER, Transport
+from flightlog.validate import INT64_MAX, KeyRules, check_step, coerce_metrics
+
+__all__ = ["MetricsPath"]
+
+log = logging.getLogger("flightlog")
+
+#: Metrics is tagged and array_like: on the wire it is ``["m", run_id, step, timestamp, values]``, which is
+#: what this tuple encodes to, byte for byte (tests pin it), 40 ns cheaper than building the Struct.
+_TAG = Metrics.__struct_config__.tag
+
+
+class MetricsPath:
+    """The run's step and progress threshold, and ``log_metrics`` as a closure over them.
+
+    ``tick(step)`` is called when a step reaches ``progress_next`` (set by the tracker's progress());
+    it returns the next threshold.
+    """
+
+    def __init__(self, run_id: str, transport: Transport, rules: KeyRules,
+                 tick: Callable[[int], int]) -> None:
+        self.run_id = run_id
+        self._transport = transport
+        self._rules = rules
+        self._tick = tick
+        self._lock = threading.Lock()  # the non-owner path's step update
+        self._warned_backwards = False
+        self.log_metrics, self._get, self._set = self._build()
+
+    # --- state shared with the closure --------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        """The last step logged (-1 before the first)."""
+        return self._get()[0]
+
+    @property
+    def progress_next(self) -> int:
+        return self._get()[1]
+
+    @progress_next.setter
+    def progress_next(self, value: int) -> None:
+        self._set(progress_next=value)
+
+    def retire(self) -> None:
+        """The run is finished: every later call takes the checked path (which refuses it)."""
+        self._set(owner=NO_OWNER, progress_next=NEVER)
+
+    # --- the paths ------------------------------------------------------------------------------
+
+    def _build(self) -> tuple[Callable[..., None], Callable[[], tuple[int, int]], Callable[..., None]]:
+        transport, rules, tick = self._transport, self._rules, self._tick
+        run_id, tag = self.run_id, _TAG
+        known = rules.known
+        owner = transport.owner
+        ring = getattr(transport, "ring", None)
+        write = ring.write_frame if ring is not None else None
+        buf = getattr(transport, "buf", bytearray(0))
+        encode_into, now, ident = event_encoder.encode_into, time.time, threading.get_ident
+        _type, _float, _int, _max = type, float, int, INT64_MAX
+        last, progress_next = -1, NEVER
+        resolve = self._resolve_step
+
+        def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+            nonlocal last, progress_next
+            if ident() != owner:
+                return other_thread(metrics, step)
+            try:
+                for k, v in metrics.items():
+                    if (_type(v) is not _float and _type(v) is not _int) or k not in known:
+                        metrics = self._checked(metrics)
+                        break
+            except AttributeError:
+                metrics = self._checked(metrics)  # not a mapping: raises a clear TypeError
+            if step is None:
+                step = last + 1
+                if step > _max:
+                    step = resolve(step, last)
+            elif _type(step) is not _int or not last <= step <= _max:
+                step = resolve(step, last)
+            last = step
+            try:
+                encode_into((tag, run_id, step, now(), metrics), buf, 0)
+            except OverflowError:  # an int value beyond 64 bits: it goes as a float
+                encode_into((tag, run_id, step, now(), coerce_metrics(metrics)), buf, 0)
+            write(buf)  # type: ignore[misc]  # the socket transport has no owner: never reached
+            if step >= progress_next:  # progress off: never true; on: about every 0.5 s
+                progress_next = tick(step)
+
+        def other_thread(metrics: Mapping[str, float], step: int | None) -> None:
+            nonlocal last, progress_next
+            values = self._checked(metrics)
+            with self._lock:
+                step = last + 1 if step is None else step
+                if _type(step) is not _int or not last <= step <= _max:
+                    step = resolve(step, last)
+                last = step
+                transport.emit_side(Metrics(run_id, step, now(), values))
+                if step >= progress_next:
+                    progress_next = tick(step)
+
+        def get() -> tuple[int, int]:
+            return last, progress_next
+
+        def set_(**kw: int) -> None:
+            nonlocal owner, progress_next
+            owner = kw.get("owner", owner)
+            progress_next = kw.get("progress_next", progress_next)
+
+        return log_metrics, get, set_
+
+    def _checked(self, metrics: Any) -> dict[str, float | int]:
+        values = coerce_metrics(metrics)
+        self._rules.metrics(values)  # checks the keys not seen before and remembers them
+        return values
+
+    def _resolve_step(self, step: Any, last: int) -> int:
+        step = check_step(step)
+        if step < last and not self._warned_backwards:
+            self._warned_backwards = True
+            log.warning("flightlog: step went backwards (%d after %d); points are recorded as given", step, last)
+        return step
