@@ -206,6 +206,46 @@ class Store:
         for k, step, ts, value in self.db.execute(sql + " ORDER BY key, step, ts", args):
             yield {"run": run_id, "key": k, "step": step, "timestamp": ts, "value": _json_number(value)}
 
+    # --- delivery engine: quarantine (owned by agent/runner.py + agent/engine.py; keep this section last) ---
+
+    _QUARANTINE_SCHEMA = """
+    CREATE TABLE IF NOT EXISTS quarantine (sink TEXT NOT NULL, run_id TEXT NOT NULL, scope TEXT NOT NULL,
+        seq INTEGER, events INTEGER, reason TEXT, location TEXT, ts REAL);
+    CREATE INDEX IF NOT EXISTS quarantine_sink_run ON quarantine (sink, run_id);
+    """
+
+    def _quarantine_table(self) -> None:
+        if not getattr(self, "_quarantine_ready", False):
+            self.db.executescript(self._QUARANTINE_SCHEMA)
+            self._quarantine_ready = True
+
+    def add_quarantine(self, sink: str, run_id: str, scope: str, seq: int, events: int, reason: str,
+                       location: str) -> None:
+        """One quarantined event (scope "event") or run (scope "run", from ``seq`` on) of a sink."""
+        self._quarantine_table()
+        self.db.execute("INSERT INTO quarantine VALUES (?,?,?,?,?,?,?,?)",
+                        (sink, run_id, scope, seq, events, reason, location, time.time()))
+
+    def more_quarantined(self, sink: str, run_id: str, events: int) -> None:
+        """Later events of a run quarantined before went the same way."""
+        self._quarantine_table()
+        self.db.execute("UPDATE quarantine SET events = events + ? WHERE rowid = (SELECT MAX(rowid) FROM"
+                        " quarantine WHERE sink=? AND run_id=? AND scope='run')", (events, sink, run_id))
+
+    def quarantined_runs(self, sink: str) -> set[str]:
+        self._quarantine_table()
+        return {r for (r,) in self.db.execute(
+            "SELECT DISTINCT run_id FROM quarantine WHERE sink=? AND scope='run'", (sink,))}
+
+    def quarantine_rows(self) -> list[dict[str, Any]]:
+        """Every quarantine record, oldest first ([] for a store that never had one, even read-only)."""
+        keys = ("sink", "run_id", "scope", "seq", "events", "reason", "location", "ts")
+        try:
+            cur = self.db.execute(f"SELECT {', '.join(keys)} FROM quarantine ORDER BY rowid")
+        except sqlite3.OperationalError:  # no such table: nothing was ever quarantined
+            return []
+        return [dict(zip(keys, row)) for row in cur]
+
 
 def _json_number(value: float | None) -> float | str:
     """JSON has no NaN/Infinity: export them as strings, the way MLflow's REST API does."""
