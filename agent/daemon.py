@@ -160,7 +160,7 @@ class Agent:
         linger = linger_seconds(s.extra)
         wal = self.wal
         for sink in self._build_sinks():
-            self.runners.append(SinkRunner(sink, self.feed, self.cursors, linger=linger,
+            self.runners.append(SinkRunner(sink, self.feed, self.cursors, linger=linger, idle_sleep=2.0,
                                            tail=lambda: wal.next_seq))
         ensure_private_dir(self.paths.socket.parent)
         try:

@@ -285,6 +285,7 @@ class DeliveryCore:
         delivered = [it for it in batch.events if it[1].run_id not in refused]
         self.stats.delivered += len(delivered)
         for run_id, reason in refused.items():
+            self.stats.last_error = reason
             self._quarantine(run_id, "run", reason, [it for it in batch.events if it[1].run_id == run_id])
         if ack.cursor_committed and not refused:
             self.cursor = batch.cursor

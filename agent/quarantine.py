@@ -40,7 +40,7 @@ class QuarantineBox:
             if wal is None:
                 wal = self._wals[sink] = WAL(self.directory(sink), fsync="never", segment_bytes=16 << 20)
             if n:
-                wal.append(buf, n, f"quarantine:{sink}", SRC_INTERNAL)
+                wal.append(bytes(buf), n, f"quarantine:{sink}", SRC_INTERNAL)
                 wal.sync()
         return self.directory(sink)
 
