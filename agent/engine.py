@@ -72,7 +72,7 @@ class SinkStats:
     delivered: int = 0
     last_error: str = ""
     rate: float = 0.0
-    cursor: WalCursor = WalCursor()  # committed: what WAL retention may rely on
+    cursor: WalCursor = field(default_factory=WalCursor)  # committed: what WAL retention may rely on
     undecodable: int = 0
     quarantined_events: int = 0
     retries: int = 0
@@ -124,7 +124,7 @@ class DeliveryCore:
     name: str
     batch_size: int
     all_runs: bool
-    cursor: WalCursor = WalCursor()
+    cursor: WalCursor = field(default_factory=WalCursor)
     runs: set[str] = field(default_factory=set)
     quarantined_runs: set[str] = field(default_factory=set)
     linger: float = 0.15

@@ -24,7 +24,7 @@ from .retry import RetryPolicy
 from .sinks._common import read_json
 from .sinks.base import SinkCursor
 
-__all__ = ["add_subparsers", "parse_target", "make_sink", "replay", "ReplayResult"]
+__all__ = ["ReplayResult", "add_subparsers", "make_sink", "parse_target", "replay"]
 
 log = logging.getLogger("flightlog.replay")
 
@@ -105,7 +105,6 @@ def replay(
     """Deliver every event of ``wal_dir`` from the saved cursor on into ``sink``; returns counts. A batch
     still failing after ``max_attempts`` tries raises RetryableBackendError (run again to resume)."""
     import anyio
-
     from flightlog.agent.quarantine import QuarantineBox
     from flightlog.agent.runner import CursorStore, SinkRunner
     from flightlog.agent.wal import WALReader, inspect_wal

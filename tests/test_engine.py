@@ -12,18 +12,24 @@ from pathlib import Path
 
 import anyio
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from flightlog.agent.engine import Commit, Deliver, DeliveryCore, Persist, Read, Wait, Window
+from flightlog.agent.engine import (
+    Commit,
+    Deliver,
+    DeliveryCore,
+    Persist,
+    Read,
+    Wait,
+    Window,
+)
 from flightlog.agent.retry import CircuitBreaker, RetryPolicy
 from flightlog.agent.runner import CursorStore, SinkRunner, WalFeed
 from flightlog.agent.sinks.base import Ack, Batch
 from flightlog.agent.sinks.memory import InMemorySink
-from flightlog.agent.wal import WAL, WALReader, WalCursor
+from flightlog.agent.wal import WAL, WalCursor, WALReader
 from flightlog.proto import PermanentBackendError, RetryableBackendError
 from flightlog.proto.events import Event, Metrics, RunStart
-
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_runner import FAST, fill_wal, run_until
 
 

@@ -6,7 +6,6 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
 from conftest_backends import write_wal
 from flightlog.agent.replay import make_sink, parse_target, replay
 from flightlog.agent.sinks._common import tracking_config
