@@ -21,7 +21,7 @@ import anyio.from_thread
 import anyio.lowlevel
 from flightlog.proto.codec import decode_event
 from flightlog.proto.config import AgentConfig
-from flightlog.proto.errors import ProtocolError, RetryableBackendError
+from flightlog.proto.errors import FlightlogError, ProtocolError, RetryableBackendError
 from flightlog.proto.events import Event
 
 from .engine import (
@@ -339,7 +339,7 @@ class SinkRunner:
         while True:
             try:
                 await anyio.to_thread.run_sync(self.cursors.save, self.sink.name, act.cursor, act.new_runs)
-            except (sqlite3.Error, OSError) as exc:
+            except (sqlite3.Error, OSError, FlightlogError) as exc:
                 attempt += 1
                 await self._store_backoff(core, attempt, f"cannot store the cursor: {exc}")
                 continue
@@ -354,7 +354,7 @@ class SinkRunner:
         while True:
             try:
                 await anyio.to_thread.run_sync(self._persist_sync, act.records)
-            except (sqlite3.Error, OSError) as exc:
+            except (sqlite3.Error, OSError, FlightlogError) as exc:  # disk full; a WALError of the quarantine
                 attempt += 1
                 await self._store_backoff(core, attempt, f"cannot store quarantined events: {exc}")
                 continue
