@@ -208,15 +208,17 @@ class Store:
 
     # --- delivery engine: quarantine (owned by agent/runner.py + agent/engine.py; keep this section last) ---
 
-    _QUARANTINE_SCHEMA = """
-    CREATE TABLE IF NOT EXISTS quarantine (sink TEXT NOT NULL, run_id TEXT NOT NULL, scope TEXT NOT NULL,
-        seq INTEGER, events INTEGER, reason TEXT, location TEXT, ts REAL);
-    CREATE INDEX IF NOT EXISTS quarantine_sink_run ON quarantine (sink, run_id);
-    """
+    _QUARANTINE_SCHEMA = (
+        "CREATE TABLE IF NOT EXISTS quarantine (sink TEXT NOT NULL, run_id TEXT NOT NULL, scope TEXT NOT NULL,"
+        " seq INTEGER, events INTEGER, reason TEXT, location TEXT, ts REAL)",
+        "CREATE INDEX IF NOT EXISTS quarantine_sink_run ON quarantine (sink, run_id)",
+    )
 
     def _quarantine_table(self) -> None:
+        # Statement by statement: executescript would COMMIT a transaction the caller has open.
         if not getattr(self, "_quarantine_ready", False):
-            self.db.executescript(self._QUARANTINE_SCHEMA)
+            for sql in self._QUARANTINE_SCHEMA:
+                self.db.execute(sql)
             self._quarantine_ready = True
 
     def add_quarantine(self, sink: str, run_id: str, scope: str, seq: int, events: int, reason: str,
