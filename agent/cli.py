@@ -103,12 +103,54 @@ def _status(args: argparse.Namespace) -> int:
     for name, s in data["sinks"].items():
         line = (f"  {name}: {s['state']}, backlog {s['backlog_events']} events / {s['backlog_bytes']} B, "
                 f"{s['events_per_second']} events/s")
+        if s.get("quarantined_runs"):
+            line += f", quarantined runs: {', '.join(s['quarantined_runs'])}"
         if s["last_error"]:
             line += f", last error: {s['last_error']}"
         print(line)
+    _print_quarantine(paths)
     for alert in data.get("alerts", []):
         print(f"ALERT: {alert}")
     return 0
+
+
+def _quarantine_rows(store_path: Any) -> list[dict[str, Any]]:
+    from flightlog.agent.store import Store
+
+    try:
+        store = Store(store_path, readonly=True)
+    except FlightlogError:
+        return []
+    try:
+        rows: list[dict[str, Any]] = store.quarantine_rows()
+        return rows
+    finally:
+        store.close()
+
+
+def _print_quarantine(paths: Any) -> None:
+    """What the sinks refused for good (events, or whole runs for a sink), with the reason and the replay."""
+    rows = _quarantine_rows(paths.store)
+    if not rows:
+        return
+    print("quarantined (refused for good by one sink; every other run kept flowing):")
+    for r in rows:
+        what = f"run {r['run_id']} from seq {r['seq']}" if r["scope"] == "run" else \
+            f"event seq {r['seq']} of run {r['run_id']}"
+        print(f"  {r['sink']}: {what}, {r['events']} events: {r['reason']}")
+    for loc in sorted({r["location"] for r in rows}):
+        print(f"  after the fix: flightlog wal replay {loc} --to BACKEND=TARGET")
+
+
+def _quarantine_by_run(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """run id -> "mlflow, store:2" (a sink that quarantined the run; with a count where only events)."""
+    out: dict[str, dict[str, int]] = {}
+    for r in rows:
+        sinks = out.setdefault(r["run_id"], {})
+        sinks[r["sink"]] = -1 if r["scope"] == "run" or sinks.get(r["sink"]) == -1 else \
+            sinks.get(r["sink"], 0) + int(r["events"] or 0)
+    return {run: ", ".join(s if n < 0 else f"{s}:{n}" for s, n in sorted(sinks.items()))
+            for run, sinks in out.items()}
 
 
 def _wal_inspect(args: argparse.Namespace) -> int:
@@ -144,15 +186,19 @@ def _runs_ls(args: argparse.Namespace) -> int:
     store = _store(args)
     try:
         runs = store.runs()
+        quarantined = _quarantine_by_run(store.quarantine_rows())
     finally:
         store.close()
+    for r in runs:
+        r["quarantined"] = quarantined.get(r["run_id"], "")
     if args.json:
         print(json.dumps(runs, indent=2))
         return 0
-    print(f"{'RUN':18} {'NAME':28} {'STATUS':10} {'POINTS':>8}  CREATED")
+    print(f"{'RUN':18} {'NAME':28} {'STATUS':10} {'POINTS':>8}  {'CREATED':19}  QUARANTINED")
     for r in runs:
         created = datetime.datetime.fromtimestamp(r["created_at"] or 0).isoformat(timespec="seconds")
-        print(f"{r['run_id']:18} {r['name'][:28]:28} {r['status'] or '':10} {r['points']:>8}  {created}")
+        print(f"{r['run_id']:18} {r['name'][:28]:28} {r['status'] or '':10} {r['points']:>8}  {created:19}  "
+              f"{r['quarantined']}")
     return 0
 
 

@@ -39,7 +39,7 @@ from flightlog.proto.events import (
 from .ingest import Ingestor
 from .monitor import Monitor
 from .plots import PlotService
-from .runner import CursorStore, SinkRunner
+from .runner import CursorStore, SinkRunner, WalFeed, linger_seconds
 from .sinks.base import Sink
 from flightlog.proto.frames import append_frame, count_frames
 
@@ -157,10 +157,15 @@ class Agent:
         self.checkpoints = CheckpointService(self)
         self.monitor = Monitor(self.paths, self.ingestor.producers, self.emit, s.extra)
         self.plots = PlotService(self.paths, self.emit)
-        cursors = CursorStore(self.paths.store)
+        # One delivery engine: a feed that decodes each WAL read once for every runner, one long-lived cursor
+        # store, and per sink a runner woken when its batch is full or its linger time has passed.
+        self.cursors = CursorStore(self.paths.store)
+        self.feed = WalFeed(WALReader(self.paths.wal_dir, limit=self.wal.end_position))
+        linger = linger_seconds(s.extra)
+        wal = self.wal
         for sink in self._build_sinks():
-            reader = WALReader(self.paths.wal_dir, limit=self.wal.end_position)
-            self.runners.append(SinkRunner(sink, reader, cursors))
+            self.runners.append(SinkRunner(sink, self.feed, self.cursors, linger=linger, idle_sleep=2.0,
+                                           tail=lambda: wal.next_seq))
         ensure_private_dir(self.paths.socket.parent)
         try:
             self.paths.socket.unlink()  # stale: we hold the lock, so no live agent uses it
@@ -192,6 +197,8 @@ class Agent:
                 await listener.aclose()
                 self.paths.socket.unlink(missing_ok=True)
                 self.ingestor.close()
+                self.feed.close()
+                self.cursors.close()
                 self.wal.sync()
                 self.wal.close()
                 os.close(self._lock_fd)
@@ -213,9 +220,11 @@ class Agent:
         return seq
 
     def _wake_sinks(self) -> None:
-        """New events in the WAL (called from the event loop and from worker threads)."""
+        """New events in the WAL (called from the event loop and from worker threads). Cheap: a runner only
+        wakes when it waits for this much data (its batch is full, or it was idle)."""
+        next_seq = self.wal.next_seq
         for runner in self.runners:
-            runner.wake()
+            runner.wake(next_seq)
 
     # --- tasks ---------------------------------------------------------------------------------
 
@@ -296,7 +305,8 @@ class Agent:
 
     def _caught_up(self) -> bool:
         next_seq = self.wal.next_seq
-        return all(r.stats.cursor.seq >= next_seq or r.stats.state == "parked" for r in self.runners)
+        # A quarantined event or run never holds this up: its cursor moved past it.
+        return all(r.stats.cursor.seq >= next_seq for r in self.runners)
 
     async def _idle_exit_loop(self) -> None:
         idle_since: float | None = None
@@ -415,11 +425,14 @@ class Agent:
         sinks = {}
         for r in self.runners:
             st = r.stats
-            _events, nbytes = r.reader.backlog(st.cursor)
+            _events, nbytes = r.feed.backlog(st.cursor)
             sinks[r.sink.name] = {
                 "state": st.state, "backlog_events": max(0, next_seq - st.cursor.seq), "backlog_bytes": nbytes,
                 "last_error": st.last_error, "events_per_second": round(st.rate, 1), "delivered": st.delivered,
-                "undecodable": st.undecodable,
+                "undecodable": st.undecodable, "retries": st.retries, "linger_ms": round(r.linger * 1000),
+                "quarantined_events": st.quarantined_events,
+                "quarantined_runs": sorted(r.core.quarantined_runs) if r.core is not None else [],
+                "quarantine_dir": str(r.quarantine.directory(r.sink.name)),
             }
         return {
             "pid": os.getpid(), "uptime_seconds": round(time.time() - self.started, 1),

@@ -1,42 +1,44 @@
 """`flightlog wal replay DIR --to BACKEND=TARGET`: deliver a WAL directory (e.g. a node's, copied off after an
-outage) into TensorBoard, MLflow or W&B, whatever sinks its runs originally asked for.
+outage, or a sink's quarantine ``<data_dir>/quarantine/<sink>`` after a fix) into TensorBoard, MLflow, W&B or a
+local store, whatever sinks its runs originally asked for.
 
-Resumable: the cursor is saved (temp file + fsync + rename) after every batch the backend acknowledged, in a
-state directory that also holds the sink's per-run registry. Idempotent: the sinks themselves skip what they
-already wrote (TensorBoard, W&B) or the backend deduplicates it (MLflow's metric key).
+The same delivery engine as the agent's live sinks (``runner.SinkRunner`` over ``engine.DeliveryCore``), with
+no lingering and a bounded number of retries. Resumable: the cursor is committed after every batch the
+backend acknowledged, in ``state.sqlite`` of a state directory that also holds the sink's per-run registry and
+the replay's own quarantine. Idempotent: the sinks skip what they already wrote (TensorBoard, W&B) or the
+backend deduplicates it (MLflow's metric key).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import logging
-import random
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flightlog.proto.errors import ConfigError, PermanentBackendError, ProtocolError, RetryableBackendError
+from flightlog.proto.errors import ConfigError
 
 from .retry import RetryPolicy
-from .sinks._common import atomic_write_json, read_json
-from .sinks.base import Batch, SinkCursor
+from .sinks._common import read_json
+from .sinks.base import SinkCursor
 
-__all__ = ["add_subparsers", "parse_target", "make_sink", "replay", "ReplayResult"]
+__all__ = ["ReplayResult", "add_subparsers", "make_sink", "parse_target", "replay"]
 
 log = logging.getLogger("flightlog.replay")
 
-BACKENDS = ("tensorboard", "mlflow", "wandb")
+BACKENDS = ("tensorboard", "mlflow", "wandb", "store")
+STATE_DB = "state.sqlite"
 
 
 def parse_target(text: str) -> tuple[str, str]:
-    """``tensorboard=PATH`` | ``mlflow=URI`` | ``wandb=offline|online`` -> (backend, target)."""
+    """``tensorboard=PATH`` | ``mlflow=URI`` | ``wandb=offline|online`` | ``store=DB`` -> (backend, target)."""
     backend, sep, target = text.partition("=")
     backend = backend.strip().lower()
     if not sep or backend not in BACKENDS or not target:
         raise ConfigError(
-            f"--to {text!r}: expected tensorboard=PATH, mlflow=URI or wandb=offline|online"
+            f"--to {text!r}: expected tensorboard=PATH, mlflow=URI, wandb=offline|online or store=DB"
         )
     if backend == "wandb" and target not in ("offline", "online"):
         raise ConfigError(f"--to {text!r}: W&B mode must be 'offline' or 'online'")
@@ -48,6 +50,12 @@ def make_sink(backend: str, target: str, state_dir: Path, extra: dict[str, Any] 
     from flightlog.agent import sinks
 
     overrides: dict[str, Any] = dict(extra or {})
+    if backend == "store":
+        from .sinks.store import LocalStoreSink
+
+        # Its own cursor name: replaying into a live agent's store must not move the agent's cursor.
+        digest = hashlib.sha1(str(state_dir).encode()).hexdigest()[:10]
+        return LocalStoreSink(target, name=f"replay-{digest}")
     if backend == "tensorboard":
         overrides["tensorboard_log_dir"] = target
         cls = sinks.TensorBoardTracker
@@ -72,12 +80,15 @@ class ReplayResult:
         self.batches = 0
         self.seconds = 0.0
         self.cursor = SinkCursor()
+        self.quarantined = 0  # events the backend refused for good (in ``quarantine_dir``)
+        self.quarantine_dir: Path | None = None
 
 
-def _load_cursor(path: Path) -> SinkCursor:
-    data = read_json(path)
+def _legacy_cursor(state_dir: Path) -> SinkCursor | None:
+    """The cursor an older flightlog kept in ``cursor.json``."""
+    data = read_json(state_dir / "cursor.json")
     if not data:
-        return SinkCursor()
+        return None
     return SinkCursor(int(data["segment"]), int(data["offset"]), int(data["seq"]))
 
 
@@ -90,79 +101,58 @@ def replay(
     progress: bool = True,
     policy: RetryPolicy | None = None,
     max_attempts: int = 8,
-    sleep: Callable[[float], None] = time.sleep,
 ) -> ReplayResult:
-    """Deliver every event of ``wal_dir`` from the saved cursor on into ``sink``; returns counts."""
-    from flightlog.agent.runner import decode_batch
+    """Deliver every event of ``wal_dir`` from the saved cursor on into ``sink``; returns counts. A batch
+    still failing after ``max_attempts`` tries raises RetryableBackendError (run again to resume)."""
+    import anyio
+    from flightlog.agent.quarantine import QuarantineBox
+    from flightlog.agent.runner import CursorStore, SinkRunner
     from flightlog.agent.wal import WALReader, inspect_wal
 
     wal_dir = Path(wal_dir)
     totals = inspect_wal(wal_dir)["totals"]
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    cursor_path = state_dir / "cursor.json"
-    cursor = _load_cursor(cursor_path)
+    cursors = CursorStore(state_dir / STATE_DB)
+    start, _ = cursors.load(sink.name)
+    legacy = _legacy_cursor(state_dir)
+    if legacy is not None and start.seq == 0:
+        cursors.save(sink.name, legacy)
+        start = legacy
     last_seq = totals["last_seq"]
-    total = max(0, (last_seq + 1 if last_seq is not None else 0) - cursor.seq)
     result = ReplayResult()
-    policy = policy or RetryPolicy(initial=1.0, maximum=30.0)
-    rng = random.Random()
     bar = None
     if progress:
         from tqdm import tqdm
 
+        total = max(0, (last_seq + 1 if last_seq is not None else 0) - start.seq)
         bar = tqdm(total=total, unit="ev", desc=f"replay -> {sink.name}", file=sys.stderr, dynamic_ncols=True)
-    bad = 0
+    done = [start.seq]
 
-    def on_bad(seq: int, exc: ProtocolError) -> None:
-        nonlocal bad
-        bad += 1
-        log.error("event seq %d cannot be decoded and is skipped: %s", seq, exc)
+    def on_commit(cursor: SinkCursor) -> None:
+        result.batches += 1
+        if bar is not None:
+            bar.update(cursor.seq - done[0])
+        done[0] = cursor.seq
 
+    box = QuarantineBox(state_dir / "quarantine")
+    runner = SinkRunner(sink, WALReader(wal_dir), cursors, policy=policy or RetryPolicy(initial=1.0, maximum=30.0),
+                        linger=0.0, quarantine=box, max_attempts=max_attempts, until_caught_up=True,
+                        on_commit=on_commit, only_runs=run_ids)
     t0 = time.monotonic()
-    sink.open()
-    reader = WALReader(wal_dir)
     try:
-        while True:
-            items, new_cursor = reader.read(cursor, max_events=sink.batch_size)
-            if not items:
-                break
-            events = decode_batch(items, on_bad)
-            if run_ids is not None:
-                events = [(s, ev) for s, ev in events if ev.run_id in run_ids]
-            if events:
-                attempt = 0
-                while True:
-                    try:
-                        sink.write(Batch(events, new_cursor, {ev.run_id for _, ev in events}))
-                        break
-                    except RetryableBackendError as exc:
-                        attempt += 1
-                        if attempt >= max_attempts:
-                            raise RetryableBackendError(
-                                f"{exc} (gave up after {attempt} tries; run the same command again to resume at "
-                                f"seq {cursor.seq})", exc.retry_after,
-                            ) from exc
-                        delay = policy.delay(attempt, rng, exc.retry_after)
-                        log.warning("%s; retry %d in %.1f s", exc, attempt, delay)
-                        sleep(delay)
-                    except PermanentBackendError as exc:
-                        raise PermanentBackendError(f"{exc} (replay stopped at seq {cursor.seq})") from exc
-            advanced = new_cursor.seq - cursor.seq
-            cursor = new_cursor
-            atomic_write_json(cursor_path, {"segment": cursor.segment, "offset": cursor.offset, "seq": cursor.seq})
-            result.events += len(events)
-            result.batches += 1
-            if bar is not None:
-                bar.update(advanced)
+        anyio.run(runner.run)
     finally:
-        reader.close()
-        sink.close()
+        runner.feed.close()
+        cursors.close()
         if bar is not None:
             bar.close()
     result.seconds = time.monotonic() - t0
-    result.cursor = cursor
-    if bad:
-        log.warning("%d undecodable events were skipped", bad)
+    result.events = runner.stats.delivered
+    result.cursor = runner.stats.cursor
+    result.quarantined = runner.stats.quarantined_events
+    result.quarantine_dir = box.directory(sink.name)
+    if runner.stats.undecodable:
+        log.warning("%d undecodable events were skipped", runner.stats.undecodable)
     return result
 
 
@@ -172,18 +162,30 @@ def _run(args: argparse.Namespace) -> int:
     wal_dir = Path(args.dir)
     targets = [parse_target(t) for t in args.to]
     runs = set(args.run) if args.run else None
+    code = 0
     for backend, target in targets:
         if backend == "tensorboard":
             target = str(Path(target).expanduser().absolute())
         state = default_state_dir(wal_dir, backend, target, Path(args.state_dir) if args.state_dir else None)
+        sink = make_sink(backend, target, state)
         if args.restart:
             (state / "cursor.json").unlink(missing_ok=True)
-        sink = make_sink(backend, target, state)
+            if (state / STATE_DB).exists():
+                from flightlog.agent.runner import CursorStore
+
+                reset = CursorStore(state / STATE_DB)
+                reset.save(sink.name, SinkCursor())
+                reset.close()
         res = replay(wal_dir, sink, state, run_ids=runs, progress=not args.no_progress)
         rate = res.events / res.seconds if res.seconds else 0.0
         print(f"{backend}={target}: {res.events} events delivered in {res.seconds:.1f} s ({rate:,.0f} events/s); "
               f"cursor at seq {res.cursor.seq}, state in {state}", file=sys.stderr)
-    return 0
+        if res.quarantined:
+            print(f"{backend}={target}: {res.quarantined} events refused for good, kept in {res.quarantine_dir} "
+                  f"(fix the cause, then `flightlog wal replay {res.quarantine_dir} --to {backend}=...`)",
+                  file=sys.stderr)
+            code = 2
+    return code
 
 
 def add_subparsers(wal_subparsers: Any) -> argparse.ArgumentParser:
@@ -193,7 +195,7 @@ def add_subparsers(wal_subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("dir", help="the WAL directory (e.g. DATA_DIR/wal, or a copy of it)")
     p.add_argument("--to", action="append", required=True, metavar="BACKEND=TARGET",
-                   help="tensorboard=PATH | mlflow=URI | wandb=offline|online (repeatable)")
+                   help="tensorboard=PATH | mlflow=URI | wandb=offline|online | store=DB (repeatable)")
     p.add_argument("--run", action="append", help="only this run id (repeatable)")
     p.add_argument("--state-dir", help="where the cursor and sink state live (default: DIR/.replay/...)")
     p.add_argument("--restart", action="store_true", help="forget the saved cursor (sinks still skip duplicates)")

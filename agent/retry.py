@@ -11,7 +11,8 @@ __all__ = ["RetryPolicy", "CircuitBreaker"]
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with full jitter, capped; ``Retry-After`` from the backend wins when longer."""
+    """Exponential backoff with jitter, capped at ``maximum``; a backend's ``Retry-After`` wins when longer,
+    up to ``maximum`` too (a ``Retry-After: 86400`` must not park a sink for a day)."""
 
     initial: float = 0.5
     maximum: float = 60.0
@@ -23,7 +24,7 @@ class RetryPolicy:
         base = min(self.maximum, self.initial * self.multiplier ** max(0, attempt - 1))
         d = base * (1.0 - self.jitter) + base * self.jitter * rng.random()
         if retry_after is not None and retry_after > d:
-            d = min(retry_after, max(self.maximum, retry_after))
+            d = min(retry_after, self.maximum)
         return d
 
 

@@ -1,61 +1,61 @@
-"""The sink runner: one per sink. Reads the WAL from the sink's cursor, batches, delivers with retries and a
-circuit breaker, and commits the cursor only after the backend acknowledged."""
+"""The delivery engine's I/O shell: one ``SinkRunner`` per sink runs the sans-IO ``DeliveryCore``
+(``engine.py``) on anyio, for live sinks and for ``wal replay`` alike. A shared ``WalFeed`` decodes each WAL
+read once for every runner; ``CursorStore`` keeps cursors, sink runs and quarantine records through one
+long-lived SQLite connection."""
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import random
 import sqlite3
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import anyio
-
+import anyio.from_thread
+import anyio.lowlevel
 from flightlog.proto.codec import decode_event
-from flightlog.proto.errors import PermanentBackendError, ProtocolError, RetryableBackendError
-from flightlog.proto.events import Event, RunStart
+from flightlog.proto.config import AgentConfig
+from flightlog.proto.errors import FlightlogError, ProtocolError, RetryableBackendError
+from flightlog.proto.events import Event
 
+from .engine import (
+    Commit,
+    Deliver,
+    DeliveryCore,
+    GiveUp,
+    Persist,
+    Quarantined,
+    Read,
+    SinkStats,
+    Wait,
+    Window,
+)
+from .quarantine import QuarantineBox
 from .retry import CircuitBreaker, RetryPolicy
-from .sinks.base import Ack, Batch, Sink, SinkCursor
+from .sinks.base import Sink, SinkCursor
+from .wal import WALReader
 
-__all__ = ["SinkRunner", "CursorStore", "decode_batch"]
+__all__ = ["CursorStore", "SinkRunner", "SinkStats", "WalFeed", "decode_batch", "linger_seconds"]
 
 log = logging.getLogger("flightlog.agent")
 
-
-class CursorStore:
-    """Cursors of sinks that do not store their own, in the agent's SQLite database."""
-
-    def __init__(self, store_path: Any) -> None:
-        from flightlog.agent.store import Store
-
-        self._path = store_path
-        self._store_cls = Store
-
-    def _open(self) -> Any:
-        return self._store_cls(self._path)
-
-    def load(self, sink: str) -> tuple[SinkCursor, set[str]]:
-        s = self._open()
-        try:
-            saved = s.load_cursor(sink)
-            return (SinkCursor(*saved) if saved else SinkCursor()), s.sink_runs(sink)
-        finally:
-            s.close()
-
-    def save(self, sink: str, cursor: SinkCursor, new_runs: set[str]) -> None:
-        s = self._open()
-        try:
-            with s.transaction():
-                if new_runs:
-                    s.add_sink_runs(sink, new_runs)
-                s.save_cursor(sink, cursor.segment, cursor.offset, cursor.seq)
-        finally:
-            s.close()
+_NEVER = 1 << 62
 
 
-def decode_batch(items: list[tuple[int, Any]], on_bad: Callable[[int, ProtocolError], None]) -> list[tuple[int, Event]]:
+def linger_seconds(settings: Mapping[str, Any] | None) -> float:
+    """``agent.linger_ms`` of the agent's config dict (default: AgentConfig's), in seconds."""
+    agent = (settings or {}).get("agent") or {}
+    ms = agent.get("linger_ms")
+    return (AgentConfig().linger_ms if ms is None else float(ms)) / 1000.0
+
+
+def decode_batch(items: Iterable[tuple[int, Any]], on_bad: Callable[[int, ProtocolError], None]) -> list[tuple[int, Event]]:
     out: list[tuple[int, Event]] = []
     for seq, payload in items:
         try:
@@ -65,137 +65,321 @@ def decode_batch(items: list[tuple[int, Any]], on_bad: Callable[[int, ProtocolEr
     return out
 
 
-@dataclass
-class SinkStats:
-    state: str = "starting"  # ok | retrying | open circuit | parked | starting
-    delivered: int = 0
-    last_error: str = ""
-    rate: float = 0.0
-    cursor: SinkCursor = SinkCursor()
-    undecodable: int = 0
+class WalFeed:
+    """One WAL reader and the last few decoded windows, shared by the runners: a read that another runner
+    already made is served from memory, so each event is decoded once, not once per sink. Thread-safe."""
+
+    def __init__(self, reader: WALReader, *, window_events: int = 2000, keep: int = 16) -> None:
+        self.reader = reader
+        self.window_events = window_events
+        self._keep = keep
+        self._windows: OrderedDict[int, Window] = OrderedDict()  # by start seq, most recently used last
+        self._lock = threading.Lock()
+        self.decoded = 0  # events decoded (a test and `status` can see the sharing work)
+        self.reads = 0
+
+    def read(self, cursor: SinkCursor) -> Window | None:
+        seq = cursor.seq
+        with self._lock:
+            for key, w in reversed(self._windows.items()):
+                if w.contains(seq):
+                    self._windows.move_to_end(key)
+                    return w
+            items, end = self.reader.read(cursor, max_events=self.window_events)
+            self.reads += 1
+            if not items:
+                return Window(cursor, [], end) if end != cursor else None
+            bad: list[int] = []
+            events = decode_batch(items, lambda s, exc: self._bad(bad, s, exc))
+            self.decoded += len(items)
+            w = Window(cursor, events, end, tuple(bad))
+            self._windows[seq] = w
+            while len(self._windows) > self._keep:
+                self._windows.popitem(last=False)
+            return w
+
+    @staticmethod
+    def _bad(bad: list[int], seq: int, exc: ProtocolError) -> None:
+        bad.append(seq)
+        log.error("WAL event seq %d cannot be decoded and is skipped by every sink: %s", seq, exc)
+
+    def backlog(self, cursor: SinkCursor) -> tuple[int, int]:
+        with self._lock:
+            return self.reader.backlog(cursor)
+
+    def close(self) -> None:
+        with self._lock:
+            self._windows.clear()
+            self.reader.close()
+
+
+class CursorStore:
+    """The sinks' cursors, run lists and quarantine records in the agent's SQLite store, through one
+    long-lived connection (runners call from worker threads, one at a time under a lock)."""
+
+    def __init__(self, store_path: str | Path) -> None:
+        self.path = Path(store_path)
+        self._store: Any = None
+        self._lock = threading.Lock()
+
+    def _db(self) -> Any:
+        if self._store is None:
+            from flightlog.agent.store import Store
+
+            self._store = Store(self.path)
+        return self._store
+
+    def load(self, sink: str) -> tuple[SinkCursor, set[str]]:
+        with self._lock:
+            s = self._db()
+            saved = s.load_cursor(sink)
+            return (SinkCursor(*saved) if saved else SinkCursor()), s.sink_runs(sink)
+
+    def save(self, sink: str, cursor: SinkCursor, new_runs: Iterable[str] = ()) -> None:
+        with self._lock:
+            s = self._db()
+            with s.transaction():
+                runs = list(new_runs)
+                if runs:
+                    s.add_sink_runs(sink, runs)
+                s.save_cursor(sink, cursor.segment, cursor.offset, cursor.seq)
+
+    def quarantined_runs(self, sink: str) -> set[str]:
+        with self._lock:
+            return self._db().quarantined_runs(sink)  # type: ignore[no-any-return]
+
+    def record_quarantine(self, records: list[Quarantined], where: str) -> None:
+        with self._lock:
+            s = self._db()
+            with s.transaction():
+                for r in records:
+                    seqs = [seq for seq, _ in r.events if seq >= 0]
+                    if r.first:
+                        s.add_quarantine(r.sink, r.run_id, r.scope, seqs[0] if seqs else -1, len(seqs), r.reason,
+                                         where)
+                    else:
+                        s.more_quarantined(r.sink, r.run_id, len(seqs))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
 
 
 class SinkRunner:
+    """Runs one sink: reads through the feed, batches by size and linger time, delivers with retries and a
+    circuit breaker, quarantines what the backend refuses for good, and commits the cursor after each ack."""
+
     def __init__(
         self,
         sink: Sink,
-        reader: Any,
+        feed: WalFeed | WALReader,
         cursors: CursorStore,
         *,
         policy: RetryPolicy | None = None,
         breaker: CircuitBreaker | None = None,
         rng: random.Random | None = None,
-        idle_sleep: float = 0.5,  # new data wakes the runner at once (wake()); this is only a safety net
+        linger: float = AgentConfig().linger_ms / 1000.0,
+        idle_sleep: float = 0.5,  # new data wakes the runner (wake()); this is only a safety net
+        tail: Callable[[], int] | None = None,  # the WAL's next seq (a live WAL); None: poll the reader
+        quarantine: QuarantineBox | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_attempts: int = 0,
+        until_caught_up: bool = False,  # return once everything is delivered (replay)
+        on_commit: Callable[[SinkCursor], None] | None = None,
+        only_runs: Iterable[str] | None = None,
     ) -> None:
         self.sink = sink
-        self.reader = reader
+        self.feed = feed if isinstance(feed, WalFeed) else WalFeed(feed)
         self.cursors = cursors
         self.policy = policy or RetryPolicy()
-        self.breaker = breaker or CircuitBreaker()
+        self.breaker = breaker or CircuitBreaker(clock=clock)
         self.rng = rng or random.Random()
+        self.linger = linger
         self.idle_sleep = idle_sleep
-        self.stats = SinkStats()
-        self.runs: set[str] = set()
-        self.caught_up = False
-        self._wake = anyio.Event()
+        self.quarantine = quarantine or QuarantineBox(cursors.path.parent / "quarantine")
+        self.clock = clock
+        self.max_attempts = max_attempts
+        self.until_caught_up = until_caught_up
+        self.on_commit = on_commit
+        self.only_runs = frozenset(only_runs) if only_runs is not None else None
+        self.core: DeliveryCore | None = None
+        self._stats = SinkStats()
+        self._tail = tail
+        self._event: anyio.Event | None = None
+        self._armed = _NEVER
+        self._loop_thread = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._token: Any = None
+        self._rate_t0, self._rate_n0 = 0.0, 0
 
-    def wake(self) -> None:
-        """New data in the WAL: stop idling."""
-        self._wake.set()
+    @property
+    def stats(self) -> SinkStats:
+        return self.core.stats if self.core is not None else self._stats
+
+    @property
+    def caught_up(self) -> bool:
+        return self.core is not None and self.core.caught_up()
+
+    # --- waking (thread-safe) -----------------------------------------------------------------------
+
+    def wake(self, next_seq: int | None = None) -> None:
+        """New events in the WAL (``next_seq``: the WAL's next seq, if known). Callable from any thread; a
+        no-op unless the runner waits for this much data (so a trickle does not wake it per event)."""
+        if next_seq is not None and next_seq < self._armed:
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._signal()
+        elif self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._signal)
+            except RuntimeError:  # the loop is closed: the agent is stopping
+                pass
+        elif self._token is not None:
+            try:
+                anyio.from_thread.run_sync(self._signal, token=self._token)
+            except RuntimeError:
+                pass
+
+    def _signal(self) -> None:
+        if self._event is not None:
+            self._event.set()
+
+    def _bind_loop(self) -> None:
+        self._event = anyio.Event()
+        self._loop_thread = threading.get_ident()
+        self._token = anyio.lowlevel.current_token()
+        try:
+            self._loop = asyncio.get_running_loop()  # asyncio: wake without blocking the calling thread
+        except RuntimeError:
+            self._loop = None
+
+    async def _wait(self, core: DeliveryCore, until: float | None) -> None:
+        assert self._event is not None
+        self._armed = core.wants_wake_at()
+        try:
+            timeout = self.idle_sleep if until is None else until - self.clock()
+            if self._tail is not None and self._tail() >= self._armed:
+                timeout = 0.0  # data came between the decision and the arming
+            if timeout > 0:
+                with anyio.move_on_after(timeout):
+                    await self._event.wait()
+            else:
+                await anyio.lowlevel.checkpoint()
+        finally:
+            self._armed = _NEVER
+            if self._event.is_set():
+                self._event = anyio.Event()
+        core.on_tail(self._tail() if self._tail is not None else math.inf)
+
+    # --- the loop -----------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        self._bind_loop()
         sink = self.sink
-        own = await anyio.to_thread.run_sync(sink.open)
-        cursor, self.runs = await anyio.to_thread.run_sync(self.cursors.load, sink.name)
-        if own is not None:
-            cursor = own
-        self.stats.cursor = cursor
-        self.stats.state = "ok"
-        t0, n0 = time.monotonic(), 0
         try:
-            while True:
-                items, nxt = await anyio.to_thread.run_sync(
-                    lambda: self.reader.read(cursor, max_events=sink.batch_size)
-                )
-                if not items:
-                    self.caught_up = True
-                    with anyio.move_on_after(self.idle_sleep):
-                        await self._wake.wait()
-                    self._wake = anyio.Event()
-                    continue
-                self.caught_up = False
-                events = decode_batch(items, self._undecodable)
-                new_runs = {ev.run_id for _, ev in events if type(ev) is RunStart and sink.name in ev.sinks}
-                if not sink.all_runs:
-                    self.runs |= new_runs
-                    events = [(s, ev) for s, ev in events if ev.run_id in self.runs]
-                committed = False
-                if events:
-                    ack = await self._deliver(Batch(events, nxt, {ev.run_id for _, ev in events}))
-                    if ack is None:
-                        return  # parked: the cursor stays before the batch the backend refused
-                    committed = ack.cursor_committed
-                if not committed or new_runs:
-                    await self._save_cursor(nxt, new_runs)
-                cursor = nxt
-                self.stats.cursor = cursor
-                self.stats.delivered += len(events)
-                now = time.monotonic()
-                if now - t0 >= 1.0:
-                    self.stats.rate = (self.stats.delivered - n0) / (now - t0)
-                    t0, n0 = now, self.stats.delivered
+            own = await anyio.to_thread.run_sync(sink.open)
+            cursor, runs = await anyio.to_thread.run_sync(self.cursors.load, sink.name)
+            quarantined = await anyio.to_thread.run_sync(self.cursors.quarantined_runs, sink.name)
+            core = DeliveryCore(
+                sink.name, sink.batch_size, sink.all_runs, cursor=own if own is not None else cursor, runs=runs,
+                quarantined_runs=quarantined, linger=self.linger, policy=self.policy, breaker=self.breaker,
+                rng=self.rng, scope=getattr(sink, "quarantine_scope", "event"), max_attempts=self.max_attempts,
+                flushing=self.until_caught_up, run_start=getattr(sink, "run_start", lambda run_id: None),
+                only_runs=self.only_runs,
+            )
+            core.on_tail(self._tail() if self._tail is not None else math.inf)
+            core.stats.state = "ok"
+            self.core = core
+            self._rate_t0 = self.clock()
+            await self._loop_core(core)
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(sink.close)
+                await anyio.to_thread.run_sync(self.quarantine.close_sink, sink.name)
 
-    async def _deliver(self, batch: Batch) -> Ack | None:
+    async def _loop_core(self, core: DeliveryCore) -> None:
+        to_thread = anyio.to_thread.run_sync
+        while True:
+            act = core.step(self.clock())
+            if type(act) is Read:
+                window = await to_thread(self.feed.read, act.cursor)
+                core.on_read(window, self.clock())
+            elif type(act) is Deliver:
+                await self._deliver(core, act)
+            elif type(act) is Commit:
+                await self._commit(core, act)
+            elif type(act) is Persist:
+                await self._persist(core, act)
+            elif type(act) is GiveUp:
+                raise RetryableBackendError(f"sink {self.sink.name}: {act.error}; run again to resume at seq "
+                                            f"{core.cursor.seq}")
+            elif type(act) is Wait:
+                if self.until_caught_up and core.caught_up():
+                    return
+                await self._wait(core, act.until)
+
+    async def _deliver(self, core: DeliveryCore, act: Deliver) -> None:
+        try:
+            ack = await anyio.to_thread.run_sync(self.sink.write, act.batch)
+        except Exception as exc:  # classified by the core: permanent, retryable, or unknown (capped retries)
+            text, trace = core.on_error(exc, self.clock())
+            level = logging.INFO if core.urgent and core.inflight is not None else logging.WARNING
+            log.log(level, "sink %s: %s", self.sink.name, text, exc_info=exc if trace else None)
+            return
+        core.on_ack(ack, self.clock())
+        if ack.cursor_committed and self.on_commit is not None:
+            self.on_commit(act.batch.cursor)
+        self._update_rate(core)
+
+    async def _commit(self, core: DeliveryCore, act: Commit) -> None:
+        """Store the cursor; a failure (disk full) is retried: re-delivering is what must not happen."""
         attempt = 0
         while True:
-            wait = self.breaker.wait_time() if not self.breaker.allow() else 0.0
-            if wait:
-                self.stats.state = "open circuit"
-                await anyio.sleep(wait)
             try:
-                ack = await anyio.to_thread.run_sync(self.sink.write, batch)
-            except RetryableBackendError as exc:
+                await anyio.to_thread.run_sync(self.cursors.save, self.sink.name, act.cursor, act.new_runs)
+            except (sqlite3.Error, OSError, FlightlogError) as exc:
                 attempt += 1
-                await self._backoff(attempt, str(exc), exc.retry_after)
+                await self._store_backoff(core, attempt, f"cannot store the cursor: {exc}")
                 continue
-            except PermanentBackendError as exc:
-                self.stats.state = "parked"
-                self.stats.last_error = str(exc)
-                log.error("sink %s parked at seq %d: %s", self.sink.name, batch.events[0][0], exc)
-                return None
-            except Exception as exc:  # an unclassified library error: retry, never crash the agent
-                attempt += 1
-                log.debug("sink %s: unexpected error", self.sink.name, exc_info=True)
-                await self._backoff(attempt, f"{type(exc).__name__}: {exc}", None)
-                continue
-            self.breaker.record_success()
-            self.stats.state = "ok"
-            return ack
-
-    async def _save_cursor(self, cursor: SinkCursor, new_runs: set[str]) -> None:
-        """Commit the cursor; a failure (disk full) is retried: re-delivering is what must not happen."""
-        attempt = 0
-        while True:
-            try:
-                await anyio.to_thread.run_sync(self.cursors.save, self.sink.name, cursor, new_runs)
-            except (sqlite3.Error, OSError) as exc:
-                attempt += 1
-                await self._backoff(attempt, f"cannot store the cursor: {exc}", None)
-                continue
-            self.stats.state = "ok"
+            core.on_committed(act.cursor, act.new_runs, self.clock())
+            if self.on_commit is not None:
+                self.on_commit(act.cursor)
             return
 
-    async def _backoff(self, attempt: int, error: str, retry_after: float | None) -> None:
-        self.breaker.record_failure()
-        self.stats.state = "retrying"
-        self.stats.last_error = error
-        delay = self.policy.delay(attempt, self.rng, retry_after)
+    async def _persist(self, core: DeliveryCore, act: Persist) -> None:
+        """Quarantined events into ``<data_dir>/quarantine/<sink>`` (a WAL) and their rows in the store."""
+        attempt = 0
+        while True:
+            try:
+                await anyio.to_thread.run_sync(self._persist_sync, act.records)
+            except (sqlite3.Error, OSError, FlightlogError) as exc:  # disk full; a WALError of the quarantine
+                attempt += 1
+                await self._store_backoff(core, attempt, f"cannot store quarantined events: {exc}")
+                continue
+            for r in act.records:
+                if r.first:
+                    log.error("sink %s: %s of run %s quarantined: %s; every other run keeps flowing "
+                              "(`flightlog wal replay %s` after a fix)", self.sink.name,
+                              "the run" if r.scope == "run" else f"event seq {r.events[-1][0]}", r.run_id,
+                              r.reason, self.quarantine.directory(self.sink.name))
+            core.on_persisted()
+            return
+
+    def _persist_sync(self, records: list[Quarantined]) -> None:
+        where = self.quarantine.put(self.sink.name, records)
+        self.cursors.record_quarantine(records, str(where))
+
+    async def _store_backoff(self, core: DeliveryCore, attempt: int, error: str) -> None:
+        core.stats.state = "retrying"
+        core.stats.last_error = error
+        delay = self.policy.delay(attempt, self.rng)
         log.warning("sink %s: %s; retry %d in %.2f s", self.sink.name, error, attempt, delay)
         await anyio.sleep(delay)
 
-    def _undecodable(self, seq: int, exc: ProtocolError) -> None:
-        self.stats.undecodable += 1
-        log.error("sink %s: event seq %d cannot be decoded and is skipped: %s", self.sink.name, seq, exc)
+    def _update_rate(self, core: DeliveryCore) -> None:
+        now = self.clock()
+        if now - self._rate_t0 >= 1.0:
+            core.stats.rate = (core.stats.delivered - self._rate_n0) / (now - self._rate_t0)
+            self._rate_t0, self._rate_n0 = now, core.stats.delivered

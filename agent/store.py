@@ -54,6 +54,9 @@ CREATE TABLE IF NOT EXISTS artifacts (run_id TEXT, name TEXT, path TEXT, ts REAL
 CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, segment INTEGER, offset INTEGER, seq INTEGER,
     updated REAL);
 CREATE TABLE IF NOT EXISTS sink_runs (sink TEXT, run_id TEXT, PRIMARY KEY (sink, run_id));
+CREATE TABLE IF NOT EXISTS quarantine (sink TEXT NOT NULL, run_id TEXT NOT NULL, scope TEXT NOT NULL,
+    seq INTEGER, events INTEGER, reason TEXT, location TEXT, ts REAL);
+CREATE INDEX IF NOT EXISTS quarantine_sink_run ON quarantine (sink, run_id);
 """
 
 
@@ -323,6 +326,37 @@ class Store:
                 return
             for k, step, ts, value in rows:
                 yield {"run": run_id, "key": k, "step": step, "timestamp": ts, "value": _json_number(value)}
+
+    # --- quarantine (written by the delivery engine, agent/runner.py) ---
+
+    @_locked
+    def add_quarantine(self, sink: str, run_id: str, scope: str, seq: int, events: int, reason: str,
+                       location: str) -> None:
+        """One quarantined event (scope "event") or run (scope "run", from ``seq`` on) of a sink."""
+        self.db.execute("INSERT INTO quarantine VALUES (?,?,?,?,?,?,?,?)",
+                        (sink, run_id, scope, seq, events, reason, location, time.time()))
+
+    @_locked
+    def more_quarantined(self, sink: str, run_id: str, events: int) -> None:
+        """Later events of a run quarantined before went the same way."""
+        self.db.execute("UPDATE quarantine SET events = events + ? WHERE rowid = (SELECT MAX(rowid) FROM"
+                        " quarantine WHERE sink=? AND run_id=? AND scope='run')", (events, sink, run_id))
+
+    @_locked
+    def quarantined_runs(self, sink: str) -> set[str]:
+        return {r for (r,) in self.db.execute(
+            "SELECT DISTINCT run_id FROM quarantine WHERE sink=? AND scope='run'", (sink,))}
+
+    @_locked
+    def quarantine_rows(self) -> list[dict[str, Any]]:
+        """Every quarantine record, oldest first ([] for a store that never had one, even read-only)."""
+        keys = ("sink", "run_id", "scope", "seq", "events", "reason", "location", "ts")
+        try:
+            cur = self.db.execute(f"SELECT {', '.join(keys)} FROM quarantine ORDER BY rowid")
+        except sqlite3.OperationalError:  # no such table: nothing was ever quarantined
+            return []
+        return [dict(zip(keys, row)) for row in cur]
+
 
 def _json_number(value: float | None) -> float | str:
     """JSON has no NaN/Infinity: export them as strings, the way MLflow's REST API does."""

@@ -87,6 +87,7 @@ class AgentConfig(_Section):
     on_full: Literal["spill", "block", "drop"] = "spill"
     block_timeout_seconds: _NonNegFloat = 5.0
     connect_timeout_seconds: _PosFloat = 10.0
+    linger_ms: _NonNegInt = 150  # a sink delivers when its batch is full or its oldest event waited this long
 
     def __post_init__(self) -> None:
         # The ring indexes its data area with a mask, so the size must be a power of two.

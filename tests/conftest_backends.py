@@ -69,7 +69,7 @@ def write_wal(wal_dir: Path, events: Iterable[Event], per_record: int = 500) -> 
 
 
 def drive(sinks: list[Any], wal_dir: Path, store_path: Path, timeout: float = 120.0) -> list[SinkRunner]:
-    """Run a SinkRunner per sink over the WAL until each is caught up or parked (in this process)."""
+    """Run a SinkRunner per sink over the WAL until each is caught up (in this process)."""
     runners: list[SinkRunner] = []
 
     async def main() -> None:
@@ -82,7 +82,7 @@ def drive(sinks: list[Any], wal_dir: Path, store_path: Path, timeout: float = 12
                 for r in runners:
                     tg.start_soon(r.run)
                 await anyio.sleep(0.05)
-                while not all(r.caught_up or r.stats.state == "parked" for r in runners):
+                while not all(r.caught_up for r in runners):
                     await anyio.sleep(0.02)
                 tg.cancel_scope.cancel()
 

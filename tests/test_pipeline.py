@@ -439,7 +439,7 @@ def test_full_disk_keeps_the_agent_up_and_loses_nothing(tmp_path: Path, monkeypa
                                                                                     "ring_bytes": 1 << 20}})
             t.flush()
             filler = small / "filler"
-            with open(filler, "wb") as f:  # fill the disk to the last byte
+            with open(filler, "wb", buffering=0) as f:  # fill the disk to the last byte (unbuffered: close cannot fail)
                 try:
                     while True:
                         f.write(b"\0" * 65536)

@@ -13,8 +13,9 @@ from flightlog.agent.sinks.base import Batch
 from flightlog.agent.sinks.memory import InMemorySink
 from flightlog.agent.sinks.store import LocalStoreSink
 from flightlog.agent.store import Store
-from flightlog.agent.wal import WAL, WALReader
+from flightlog.agent.wal import WAL, WALReader, WalCursor
 from flightlog.proto import PermanentBackendError, RetryableBackendError, encode_event
+from flightlog.proto.codec import decode_event
 from flightlog.proto.events import Metrics, RunStart
 from flightlog.proto.frames import append_frame
 
@@ -111,17 +112,27 @@ def test_unexpected_exceptions_do_not_kill_the_runner(tmp_path: Path) -> None:
     wal.close()
 
 
-def test_permanent_error_parks_the_sink_before_the_bad_batch(tmp_path: Path) -> None:
+def test_permanent_error_quarantines_only_the_bad_event(tmp_path: Path) -> None:
+    """Once a sink stopped at a refused batch for ever (parked); now the bad event alone is set aside."""
     def bad(batch: Batch) -> None:
-        if any(seq >= 500 for seq, _ in batch.events):
+        if any(seq == 500 for seq, _ in batch.events):
             raise PermanentBackendError("400: param 'lr' too long")
 
     sink = InMemorySink(batch_size=100, fail=bad)
     wal, runner = make(tmp_path, sink)
-    anyio.run(run_until, runner, lambda: runner.stats.state == "parked")
+    anyio.run(run_until, runner, lambda: runner.caught_up)
     assert runner.stats.last_error == "400: param 'lr' too long"
+    assert [seq for seq, _ in sink.events] == [s for s in range(1001) if s != 500]
     cursor, _ = CursorStore(tmp_path / "db.sqlite").load("memory")
-    assert cursor.seq == len(sink.events) < 1001  # the cursor stays before what was refused
+    assert cursor.seq == 1001  # past the bad event: a restart does not stop at it again
+    rows = Store(tmp_path / "db.sqlite").quarantine_rows()
+    assert [(r["sink"], r["run_id"], r["scope"], r["seq"], r["reason"]) for r in rows] == [
+        ("memory", "r1", "event", 500, "400: param 'lr' too long")]
+    # The quarantined event is in a WAL that `wal replay` reads.
+    with WALReader(rows[0]["location"]) as reader:
+        items, _ = reader.read(WalCursor(), max_events=10)
+    [(_, payload)] = items
+    assert decode_event(payload) == Metrics("r1", 499, 499.0, {"x": 499.0})
     wal.close()
 
 
@@ -163,7 +174,9 @@ def test_retry_policy_backoff_jitter_and_retry_after() -> None:
         base = min(10.0, 2.0 ** (a - 1))
         assert base * 0.5 <= d <= base
     assert p.delay(1, rng, retry_after=7.0) == 7.0
-    assert p.delay(1, rng, retry_after=120.0) == 120.0  # the server knows best, even past our cap
+    # A Retry-After past our cap is capped: `Retry-After: 86400` must not park a sink for a day.
+    assert p.delay(1, rng, retry_after=120.0) == 10.0
+    assert p.delay(1, rng, retry_after=86400.0) == p.maximum
 
 
 def test_circuit_breaker_opens_half_opens_and_closes() -> None:

@@ -16,6 +16,7 @@ import flightlog
 from conftest import AgentProcess
 from conftest_backends import MlflowServer, drive, mlflow_server, run_events, write_wal  # noqa: F401
 from flightlog.agent.sinks import Batch, MLflowTracker, SinkCursor
+from flightlog.agent.store import Store
 from flightlog.agent.sinks.memory import InMemorySink
 from flightlog.agent.sinks.mlflow_sink import MAX_PARAMS, chunk_batch, classify_mlflow_error
 from flightlog.proto.paths import AgentPaths
@@ -141,7 +142,8 @@ def test_run_arrives_exactly_once(mlflow_server: MlflowServer, tmp_path: Path,
     assert_metrics_once(uri, run.info.run_id, ["loss", "acc"], 1200)
 
 
-def test_bad_param_parks_only_the_mlflow_sink(mlflow_server: MlflowServer, tmp_path: Path) -> None:
+def test_bad_param_quarantines_only_that_run_on_the_mlflow_sink(mlflow_server: MlflowServer, tmp_path: Path) -> None:
+    """Once the refusal parked the MLflow sink for every run; now it quarantines this run on it, alone."""
     tracking = {"mlflow_tracking_uri": mlflow_server.uri, "mlflow_experiment_name": "bad-param"}
     evs = run_events("bad1", "bad", tracking, steps=50, keys=["loss"], sinks=["mlflow", "memory"], end=False)
     evs.append(HyperParams("bad1", {"lr": 0.5}))  # a changed value: MLflow answers HTTP 400
@@ -149,11 +151,13 @@ def test_bad_param_parks_only_the_mlflow_sink(mlflow_server: MlflowServer, tmp_p
     write_wal(tmp_path / "wal", evs)
     memory = InMemorySink("memory")
     ml, mem = drive([MLflowTracker(tmp_path / "state"), memory], tmp_path / "wal", tmp_path / "db.sqlite")
-    assert ml.stats.state == "parked", ml.stats
     assert "'lr'" in ml.stats.last_error and "INVALID_PARAMETER_VALUE" in ml.stats.last_error, ml.stats
     assert mem.stats.state == "ok" and len(memory.events) == len(evs), (mem.stats, len(memory.events))
-    # What came before the refused batch arrived; the cursor stays before it.
-    assert ml.stats.cursor.seq < len(evs)
+    assert ml.core is not None and ml.core.quarantined_runs == {"bad1"}
+    [row] = Store(tmp_path / "db.sqlite").quarantine_rows()
+    assert (row["sink"], row["run_id"], row["scope"]) == ("mlflow", "bad1", "run") and "'lr'" in row["reason"]
+    assert row["events"] == len(evs)  # the whole run waits in the quarantine for a replay after the fix
+    assert ml.stats.cursor.seq == len(evs)  # the sink moved on: other runs are not held up
 
 
 def test_local_sqlite_store(tmp_path: Path) -> None:

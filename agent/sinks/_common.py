@@ -16,11 +16,14 @@ from typing import Any
 
 import msgspec
 
+from flightlog.proto.config import TrackingConfig
+from flightlog.proto.errors import PermanentBackendError
 from flightlog.proto.events import Event, Image, RunStart
 
 from .base import Ack, Batch, SinkCursor
 
-__all__ = ["RunRegistry", "RunSinkBase", "atomic_write_json", "group_by_run", "flatten", "safe_name"]
+__all__ = ["RunRegistry", "RunSinkBase", "atomic_write_json", "group_by_run", "flatten", "safe_name",
+           "tracking_config"]
 
 log = logging.getLogger("flightlog.agent.sinks")
 
@@ -98,6 +101,23 @@ def safe_name(text: str, limit: int = 100) -> str:
     return _UNSAFE.sub("_", text).strip("._")[:limit] or "run"
 
 
+_TRACKING_KEYS = frozenset(f.name for f in msgspec.structs.fields(TrackingConfig))
+
+
+def tracking_config(*layers: Mapping[str, Any] | None) -> TrackingConfig:
+    """The run's ``tracking`` settings as the config Struct (one place for every default): later layers win;
+    keys this agent does not know (a newer SDK's) are ignored. A bad value raises PermanentBackendError."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        if layer:
+            merged.update((k, v) for k, v in layer.items() if k in _TRACKING_KEYS)
+    try:
+        return msgspec.convert(merged, TrackingConfig)
+    except msgspec.ValidationError as exc:
+        raise PermanentBackendError(f"the run's tracking config is invalid: {exc} (fix the run's config "
+                                    "and replay this sink's quarantine)") from exc
+
+
 class RunRegistry:
     """``<dir>/<run_id>.json``: ``{"start": RunStart as builtins, "state": {...}}``, one per run."""
 
@@ -144,6 +164,9 @@ class RunSinkBase:
     name = "backend"
     batch_size = 1000
     all_runs = False
+    #: One refused event quarantines its run on this sink: a backend run with a hole in it is worth less
+    #: than a whole one replayed after the fix.
+    quarantine_scope = "run"
 
     def __init__(self, state_dir: str | os.PathLike[str] | None = None, *,
                  defaults: Mapping[str, Any] | None = None, overrides: Mapping[str, Any] | None = None,
@@ -163,9 +186,13 @@ class RunSinkBase:
         self.registry.ensure()
         return None
 
-    def tracking(self, start: RunStart) -> dict[str, Any]:
+    def tracking(self, start: RunStart) -> TrackingConfig:
         run_cfg = start.config.get("tracking") if isinstance(start.config, dict) else None
-        return {**self.defaults, **(run_cfg or {}), **self.overrides}
+        return tracking_config(self.defaults, run_cfg if isinstance(run_cfg, dict) else None, self.overrides)
+
+    def run_start(self, run_id: str) -> RunStart | None:
+        """The run's RunStart as this sink last saw it (for the engine's quarantine of a whole run)."""
+        return self.registry.start_of(run_id)
 
     def _start_for(self, run_id: str, events: list[tuple[int, Event]]) -> RunStart:
         """The run's RunStart: from this batch (and remembered), or from the registry, or a stand-in."""
@@ -195,10 +222,24 @@ class RunSinkBase:
         self.registry.put(run_id, entry)
 
     def write(self, batch: Batch) -> Ack:
+        """Each run of the batch on its own: a run the backend refuses for good is reported in the Ack (the
+        engine quarantines it here) and the other runs are still written. Retryable and unknown errors
+        propagate: the whole batch is sent again (every sink skips or deduplicates what it already wrote)."""
+        refused: dict[str, str] = {}
+        delivered = 0
         for run_id, events in group_by_run(batch.events).items():
-            start = self._start_for(run_id, events)
-            self._write_run(run_id, start, events)
-        return Ack(delivered=len(batch.events))
+            try:
+                start = self._start_for(run_id, events)
+                self._write_run(run_id, start, events)
+            except PermanentBackendError as exc:
+                refused[run_id] = str(exc)
+                self._forget_run(run_id)
+                continue
+            delivered += len(events)
+        return Ack(delivered=delivered, refused=refused)
+
+    def _forget_run(self, run_id: str) -> None:
+        """Drop in-memory state of a run the backend refused (subclasses with open handles override)."""
 
     def _write_run(self, run_id: str, start: RunStart, events: list[tuple[int, Event]]) -> None:
         raise NotImplementedError

@@ -12,8 +12,9 @@ __all__ = ["InMemorySink"]
 
 class InMemorySink:
     def __init__(self, name: str = "memory", *, batch_size: int = 100, all_runs: bool = True,
-                 fail: Callable[[Batch], None] | None = None) -> None:
+                 fail: Callable[[Batch], None] | None = None, quarantine_scope: str = "event") -> None:
         self.name = name
+        self.quarantine_scope = quarantine_scope  # what one refused event takes down: "event" or "run"
         self.batch_size = batch_size
         self.all_runs = all_runs
         self.events: list[tuple[int, Event]] = []

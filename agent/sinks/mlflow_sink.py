@@ -14,10 +14,13 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from flightlog.proto.errors import PermanentBackendError, RetryableBackendError
+from flightlog.proto.config import TrackingConfig
+from flightlog.proto.errors import BackendError, PermanentBackendError, RetryableBackendError
 from flightlog.proto.events import (
     Alert,
     Artifact,
@@ -34,8 +37,9 @@ from flightlog.proto.events import (
 )
 
 from ._common import RunSinkBase, flatten, image_bytes, safe_name
+from ._errors import ErrorTable, Rule
 
-__all__ = ["MLflowTracker", "classify_mlflow_error", "chunk_batch", "MAX_METRICS", "MAX_PARAMS", "MAX_TAGS",
+__all__ = ["MLflowTracker", "classify_mlflow_error", "mlflow_errors", "chunk_batch", "MAX_METRICS", "MAX_PARAMS", "MAX_TAGS",
            "MAX_PARAM_LENGTH"]
 
 log = logging.getLogger("flightlog.agent.sinks")
@@ -62,42 +66,51 @@ def chunk_batch(metrics: list[Any], params: list[Any], tags: list[Any]) -> Itera
         yield metrics[i:i + MAX_METRICS], [], []
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__
+def _retryable_mlflow(exc: BaseException) -> bool:
+    code = getattr(exc, "error_code", None)
+    try:
+        status = int(exc.get_http_status_code())  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, ValueError):
+        status = 500
+    # A transport failure after MLflow's own retries (status codes lost) arrives as INTERNAL_ERROR too.
+    return code in _RETRYABLE_CODES or status >= 500 or status == 429
 
 
-def classify_mlflow_error(exc: Exception, what: str) -> Exception:
-    """An MLflow (or transport) error as a flightlog BackendError: connection trouble, 5xx and 429 are
-    retryable; other 4xx are permanent, naming the offending key when the message names one."""
+@lru_cache(maxsize=1)
+def mlflow_errors() -> ErrorTable:
+    """MLflow's error table: connection trouble, 5xx and 429 retryable; other MlflowExceptions (4xx: a key
+    or value MLflow's rules refuse, a changed param) permanent; the local store's OSErrors retryable."""
     import requests
-
-    for e in _chain(exc):
-        if isinstance(e, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
-            return RetryableBackendError(f"MLflow unreachable while {what}: {_short(exc)}")
     from mlflow.exceptions import MlflowException
 
-    if isinstance(exc, MlflowException):
-        code = exc.error_code
-        try:
-            status = int(exc.get_http_status_code())
-        except Exception:
-            status = 500
-        text = _short(exc)
-        # A transport failure after MLflow's own retries (status codes lost) arrives as INTERNAL_ERROR too.
-        if code in _RETRYABLE_CODES or status >= 500 or status == 429:
+    return ErrorTable("MLflow", [
+        Rule((requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError), "retryable", causes=True),
+        Rule((MlflowException,), "retryable", when=_retryable_mlflow),
+        Rule((MlflowException,), "permanent"),
+        Rule((OSError,), "retryable"),
+        # The client could not encode the request (a step past int64, a value of the wrong type): this input
+        # fails the same way every time.
+        Rule((ValueError, TypeError, OverflowError), "permanent"),
+    ])
+
+
+def classify_mlflow_error(exc: Exception, what: str) -> BackendError | None:
+    """An MLflow (or transport) error as a flightlog BackendError by ``mlflow_errors()``; a refusal names the
+    offending key when MLflow's message does. None: an exception the table does not know."""
+    verdict = mlflow_errors().verdict(exc)
+    if verdict is None:
+        return None
+    if isinstance(exc, BackendError):
+        return exc
+    text = _short(exc)
+    if verdict == "retryable":
+        if hasattr(exc, "error_code"):
             return RetryableBackendError(f"MLflow error while {what}: {text}")
-        m = _KEY_IN_MESSAGE.search(str(exc))
-        key = next((g for g in m.groups() if g), None) if m else None
-        where = f" (key {key!r})" if key else ""
-        return PermanentBackendError(f"MLflow refused {what}{where}: {code}: {text}")
-    if isinstance(exc, OSError):
-        return RetryableBackendError(f"MLflow store error while {what}: {exc}")
-    return exc
+        return RetryableBackendError(f"MLflow unreachable while {what}: {text}")
+    m = _KEY_IN_MESSAGE.search(str(exc))
+    key = next((g for g in m.groups() if g), None) if m else None
+    where = f" (key {key!r})" if key else ""
+    return PermanentBackendError(f"MLflow refused {what}{where}: {getattr(exc, 'error_code', '')}: {text}")
 
 
 def _short(exc: BaseException, limit: int = 500) -> str:
@@ -154,7 +167,7 @@ class MLflowTracker(RunSinkBase):
             try:
                 c = MlflowClient(tracking_uri=uri)
             except Exception as exc:
-                raise classify_mlflow_error(exc, f"connecting to {uri}") from exc
+                raise mlflow_errors().translate(exc, f"connecting to {uri}") from exc
             self._clients[uri] = c
         return c
 
@@ -165,7 +178,7 @@ class MLflowTracker(RunSinkBase):
         if run is not None:
             return run
         tracking = self.tracking(start)
-        uri = str(tracking.get("mlflow_tracking_uri") or "sqlite:///mlflow.db")
+        uri = tracking.mlflow_tracking_uri
         client = self._client(uri)
         state = self.state_of(run_id)
         ml_id = state.get("mlflow_run_id") if state.get("uri") == uri else None
@@ -174,16 +187,19 @@ class MLflowTracker(RunSinkBase):
                 ml_id = self._find_or_create(client, start, tracking)
                 state.update(uri=uri, mlflow_run_id=ml_id)
                 self.save_state(run_id, state)
-        except PermanentBackendError:
+        except BackendError:
             raise
         except Exception as exc:
-            raise classify_mlflow_error(exc, f"creating the MLflow run for {start.name!r}") from exc
+            err = classify_mlflow_error(exc, f"creating the MLflow run for {start.name!r}")
+            if err is None:
+                raise
+            raise err from exc
         run = _MlRun(client, ml_id, uri)
         self._runs[run_id] = run
         return run
 
-    def _find_or_create(self, client: Any, start: RunStart, tracking: dict[str, Any]) -> str:
-        exp_name = tracking.get("mlflow_experiment_name") or start.name
+    def _find_or_create(self, client: Any, start: RunStart, tracking: TrackingConfig) -> str:
+        exp_name = tracking.mlflow_experiment_name or start.name
         exp = client.get_experiment_by_name(exp_name)
         exp_id = exp.experiment_id if exp is not None else None
         if exp_id is None:
@@ -211,78 +227,17 @@ class MLflowTracker(RunSinkBase):
     # --- writing ---
 
     def _write_run(self, run_id: str, start: RunStart, events: list[tuple[int, Event]]) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Param, RunTag
 
         run = self._run(run_id, start)
-        metrics: list[Any] = []
-        params: dict[str, Any] = {}
-        param_groups: list[dict[str, Any]] = []
-        tags: dict[str, str] = {}
-        end: tuple[int, RunEnd] | None = None
-        texts: list[Text] = []
-        artifacts: list[Artifact] = []
-        images: list[Image] = []  # plots: artifacts under images/ (MLflow has no histogram type: skipped)
-        add = metrics.append
-        for seq, ev in events:
-            t = type(ev)
-            if t is Metrics:
-                ts, step = int(ev.timestamp * 1000), ev.step
-                for k, v in ev.values.items():
-                    add(Metric(k, float(v), ts, step))
-            elif t is SystemStats:
-                ts, step = int(ev.timestamp * 1000), ev.step
-                for k, v in ev.values.items():  # the monitor's keys already read system/...
-                    add(Metric(k, float(v), ts, step))
-            elif t is HyperParams:
-                for k, v in flatten(ev.params).items():
-                    value = self._param(run_id, k, _param_value(v))
-                    if params.get(k, value) != value:
-                        # A changed value: send what came before so MLflow judges them in order (and refuses).
-                        param_groups.append(params)
-                        params = {}
-                    params[k] = value
-            elif t is Tags:
-                for k, v in ev.tags.items():
-                    tags[k] = str(v)[:MAX_TAG_LENGTH]
-            elif t is Text:
-                texts.append(ev)
-            elif t is CheckpointSaved:
-                if ev.metrics:
-                    ts = int(ev.timestamp * 1000)
-                    for k, v in ev.metrics.items():
-                        add(Metric(f"checkpoint/{k}", float(v), ts, ev.step))
-                tags["flightlog.last_checkpoint"] = ev.path[:MAX_TAG_LENGTH]
-            elif t is Artifact:
-                artifacts.append(ev)
-            elif t is Image:
-                images.append(ev)
-            elif t is Alert:
-                tags[f"flightlog.alert.{ev.level}"] = ev.message[:MAX_TAG_LENGTH]
-            elif t is RunEnd:
-                end = (seq, ev)
-        for group in param_groups:
+        got = self._collect(run_id, events)
+        for group in got.param_groups:
             self._send(run, [Param(k, v) for k, v in group.items()], [], [])
-        self._send(run, [Param(k, v) for k, v in params.items()], [RunTag(k, v) for k, v in tags.items()],
-                   metrics)
-        for tx in texts:
-            self._call(run, "logging text " + repr(tx.key), run.client.log_text, run.id, tx.text,
-                       f"text/{tx.key}/step_{tx.step}.txt")
-        for ar in artifacts:
-            if not os.path.exists(ar.path):
-                log.warning("MLflow: artifact %s (%s) no longer exists; not uploaded", ar.name, ar.path)
-                continue
-            self._call(run, f"uploading artifact {ar.path}", run.client.log_artifact, run.id, ar.path,
-                       ar.kind or None)
-        for im in images:
-            png = image_bytes(im)
-            if png:
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = Path(tmp) / f"{safe_name(im.key.replace('/', '_'))}.png"
-                    path.write_bytes(png)
-                    self._call(run, f"uploading image {im.key!r}", run.client.log_artifact, run.id, str(path),
-                               "images")
-        if end is not None:
-            seq, ev = end
+        self._send(run, [Param(k, v) for k, v in got.params.items()],
+                   [RunTag(k, v) for k, v in got.tags.items()], got.metrics)
+        self._upload(run, got)
+        if got.end is not None:
+            seq, ev = got.end
             status = _STATUS.get(ev.status, "FINISHED")
             if ev.dropped:
                 self._send(run, [], [RunTag("flightlog.dropped_events", str(ev.dropped))], [])
@@ -292,6 +247,65 @@ class MLflowTracker(RunSinkBase):
             state.update(ended=True, ended_seq=seq)
             self.save_state(run_id, state)
             self._runs.pop(run_id, None)
+
+    def _collect(self, run_id: str, events: list[tuple[int, Event]]) -> _Collected:
+        """A run's events as MLflow entities and uploads, in the order MLflow must see them."""
+        from mlflow.entities import Metric
+
+        got = _Collected()
+        add = got.metrics.append
+        for seq, ev in events:
+            t = type(ev)
+            if t is Metrics or t is SystemStats:  # the monitor's keys already read system/...
+                ts, step = int(ev.timestamp * 1000), ev.step
+                for k, v in ev.values.items():
+                    add(Metric(k, float(v), ts, step))
+            elif t is HyperParams:
+                for k, v in flatten(ev.params).items():
+                    value = self._param(run_id, k, _param_value(v))
+                    if got.params.get(k, value) != value:
+                        # A changed value: send what came before so MLflow judges them in order (and refuses).
+                        got.param_groups.append(got.params)
+                        got.params = {}
+                    got.params[k] = value
+            elif t is Tags:
+                for k, v in ev.tags.items():
+                    got.tags[k] = str(v)[:MAX_TAG_LENGTH]
+            elif t is Text:
+                got.texts.append(ev)
+            elif t is CheckpointSaved:
+                ts = int(ev.timestamp * 1000)
+                for k, v in ev.metrics.items():
+                    add(Metric(f"checkpoint/{k}", float(v), ts, ev.step))
+                got.tags["flightlog.last_checkpoint"] = ev.path[:MAX_TAG_LENGTH]
+            elif t is Artifact:
+                got.artifacts.append(ev)
+            elif t is Image:  # plots: artifacts under images/ (MLflow has no histogram type: skipped)
+                got.images.append(ev)
+            elif t is Alert:
+                got.tags[f"flightlog.alert.{ev.level}"] = ev.message[:MAX_TAG_LENGTH]
+            elif t is RunEnd:
+                got.end = (seq, ev)
+        return got
+
+    def _upload(self, run: _MlRun, got: _Collected) -> None:
+        for tx in got.texts:
+            self._call(run, "logging text " + repr(tx.key), run.client.log_text, run.id, tx.text,
+                       f"text/{tx.key}/step_{tx.step}.txt")
+        for ar in got.artifacts:
+            if not os.path.exists(ar.path):
+                log.warning("MLflow: artifact %s (%s) no longer exists; not uploaded", ar.name, ar.path)
+                continue
+            self._call(run, f"uploading artifact {ar.path}", run.client.log_artifact, run.id, ar.path,
+                       ar.kind or None)
+        for im in got.images:
+            png = image_bytes(im)
+            if png:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / f"{safe_name(im.key.replace('/', '_'))}.png"
+                    path.write_bytes(png)
+                    self._call(run, f"uploading image {im.key!r}", run.client.log_artifact, run.id, str(path),
+                               "images")
 
     def _param(self, run_id: str, key: str, value: str) -> str:
         if len(value) > MAX_PARAM_LENGTH:
@@ -312,23 +326,38 @@ class MLflowTracker(RunSinkBase):
     def _call(self, run: _MlRun, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (PermanentBackendError, RetryableBackendError):
+        except BackendError:
             raise
         except Exception as exc:
             err = classify_mlflow_error(exc, what)
-            if err is exc:
-                raise
+            if err is None:
+                raise  # unknown: the engine retries it on its capped schedule and shows the traceback once
             raise err from exc
+
+    def _forget_run(self, run_id: str) -> None:
+        self._runs.pop(run_id, None)
 
     def close(self) -> None:
         self._runs.clear()
         self._clients.clear()
 
 
-def _local_artifact_root(tracking: dict[str, Any]) -> str | None:
+@dataclass
+class _Collected:
+    metrics: list[Any] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    param_groups: list[dict[str, Any]] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    texts: list[Text] = field(default_factory=list)
+    artifacts: list[Artifact] = field(default_factory=list)
+    images: list[Image] = field(default_factory=list)
+    end: tuple[int, RunEnd] | None = None
+
+
+def _local_artifact_root(tracking: TrackingConfig) -> str | None:
     """For a ``sqlite:///`` store, artifacts go beside the database (``<db dir>/mlartifacts``), not into
     the agent's working directory, which MLflow would use by default. Servers choose their own."""
-    uri = str(tracking.get("mlflow_tracking_uri") or "")
+    uri = tracking.mlflow_tracking_uri
     if not uri.startswith("sqlite:///"):
         return None
     db = Path(uri[len("sqlite:///"):])

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any
+from typing import Any, NoReturn
 
-from flightlog.proto.errors import PermanentBackendError, RetryableBackendError
+from flightlog.proto.errors import PermanentBackendError
 from flightlog.proto.events import (
     Alert,
     Artifact,
@@ -29,8 +29,9 @@ from flightlog.proto.events import (
 )
 
 from ._common import RunSinkBase, flatten, image_bytes, safe_name
+from ._errors import ErrorTable, Rule
 
-__all__ = ["WandBTracker", "wandb_run_id"]
+__all__ = ["WandBTracker", "wandb_run_id", "wandb_errors"]
 
 log = logging.getLogger("flightlog.agent.sinks")
 
@@ -40,6 +41,23 @@ _ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 def wandb_run_id(run_id: str) -> str:
     """A stable W&B run id for a flightlog run id (W&B ids: at most 64 of ``[A-Za-z0-9_-]``)."""
     return ("fl-" + _ID_UNSAFE.sub("-", run_id))[:64]
+
+
+def wandb_errors(wandb: Any) -> ErrorTable:
+    """W&B's error table: bad credentials, misuse and values wandb rejects are permanent; its communication
+    errors and the network's are retryable; anything else is unknown (the engine's capped retries)."""
+    errors = getattr(wandb, "errors", None)
+
+    def types(*names: str) -> tuple[type[BaseException], ...]:
+        return tuple(t for n in names if isinstance(t := getattr(errors, n, None), type))
+
+    return ErrorTable("W&B", [
+        Rule(types("AuthenticationError", "UsageError", "UnsupportedError", "WandbCoreNotAvailableError"),
+             "permanent"),
+        Rule(types("CommError", "Error"), "retryable"),
+        Rule((ConnectionError, TimeoutError, OSError), "retryable", causes=True),
+        Rule((ValueError, TypeError, OverflowError), "permanent"),
+    ])
 
 
 class _WbRun:
@@ -58,6 +76,7 @@ class WandBTracker(RunSinkBase):
         super().__init__(state_dir, **kwargs)
         self._runs: dict[str, _WbRun] = {}
         self._wandb: Any = None
+        self._errors: ErrorTable | None = None
 
     def _lib(self) -> Any:
         if self._wandb is None:
@@ -76,12 +95,12 @@ class WandBTracker(RunSinkBase):
         if wb is not None:
             return wb
         tracking = self.tracking(start)
-        mode = tracking.get("wandb_mode") or "online"
+        mode = tracking.wandb_mode
         if mode == "disabled":
             return None
         wandb = self._lib()
         state = self.state_of(run_id)
-        directory = tracking.get("wandb_dir") or str(self.state_dir / "files")
+        directory = tracking.wandb_dir or str(self.state_dir / "files")
         os.makedirs(directory, exist_ok=True)
         settings: dict[str, Any] = dict(
             console="off", silent=True, x_disable_stats=True, x_disable_meta=True, x_disable_machine_info=True,
@@ -95,27 +114,33 @@ class WandBTracker(RunSinkBase):
         config = {k: v for k, v in (start.config or {}).items()}
         try:
             run = wandb.init(
-                project=tracking.get("wandb_project") or "flightlog", entity=tracking.get("wandb_entity") or None,
+                project=tracking.wandb_project, entity=tracking.wandb_entity or None,
                 name=start.name, notes=start.description or None, tags=[str(t)[:64] for t in start.tags] or None,
                 config=config, mode=mode, dir=directory, id=wandb_run_id(run_id), resume="allow",
                 reinit="create_new", settings=wandb.Settings(**settings),
             )
         except Exception as exc:
-            raise self._classify(exc, f"starting W&B run {start.name!r} ({mode})") from exc
+            self._raise(exc, f"starting W&B run {start.name!r} ({mode})")
         state.setdefault("seq", -1)
         state.setdefault("step", -1)
         wb = _WbRun(run, state)
         self._runs[run_id] = wb
         return wb
 
-    def _classify(self, exc: Exception, what: str) -> Exception:
-        wandb = self._lib()
-        errors = getattr(wandb, "errors", None)
-        auth = getattr(errors, "AuthenticationError", ())
-        usage = getattr(errors, "UsageError", ())
-        if isinstance(exc, auth) or isinstance(exc, usage):
-            return PermanentBackendError(f"W&B refused {what}: {type(exc).__name__}: {exc}")
-        return RetryableBackendError(f"W&B failed {what}: {type(exc).__name__}: {str(exc)[:500]}")
+    def _classify(self, exc: Exception, what: str) -> BaseException:
+        """What to raise for a wandb error (by ``wandb_errors``); an unknown one as it is."""
+        if self._errors is None:
+            self._errors = wandb_errors(self._lib())
+        return self._errors.translate(exc, what)
+
+    def _raise(self, exc: Exception, what: str) -> NoReturn:
+        err = self._classify(exc, what)
+        if err is exc:
+            raise exc
+        raise err from exc
+
+    def _forget_run(self, run_id: str) -> None:
+        self._forget(run_id)
 
     def _write_run(self, run_id: str, start: RunStart, events: list[tuple[int, Event]]) -> None:
         state = self.state_of(run_id)
@@ -172,7 +197,7 @@ class WandBTracker(RunSinkBase):
         except Exception as exc:
             # The run object is in an unknown state: reopen it (resume) on the retry.
             self._forget(run_id)
-            raise self._classify(exc, f"logging to W&B run {start.name!r}") from exc
+            self._raise(exc, f"logging to W&B run {start.name!r}")
         if skipped and not st.get("warned_backwards"):
             st["warned_backwards"] = True
             log.warning("W&B: run %s logged %d rows with a step below an earlier one; W&B keeps steps increasing,"
@@ -186,7 +211,7 @@ class WandBTracker(RunSinkBase):
                 run.finish(exit_code=0 if end.status == "completed" else 1)
             except Exception as exc:
                 self._forget(run_id)
-                raise self._classify(exc, f"finishing W&B run {start.name!r}") from exc
+                self._raise(exc, f"finishing W&B run {start.name!r}")
             st["ended"] = True
             self._runs.pop(run_id, None)
         self.save_state(run_id, st)
