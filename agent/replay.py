@@ -21,7 +21,7 @@ from typing import Any
 from flightlog.proto.errors import ConfigError
 
 from .retry import RetryPolicy
-from .sinks._common import read_json
+from .sinks._common import RunSinkBase, read_json
 from .sinks.base import SinkCursor
 
 __all__ = ["ReplayResult", "add_subparsers", "make_sink", "parse_target", "replay"]
@@ -56,6 +56,7 @@ def make_sink(backend: str, target: str, state_dir: Path, extra: dict[str, Any] 
         # Its own cursor name: replaying into a live agent's store must not move the agent's cursor.
         digest = hashlib.sha1(str(state_dir).encode()).hexdigest()[:10]
         return LocalStoreSink(target, name=f"replay-{digest}")
+    cls: type[RunSinkBase]
     if backend == "tensorboard":
         overrides["tensorboard_log_dir"] = target
         cls = sinks.TensorBoardTracker
@@ -105,6 +106,7 @@ def replay(
     """Deliver every event of ``wal_dir`` from the saved cursor on into ``sink``; returns counts. A batch
     still failing after ``max_attempts`` tries raises RetryableBackendError (run again to resume)."""
     import anyio
+
     from flightlog.agent.quarantine import QuarantineBox
     from flightlog.agent.runner import CursorStore, SinkRunner
     from flightlog.agent.wal import WALReader, inspect_wal

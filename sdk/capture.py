@@ -361,8 +361,8 @@ def seed_everything(seed: int, deterministic: bool = False) -> dict[str, Any]:
     try:
         import torch
     except ImportError:
-        torch = None
-    if torch is not None:
+        pass
+    else:
         torch.manual_seed(seed)  # seeds every CUDA device too
         seeded.append("torch")
         if deterministic:

@@ -130,8 +130,8 @@ class MetricsPath:
         return values
 
     def _resolve_step(self, step: Any, last: int) -> int:
-        step = check_step(step)
-        if step < last and not self._warned_backwards:
+        checked = check_step(step)
+        if checked < last and not self._warned_backwards:
             self._warned_backwards = True
-            log.warning("flightlog: step went backwards (%d after %d); points are recorded as given", step, last)
-        return step
+            log.warning("flightlog: step went backwards (%d after %d); points are recorded as given", checked, last)
+        return checked

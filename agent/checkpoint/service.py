@@ -112,7 +112,7 @@ class CheckpointService:
 
     @property
     def upload_dir(self) -> Path:
-        return self.agent.paths.data_dir / "uploads"
+        return Path(self.agent.paths.data_dir) / "uploads"
 
     def _queue_upload(self, row: dict[str, Any], policy: str) -> None:
         """Hand a durable checkpoint to the MLflow and W&B sinks as an Artifact event. The file is

@@ -255,12 +255,11 @@ class MLflowTracker(RunSinkBase):
         got = _Collected()
         add = got.metrics.append
         for seq, ev in events:
-            t = type(ev)
-            if t is Metrics or t is SystemStats:  # the monitor's keys already read system/...
+            if isinstance(ev, (Metrics, SystemStats)):  # the monitor's keys already read system/...
                 ts, step = int(ev.timestamp * 1000), ev.step
                 for k, v in ev.values.items():
                     add(Metric(k, float(v), ts, step))
-            elif t is HyperParams:
+            elif isinstance(ev, HyperParams):
                 for k, v in flatten(ev.params).items():
                     value = self._param(run_id, k, _param_value(v))
                     if got.params.get(k, value) != value:
@@ -268,23 +267,23 @@ class MLflowTracker(RunSinkBase):
                         got.param_groups.append(got.params)
                         got.params = {}
                     got.params[k] = value
-            elif t is Tags:
-                for k, v in ev.tags.items():
-                    got.tags[k] = str(v)[:MAX_TAG_LENGTH]
-            elif t is Text:
+            elif isinstance(ev, Tags):
+                for k, tag in ev.tags.items():
+                    got.tags[k] = str(tag)[:MAX_TAG_LENGTH]
+            elif isinstance(ev, Text):
                 got.texts.append(ev)
-            elif t is CheckpointSaved:
+            elif isinstance(ev, CheckpointSaved):
                 ts = int(ev.timestamp * 1000)
                 for k, v in ev.metrics.items():
                     add(Metric(f"checkpoint/{k}", float(v), ts, ev.step))
                 got.tags["flightlog.last_checkpoint"] = ev.path[:MAX_TAG_LENGTH]
-            elif t is Artifact:
+            elif isinstance(ev, Artifact):
                 got.artifacts.append(ev)
-            elif t is Image:  # plots: artifacts under images/ (MLflow has no histogram type: skipped)
+            elif isinstance(ev, Image):  # plots: artifacts under images/ (MLflow has no histogram type: skipped)
                 got.images.append(ev)
-            elif t is Alert:
+            elif isinstance(ev, Alert):
                 got.tags[f"flightlog.alert.{ev.level}"] = ev.message[:MAX_TAG_LENGTH]
-            elif t is RunEnd:
+            elif isinstance(ev, RunEnd):
                 got.end = (seq, ev)
         return got
 

@@ -209,44 +209,43 @@ class TensorBoardTracker(RunSinkBase):
             if seq <= done:
                 continue  # written before a crash or by an earlier replay
             max_seq = seq
-            t = type(ev)
-            if t is Metrics:
+            if isinstance(ev, Metrics):
                 if ev.values:
                     payloads.append(enc(ev.timestamp, ev.step, ev.values))
                     last.update(ev.values)
-            elif t is SystemStats:
+            elif isinstance(ev, SystemStats):
                 if ev.values:  # the monitor's keys already read system/...
                     payloads.append(enc(ev.timestamp, ev.step, ev.values))
-            elif t is Histogram:
+            elif isinstance(ev, Histogram):
                 payloads.append(_histogram_event(ev))
-            elif t is Image:
+            elif isinstance(ev, Image):
                 png = image_bytes(ev)
                 if png:
                     payloads.append(_image_event(ev, png))
-            elif t is Alert:
+            elif isinstance(ev, Alert):
                 payloads.append(_text_event(f"alerts/{ev.level}", ev.message, 0, ev.timestamp))
-            elif t is HyperParams:
+            elif isinstance(ev, HyperParams):
                 run.state["hparams"].update({k: _hparam_value(v) for k, v in flatten(ev.params).items()})
                 body = "\n".join(f"| {k} | {v} |" for k, v in flatten(ev.params).items())
                 payloads.append(_text_event("hparams", "| param | value |\n|---|---|\n" + body, 0,
                                             ev.timestamp or start.timestamp))
-            elif t is Text:
+            elif isinstance(ev, Text):
                 payloads.append(_text_event(ev.key, ev.text, ev.step, ev.timestamp or time.time()))
-            elif t is Tags:
+            elif isinstance(ev, Tags):
                 body = "\n".join(f"* {k}: {v}" for k, v in ev.tags.items())
                 payloads.append(_text_event("tags", body, 0, ev.timestamp or time.time()))
-            elif t is RunStart:
+            elif isinstance(ev, RunStart):
                 if ev.description:
                     payloads.append(_text_event("description", ev.description, 0, ev.timestamp))
                 if ev.tags:
                     payloads.append(_text_event("tags", "\n".join(f"* {x}" for x in ev.tags), 0, ev.timestamp))
-            elif t is RunEnd:
+            elif isinstance(ev, RunEnd):
                 end = ev
                 payloads.extend(self._hparams_events(run, ev))
-            elif t is CheckpointSaved:
+            elif isinstance(ev, CheckpointSaved):
                 if ev.metrics:
                     payloads.append(enc(ev.timestamp, ev.step, ev.metrics, "checkpoint/"))
-            elif t is Artifact:
+            elif isinstance(ev, Artifact):
                 pass  # TensorBoard has no artifact store; the local store and MLflow keep them
         if max_seq == done:
             return

@@ -160,8 +160,7 @@ class WandBTracker(RunSinkBase):
         end: RunEnd | None = None
         try:
             for seq, ev in events:
-                t = type(ev)
-                if t is Metrics or t is Histogram or t is Image:
+                if isinstance(ev, (Metrics, Histogram, Image)):
                     if ev.step != row_step and row:
                         run.log({**row, "_timestamp": row_ts}, step=row_step)
                         row = {}
@@ -169,28 +168,28 @@ class WandBTracker(RunSinkBase):
                         skipped += 1  # W&B steps only go forward; wandb would drop it with a warning
                         continue
                     row_ts = max(row_ts, ev.timestamp) if row else ev.timestamp
-                    if t is Metrics:
+                    if isinstance(ev, Metrics):
                         row.update(ev.values)
                     else:
                         media = _media(ev)
                         if media is not None:
                             row[ev.key] = media
                     row_step = step = ev.step
-                elif t is HyperParams:
+                elif isinstance(ev, HyperParams):
                     run.config.update(flatten(ev.params), allow_val_change=True)
-                elif t is Tags:
+                elif isinstance(ev, Tags):
                     run.tags = tuple(dict.fromkeys([*run.tags, *(f"{k}:{v}"[:64] for k, v in ev.tags.items())]))
-                elif t is Text:
+                elif isinstance(ev, Text):
                     run.summary[f"text/{ev.key}"] = ev.text
-                elif t is CheckpointSaved:
+                elif isinstance(ev, CheckpointSaved):
                     run.summary["checkpoint/last_path"] = ev.path
                     for k, v in ev.metrics.items():
                         run.summary[f"checkpoint/{k}"] = v
-                elif t is Alert:
+                elif isinstance(ev, Alert):
                     run.summary[f"alerts/{ev.level}"] = ev.message
-                elif t is Artifact:
+                elif isinstance(ev, Artifact):
                     self._log_artifact(run, ev)
-                elif t is RunEnd:
+                elif isinstance(ev, RunEnd):
                     end = ev
             if row:
                 run.log({**row, "_timestamp": row_ts}, step=row_step)
@@ -262,13 +261,14 @@ def _media(ev: Histogram | Image) -> Any:
     """A wandb Histogram or Image for the event (None when an image file is gone)."""
     import wandb
 
-    if type(ev) is Histogram:
+    if isinstance(ev, Histogram):
         limits = list(ev.bucket_limits)
         if not limits:
             return None
         # TensorBoard buckets are right edges; W&B wants every edge.
         first = limits[0] - (limits[1] - limits[0]) if len(limits) > 1 else ev.min
-        return wandb.Histogram(np_histogram=(list(ev.bucket_counts), [first, *limits]))
+        edges = (list(ev.bucket_counts), [first, *limits])  # wandb takes lists as well as arrays
+        return wandb.Histogram(np_histogram=edges)  # type: ignore[arg-type]
     png = image_bytes(ev)
     if png is None:
         return None

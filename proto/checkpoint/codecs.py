@@ -105,6 +105,7 @@ def decompress_frame(codec: str, raw: bytes | memoryview, frame: list[Any], name
     """Decompress one indexed frame ``[c_off, c_len, u_off, u_len, (width, plane sizes)]``; any damage
     (or a size other than the index says) is CheckpointCorrupt naming the file."""
     u_len = frame[3]
+    out: bytes
     try:
         if _plain_zstd(codec, frame):
             out = _dctx().decompress(raw, max_output_size=u_len)

@@ -63,7 +63,7 @@ def _pipelined(pieces: Sequence[tuple[memoryview, int, bool]], codec: str, level
             yield pending.popleft().result()
 
 
-def write_container(out: BinaryIO, tensors: Sequence[TensorInfo], metadata: dict[str, str], data: memoryview,
+def write_container(out: BinaryIO | DirectFile, tensors: Sequence[TensorInfo], metadata: dict[str, str], data: memoryview,
                     codec: str, level: int, *, threads: int = 0, chunk_bytes: int = 0) -> tuple[int, bytes]:
     """Write one checkpoint file to ``out``; returns (size, xxh3-128 digest of the payload)."""
     check_level(codec, level)

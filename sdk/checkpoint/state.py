@@ -90,7 +90,7 @@ def rng_state() -> dict[str, Any]:
         state["numpy"] = np.random.get_state()
     except ImportError:  # pragma: no cover - numpy ships with torch in practice
         pass
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
