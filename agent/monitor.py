@@ -322,7 +322,7 @@ class Monitor:
                     delay = _DISCOVER_SECONDS
                 await anyio.sleep(delay)
         finally:
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):  # noqa: ASYNC100 - close() must finish even when cancelled
                 self.close()
 
     def _producer_list(self) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
+
 from flightlog.proto.codec import decode_event
 from flightlog.proto.config import AgentConfig
 from flightlog.proto.errors import FlightlogError, ProtocolError, RetryableBackendError

@@ -180,8 +180,8 @@ def bench_mlflow(n: int, root: Path) -> dict[str, Any]:
 
                 try:
                     _wait(finished, 600, "flightlog delivery", 0.1)
-                except TimeoutError:
-                    raise TimeoutError(f"flightlog delivery; agent log: {(root / 'agent.log').read_text()[-3000:]}")
+                except TimeoutError as exc:
+                    raise TimeoutError(f"flightlog delivery; agent log: {(root / 'agent.log').read_text()[-3000:]}") from exc
                 fl = time.perf_counter() - t0
                 exp = client.get_experiment_by_name(experiment)
                 runs = client.search_runs([exp.experiment_id])

@@ -26,10 +26,10 @@ import psutil
 from flightlog.agent.monitor import Monitor
 from flightlog.agent.store import Store
 from flightlog.agent.wal import SRC_INTERNAL, WAL
-from flightlog.proto.paths import AgentPaths
 from flightlog.proto.codec import encode_event
 from flightlog.proto.events import Event, RunStart, SystemStats
 from flightlog.proto.frames import append_frame
+from flightlog.proto.paths import AgentPaths
 
 
 def main() -> None:

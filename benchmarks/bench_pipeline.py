@@ -15,7 +15,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 METRICS = {"loss": 0.5, "acc": 0.9, "lr": 1e-4, "grad_norm": 1.25}
@@ -86,7 +85,7 @@ def bench_tensorboardx(work: Path, calls: int) -> dict:
 def bench_mlflow(work: Path, calls: int, synchronous: bool) -> dict:
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{work / ('mlflow-%s.db' % synchronous)}")
+    mlflow.set_tracking_uri(f"sqlite:///{work / f'mlflow-{synchronous}.db'}")
     mlflow.set_experiment("bench")
     with mlflow.start_run():
         lat = timed(lambda i: mlflow.log_metrics(METRICS, step=i, synchronous=synchronous), calls)

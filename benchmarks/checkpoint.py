@@ -13,6 +13,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -27,8 +28,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from flightlog.proto.checkpoint.format import CODECS
 from flightlog.checkpoint import ModelCheckpointer
+from flightlog.proto.checkpoint.format import CODECS
 
 
 def _fsync(path: Path) -> None:
@@ -116,7 +117,7 @@ def bench_state(root: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, 
         save_file(flat, str(st_path))
         _fsync(st_path)
 
-    out["torch_save_fsync_s"] = statistics.median(_timed(lambda: torch_save(i)) for i in range(repeat))
+    out["torch_save_fsync_s"] = statistics.median(_timed(functools.partial(torch_save, i)) for i in range(repeat))
     out["safetensors_save_file_fsync_s"] = statistics.median(_timed(st_save) for _ in range(repeat))
     out["state_bytes"] = sum(v.numel() * v.element_size() for v in flat.values())
 
@@ -136,9 +137,9 @@ def bench_state(root: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, 
         raw = os.urandom(1 << 20) * (meta.size >> 20) + os.urandom(meta.size & ((1 << 20) - 1))
         dd = root / "dd.bin"
         out["plain_write_fsync_same_bytes_s"] = statistics.median(
-            _timed(lambda: _plain_write(dd, raw, False)) for _ in range(repeat))
+            _timed(functools.partial(_plain_write, dd, raw, False)) for _ in range(repeat))
         out["direct_write_fsync_same_bytes_s"] = statistics.median(
-            _timed(lambda: _plain_write(dd, raw, True)) for _ in range(repeat))
+            _timed(functools.partial(_plain_write, dd, raw, True)) for _ in range(repeat))
         del raw
         dd.unlink()
         target_m, target_o = _copy_model(model, dtype)

@@ -36,7 +36,7 @@ class AgentClient:
             header = self._recv_exact(4)
             (n,) = FRAME_HEADER.unpack(header)
             reply = decode_control(self._recv_exact(n))
-        except (OSError, socket.timeout) as exc:
+        except (TimeoutError, OSError) as exc:
             raise AgentUnavailable(f"agent at {self.path} did not answer: {exc}") from exc
         if not isinstance(reply, Reply):
             raise ProtocolError(f"agent at {self.path} sent {type(reply).__name__}, expected a reply")

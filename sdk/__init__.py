@@ -51,7 +51,7 @@ _PUBLIC = {
 __all__ = [
     "ExperimentTracker", "ExperimentMetadata", "experiment_tracking", "ModelCheckpointer", "CheckpointMetadata",
     "seed_everything", "Config", "load_config", "config_hash", "FlightlogError", "ConfigError", "ProtocolError",
-    "AgentUnavailable", "WALError", "WALCorrupt", "CheckpointError", "CheckpointCorrupt",
+    "AgentUnavailable", "WALError", "WALCorrupt", "CheckpointError", "CheckpointCorrupt", "PendingCheckpoint",
 ]
 
 

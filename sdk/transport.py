@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import uuid
+
 from flightlog.link import AgentLink
 from flightlog.proto.codec import event_encoder
 from flightlog.proto.config import AgentConfig

@@ -113,7 +113,7 @@ def mlflow_key_problem(key: str) -> str:
         bad = sorted({c for c in key if not _MLFLOW_KEY.match(c)})
         return "it contains " + ", ".join(repr(c) for c in bad)
     norm = posixpath.normpath(key)
-    if norm != key or norm == "." or norm.startswith("..") or norm.startswith("/"):
+    if norm != key or norm == "." or norm.startswith(("..", "/")):
         return f"as a path it would read {norm!r}"
     return ""
 

@@ -25,11 +25,11 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from flightlog.agent.ckpt_cli import add_subparsers
+from flightlog.checkpoint import ModelCheckpointer, PendingCheckpoint
 from flightlog.proto.checkpoint import CheckpointReader, Entry, choose_best, plan_retention, write_container
 from flightlog.proto.checkpoint.format import CODECS, DTYPE_SIZES, TensorInfo
 from flightlog.proto.checkpoint.writer import DirectFile
-from flightlog.agent.ckpt_cli import add_subparsers
-from flightlog.checkpoint import ModelCheckpointer, PendingCheckpoint
 from flightlog.proto.errors import CheckpointCorrupt, CheckpointError
 
 NP_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
@@ -168,7 +168,7 @@ def test_in_place_load_fills_targets_and_only_verified_frames_land(tmp_path: Pat
     targets = {name: np.full(len(raw), 0xAB, dtype=np.uint8) for name, _, raw, _ in items if name in ("t0", "t2", "t4")}
     with CheckpointReader(path, verify=False) as r:
         out = r.read_data(verify=True, in_place={k: a.ctypes.data for k, a in targets.items()})
-        for name, dtype, raw, shape in items:
+        for name, _dtype, raw, _shape in items:
             t = r.tensors[name]
             if name in targets:
                 assert targets[name].tobytes() == raw

@@ -9,13 +9,12 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import AgentProcess
 
 from flightlog import ExperimentTracker
-from flightlog.proto.checkpoint import Registry, verify_file
 from flightlog.checkpoint import CheckpointMetadata
+from flightlog.proto.checkpoint import Registry, verify_file
 from flightlog.proto.paths import AgentPaths
-
-from conftest import AgentProcess
 
 
 def _size(p: Path) -> int:
@@ -138,9 +137,8 @@ def test_upload_best_reaches_mlflow_and_wandb_after_retention_removed_the_file(
     """checkpointing.upload: best. Each new best becomes an artifact in MLflow (a real SQLite store) and a
     version of a W&B ``model`` artifact (offline log), even after retention deleted the local file; the
     upload links in the agent's data dir go once every sink has passed them."""
-    from mlflow.tracking import MlflowClient
-
     from conftest_backends import read_wandb_log
+    from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     MlflowClient(tracking_uri=uri).search_experiments()  # create the tables before the agent does

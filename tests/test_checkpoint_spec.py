@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+from conftest import AgentProcess
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flightlog.agent.checkpoint.service import decode_spec
 from flightlog.proto.control import connect
 from flightlog.proto.events import CheckpointRequest, CheckpointSpec, RetentionSpec, StatusRequest
-
-from conftest import AgentProcess
 
 
 def _spec(**kw: object) -> CheckpointSpec:

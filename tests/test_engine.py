@@ -12,6 +12,10 @@ from pathlib import Path
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_runner import FAST, fill_wal, run_until
+
 from flightlog.agent.engine import (
     Commit,
     Deliver,
@@ -28,9 +32,6 @@ from flightlog.agent.sinks.memory import InMemorySink
 from flightlog.agent.wal import WAL, WalCursor, WALReader
 from flightlog.proto import PermanentBackendError, RetryableBackendError
 from flightlog.proto.events import Event, Metrics, RunStart
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from test_runner import FAST, fill_wal, run_until
 
 
 def window(events: list[Event], first: int = 0) -> Window:

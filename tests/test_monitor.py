@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import AgentProcess
 
 import flightlog
 from flightlog.agent.monitor import DiskWatch, GpuReader, Monitor, Rates, gpu_selection
 from flightlog.agent.store import Store
-from flightlog.proto.paths import AgentPaths
 from flightlog.proto.events import Alert, RunStart, SystemStats
-
-from conftest import AgentProcess
+from flightlog.proto.paths import AgentPaths
 
 # --- sans-IO parts ----------------------------------------------------------------------------------------
 
@@ -187,7 +186,7 @@ def test_monitor_counts_the_trainers_workers(tmp_path: Path) -> None:
     try:
         add_run(paths, "job-w", {"interval_seconds": 0.2}, pid=trainer.pid)
         events: list[Any] = []
-        mon = Monitor(paths, lambda: [], events.append, {"monitoring": {"disk_free_floor_bytes": 0}})
+        mon = Monitor(paths, list, events.append, {"monitoring": {"disk_free_floor_bytes": 0}})
         deadline = time.monotonic() + 30
         values: dict[str, float] = {}
         while time.monotonic() < deadline and "system/process/rank0/workers_cpu_percent" not in values:
@@ -212,7 +211,7 @@ def test_monitor_disk_floor_alert(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     paths = make_paths(tmp_path)
     add_run(paths, "job", {"interval_seconds": 60, "disk_free_floor_bytes": 1 << 62, "log_gpu_usage": False})
     events: list[Any] = []
-    mon = Monitor(paths, lambda: [], events.append, {"monitoring": {"disk_free_floor_bytes": 0}})
+    mon = Monitor(paths, list, events.append, {"monitoring": {"disk_free_floor_bytes": 0}})
     mon.tick([])
     mon.tick([])
     alerts = [e for e in events if isinstance(e, Alert)]

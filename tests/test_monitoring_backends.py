@@ -5,11 +5,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import AgentProcess
 
 import flightlog
-from flightlog.proto.paths import AgentPaths
-
-from conftest import AgentProcess
 
 
 @pytest.mark.filterwarnings("ignore:.*noload.*:DeprecationWarning")

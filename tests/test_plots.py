@@ -14,8 +14,8 @@ import flightlog
 from flightlog.agent.cli import main as cli_main
 from flightlog.agent.plots import DPI, SIZE_PX, PlotService, classify, pair_train_val, render_plots
 from flightlog.agent.store import Store
-from flightlog.proto.paths import AgentPaths
 from flightlog.proto.events import Image, Metrics, RunEnd, RunStart
+from flightlog.proto.paths import AgentPaths
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -13,16 +13,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import flightlog
 import pytest
 from conftest import AgentProcess
 from conftest_backends import MlflowServer, mlflow_server, write_wal  # noqa: F401
+from test_sinks_mlflow import assert_metrics_once, find_run, wait_metric_count
+
+import flightlog
 from flightlog.agent.store import Store
 from flightlog.agent.wal import WalCursor, WALReader, inspect_wal
 from flightlog.proto.codec import decode_event
 from flightlog.proto.events import Event, Metrics, RunStart
 from flightlog.proto.paths import AgentPaths
-from test_sinks_mlflow import assert_metrics_once, find_run, wait_metric_count
 
 pytestmark = [pytest.mark.timeout(240),
               pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning"),

@@ -13,7 +13,7 @@ from flightlog.agent.sinks.base import Batch
 from flightlog.agent.sinks.memory import InMemorySink
 from flightlog.agent.sinks.store import LocalStoreSink
 from flightlog.agent.store import Store
-from flightlog.agent.wal import WAL, WALReader, WalCursor
+from flightlog.agent.wal import WAL, WalCursor, WALReader
 from flightlog.proto import PermanentBackendError, RetryableBackendError, encode_event
 from flightlog.proto.codec import decode_event
 from flightlog.proto.events import Metrics, RunStart

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest_backends import write_wal
+
 from flightlog.agent.replay import make_sink, parse_target, replay
 from flightlog.agent.sinks._common import tracking_config
 from flightlog.agent.sinks.store import STORE_ERRORS

@@ -11,17 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-import flightlog
 from conftest import AgentProcess
 from conftest_backends import MlflowServer, drive, mlflow_server, run_events, write_wal  # noqa: F401
+
+import flightlog
 from flightlog.agent.sinks import Batch, MLflowTracker, SinkCursor
-from flightlog.agent.store import Store
 from flightlog.agent.sinks.memory import InMemorySink
 from flightlog.agent.sinks.mlflow_sink import MAX_PARAMS, chunk_batch, classify_mlflow_error
-from flightlog.proto.paths import AgentPaths
+from flightlog.agent.store import Store
 from flightlog.proto.errors import PermanentBackendError, RetryableBackendError
 from flightlog.proto.events import HyperParams, Metrics, RunEnd, RunStart
+from flightlog.proto.paths import AgentPaths
 
 pytestmark = [pytest.mark.timeout(240),
               # mlflow's sqlalchemy store (sqlite:/// URIs) uses an option sqlalchemy 2.1 deprecates

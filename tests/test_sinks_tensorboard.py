@@ -8,10 +8,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from conftest_backends import drive, run_events, tb_accumulator, tb_scalars, write_wal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest_backends import drive, run_events, tb_accumulator, tb_scalars, write_wal
 from flightlog.agent.sinks import Batch, SinkCursor, TensorBoardTracker
 from flightlog.agent.sinks.tensorboard_sink import STATE_FILE, ScalarEventEncoder, crc32c_many
 from flightlog.proto.events import Metrics

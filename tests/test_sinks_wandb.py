@@ -11,15 +11,24 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import AgentProcess
+from conftest_backends import (
+    drive,
+    free_port,
+    read_wandb_log,
+    run_events,
+    tb_scalars,
+    wandb_history,
+    wandb_logs,
+    write_wal,
+)
 
 import flightlog
-from conftest import AgentProcess
-from conftest_backends import drive, free_port, read_wandb_log, run_events, tb_scalars, wandb_history, wandb_logs, write_wal
 from flightlog.agent.sinks import WandBTracker
 from flightlog.agent.sinks.wandb_sink import wandb_run_id
 from flightlog.proto.control import connect
-from flightlog.proto.paths import AgentPaths
 from flightlog.proto.events import StatusRequest
+from flightlog.proto.paths import AgentPaths
 
 pytestmark = pytest.mark.timeout(240)
 KEYS = ["loss", "acc"]

@@ -11,12 +11,11 @@ import time
 from collections import Counter
 
 import pytest
+from conftest import AgentProcess
+from test_pipeline import assert_exactly_once, wait_points
 
 import flightlog
 from flightlog.proto.paths import AgentPaths
-
-from conftest import AgentProcess
-from test_pipeline import assert_exactly_once, wait_points
 
 N_MAIN = 100_000
 

@@ -7,8 +7,10 @@ import time
 
 import msgspec
 import pytest
+from conftest import AgentProcess
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_pipeline import wait_points
 
 import flightlog
 from flightlog.metrics import _TAG
@@ -16,9 +18,6 @@ from flightlog.proto.codec import event_encoder
 from flightlog.proto.events import Metrics
 from flightlog.proto.paths import AgentPaths
 from flightlog.validate import INT64_MAX, INT64_MIN, MLFLOW_KEY_MAX, check_run_id, mlflow_key_problem
-
-from conftest import AgentProcess
-from test_pipeline import wait_points
 
 
 def _rings(paths: AgentPaths) -> list[str]:

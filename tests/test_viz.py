@@ -10,12 +10,11 @@ from typing import Any
 
 import pytest
 import torch
+from test_capture import wal_events  # noqa: E402
 
 import flightlog
 from flightlog import viz
 from flightlog.proto.events import Histogram, HyperParams, Image, Metrics, Text  # noqa: E402
-
-from test_capture import wal_events  # noqa: E402
 
 
 def small_model() -> Any:

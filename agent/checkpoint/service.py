@@ -15,6 +15,8 @@ import anyio
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from flightlog.proto.checkpoint.format import CODECS, DTYPE_SIZES
+from flightlog.proto.checkpoint.writer import commit_checkpoint, recover_interrupted
 from flightlog.proto.errors import FlightlogError
 from flightlog.proto.events import (
     Artifact,
@@ -24,9 +26,6 @@ from flightlog.proto.events import (
     CheckpointWait,
     Reply,
 )
-
-from flightlog.proto.checkpoint.format import CODECS, DTYPE_SIZES
-from flightlog.proto.checkpoint.writer import commit_checkpoint, recover_interrupted
 
 __all__ = ["CheckpointService", "decode_spec"]
 

@@ -159,7 +159,7 @@ class WandBTracker(RunSinkBase):
         skipped = 0
         end: RunEnd | None = None
         try:
-            for seq, ev in events:
+            for _seq, ev in events:
                 if isinstance(ev, (Metrics, Histogram, Image)):
                     if ev.step != row_step and row:
                         run.log({**row, "_timestamp": row_ts}, step=row_step)

@@ -17,8 +17,8 @@ from typing import Any, BinaryIO
 
 import xxhash
 
-from flightlog.proto.osutil import fsync_dir, pid_alive
 from flightlog.proto.errors import CheckpointError
+from flightlog.proto.osutil import fsync_dir, pid_alive
 
 from .codecs import check_level, compress_chunk
 from .format import (

@@ -118,7 +118,7 @@ def stage(staging: torch.Tensor, manifest: list[list[Any]], order: list[torch.Te
     filled = 0
     base = staging.data_ptr()
     with torch.no_grad():
-        for (name, dtype, shape, b, e), t in zip(manifest, order):
+        for (_name, dtype, shape, b, e), t in zip(manifest, order):
             if e == b:
                 continue
             if t.device.type != "cpu" or not t.is_contiguous() or copiers is None:
