@@ -129,6 +129,7 @@ class ControlServer:
         if count != msg.count:
             return Reply(ok=False, error=f"event batch claims {msg.count} frames, holds {count}")
         self.agent.ingestor.append_batch(msg.frames, count, msg.producer_id)
+        self.agent.ingest.kick()  # its group commit covers this append
         self.agent._wake_sinks()
         return Reply(ok=True)
 
@@ -144,8 +145,7 @@ class ControlServer:
             ):
                 loop.kick(rescan=rescan)  # the loop may be asleep (a wake-up the doorbell missed)
                 rescan = False
-                with anyio.move_on_after(0.005):
-                    await loop.ingested.wait()
+                await anyio.sleep(0.002)
             await anyio.to_thread.run_sync(agent.wal.sync)
         if scope.cancelled_caught:
             return Reply(ok=False, error=f"flush timed out after {msg.timeout} s")

@@ -23,7 +23,7 @@ from .control import ControlServer, peer_uid_allowed
 from .doorbell import Doorbell
 from .ingest import Ingestor
 from .ingest_loop import IngestLoop
-from .loops import FsyncLoop, IdleExitLoop, RetentionLoop
+from .loops import IdleExitLoop, RetentionLoop
 from .monitor import Monitor
 from .plots import PlotService
 from .runner import CursorStore, SinkRunner
@@ -128,7 +128,8 @@ class Agent:
         ensure_private_dir(self.paths.ring_dir.parent)
         ensure_private_dir(self.paths.ring_dir)
         self.ingestor = Ingestor(self.wal, self.paths.ring_dir, rec.producer_positions, lock=self.wal_lock)
-        self.ingest = IngestLoop(self.ingestor, Doorbell(self.paths.doorbell), self.paths.wal_dir, self._wake_sinks)
+        self.ingest = IngestLoop(self.ingestor, Doorbell(self.paths.doorbell), self.paths.wal_dir, self._wake_sinks,
+                                 fsync_every=s.fsync_ms / 1000.0 if s.fsync == "interval" else None)
         from .checkpoint.service import CheckpointService
 
         self.checkpoints = CheckpointService(self)
@@ -147,9 +148,7 @@ class Agent:
         log.info("flightlog agent %d serving %s (data %s)", os.getpid(), self.paths.socket, self.paths.data_dir)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self.ingest.run)
-                if s.fsync == "interval":
-                    tg.start_soon(FsyncLoop(self.wal, s.fsync_ms / 1000.0).run)
+                tg.start_soon(self.ingest.run)  # also the WAL's group commit
                 for runner in self.runners:
                     tg.start_soon(runner.run)
                 tg.start_soon(RetentionLoop(self).run)
@@ -187,6 +186,7 @@ class Agent:
             buf = bytearray()
             append_frame(buf, encode_event(ev))
             seq = self.wal.append(buf, 1, "agent", SRC_INTERNAL)
+        self.ingest.kick()  # its group commit covers this append
         self._wake_sinks()
         return seq
 

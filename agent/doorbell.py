@@ -3,10 +3,9 @@ publish a frame into a ring whose sleeping word is set (see ``flightlog.proto.ri
 from __future__ import annotations
 
 import os
+import select
 import socket
 from pathlib import Path
-
-import anyio
 
 __all__ = ["Doorbell"]
 
@@ -26,17 +25,17 @@ class Doorbell:
             raise
         sock.setblocking(False)
         self._sock = sock
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
         self._kick = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # for ring(): any thread, never blocks
         self._kick.setblocking(False)
 
-    async def wait(self, timeout: float) -> bool:
-        """Until rung (True) or ``timeout`` seconds passed (False). Datagrams stay queued: see ``clear``."""
+    def wait(self, timeout: float) -> bool:
+        """Block (the ingest loop's own thread) until rung (True) or ``timeout`` seconds passed (False).
+        Datagrams stay queued: see ``clear``."""
         if timeout <= 0:
             return False
-        with anyio.move_on_after(timeout):
-            await anyio.wait_readable(self._sock)
-            return True
-        return False
+        return bool(self._poll.poll(max(1, int(timeout * 1000 + 0.999))))
 
     def clear(self) -> int:
         """Read every queued ring; returns how many there were."""

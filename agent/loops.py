@@ -1,5 +1,5 @@
-"""The agent's housekeeping loops, one small class each: group commit (fsync), WAL retention, and the
-sidecar's idle exit. ``Agent`` wires them into its task group."""
+"""The agent's housekeeping loops, one small class each: WAL retention and the sidecar's idle exit (ingest
+and the WAL's group commit are ``ingest_loop``). ``Agent`` wires them into its task group."""
 from __future__ import annotations
 
 import logging
@@ -11,25 +11,10 @@ import anyio
 
 if TYPE_CHECKING:
     from .daemon import Agent
-    from .wal import WAL
 
-__all__ = ["FsyncLoop", "RetentionLoop", "IdleExitLoop"]
+__all__ = ["RetentionLoop", "IdleExitLoop"]
 
 log = logging.getLogger("flightlog.agent")
-
-
-class FsyncLoop:
-    """Group commit: fsync the WAL every ``period`` seconds if anything was appended."""
-
-    def __init__(self, wal: WAL, period: float) -> None:
-        self.wal = wal
-        self.period = period
-
-    async def run(self) -> None:
-        while True:
-            await anyio.sleep(self.period)
-            if self.wal.dirty:  # idle: no thread hop
-                await anyio.to_thread.run_sync(self.wal.sync)
 
 
 class RetentionLoop:

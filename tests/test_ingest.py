@@ -3,7 +3,9 @@ the WAL's positions), spill frames larger than a read chunk, and the doorbell th
 from __future__ import annotations
 
 import socket
+import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -177,18 +179,20 @@ def test_ring_bell_without_an_agent_never_fails_the_log_call(tmp_path: Path) -> 
     prod.close(unlink=True)
 
 
-def _loop_parts(tmp_path: Path) -> tuple[Path, WAL, Ingestor, IngestLoop]:
+def _loop_parts(tmp_path: Path, on_ingested: Callable[[], None] = lambda: None
+                ) -> tuple[Path, WAL, Ingestor, IngestLoop]:
     ring_dir = tmp_path / "rings"
     ring_dir.mkdir()
     wal = WAL(tmp_path / "wal", fsync="never")
     ing = Ingestor(wal, ring_dir)
     # A scan period far beyond the test: only the doorbell (or the re-check) can make the loop drain.
-    loop = IngestLoop(ing, Doorbell(ring_dir / DOORBELL_NAME), tmp_path / "wal", lambda: None, scan_every=3600)
+    loop = IngestLoop(ing, Doorbell(ring_dir / DOORBELL_NAME), tmp_path / "wal", on_ingested, scan_every=3600)
     return ring_dir, wal, ing, loop
 
 
 def test_ingest_loop_sleeps_until_the_doorbell_rings(tmp_path: Path) -> None:
-    ring_dir, wal, ing, loop = _loop_parts(tmp_path)
+    ingested: list[int] = []
+    ring_dir, wal, ing, loop = _loop_parts(tmp_path, lambda: ingested.append(wal.next_seq))
     prod = _producer(ring_dir)
 
     async def main() -> None:
@@ -198,10 +202,10 @@ def test_ingest_loop_sleeps_until_the_doorbell_rings(tmp_path: Path) -> None:
                 while not RingView(prod.path).sleeping:  # scanned the ring, found it empty, asleep
                     await anyio.sleep(0.01)
                 prod.write_frame(b"one")  # sees the sleeping word: rings
-                while wal.next_seq < 1:
-                    await loop.ingested.wait()
-            assert loop.wakeups >= 1
-            tg.cancel_scope.cancel()
+                while not ingested:  # on_ingested runs on the event loop
+                    await anyio.sleep(0.01)
+            assert loop.wakeups >= 1 and ingested == [1]
+            tg.cancel_scope.cancel()  # stops the loop's thread too
 
     anyio.run(main)
     loop.doorbell.close()
@@ -218,12 +222,10 @@ def test_ingest_loop_rechecks_after_setting_the_word(tmp_path: Path) -> None:
     prod = _producer(ring_dir)
     ing.scan()
     prod.write_frame(b"raced")  # the word is clear: no ring
-
-    async def main() -> None:
-        with anyio.fail_after(60):
-            await loop._sleep(3600)  # returns at once: the re-check sees the frame
-
-    anyio.run(main)
+    sleeper = threading.Thread(target=loop._sleep, args=(3600,), daemon=True)
+    sleeper.start()
+    sleeper.join(60)  # a hang guard: the re-check returns at once
+    assert not sleeper.is_alive()
     assert ing.has_pending() and not RingView(prod.path).sleeping
     assert ing.drain() == 1
     loop.doorbell.close()
