@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import SocketAttribute, SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
-
 from flightlog.proto.codec import FRAME_HEADER, decode_control, frame_control
 from flightlog.proto.errors import ProtocolError
 from flightlog.proto.events import (
@@ -32,7 +31,7 @@ from flightlog.proto.frames import count_frames
 if TYPE_CHECKING:
     from .daemon import Agent
 
-__all__ = ["ControlServer", "peer_uid_allowed", "MAX_CONTROL_FRAME"]
+__all__ = ["MAX_CONTROL_FRAME", "ControlServer", "peer_uid_allowed"]
 
 log = logging.getLogger("flightlog.agent")
 

@@ -8,16 +8,16 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-
-from flightlog.proto.paths import AgentPaths, ensure_private_dir
 from flightlog.proto.codec import encode_event
 from flightlog.proto.errors import AgentLocked
 from flightlog.proto.events import Event
+from flightlog.proto.frames import append_frame
+from flightlog.proto.paths import AgentPaths, ensure_private_dir
 
 from .control import ControlServer, peer_uid_allowed
 from .doorbell import Doorbell
@@ -28,11 +28,9 @@ from .monitor import Monitor
 from .plots import PlotService
 from .runner import CursorStore, SinkRunner
 from .sinks.base import Sink
-from flightlog.proto.frames import append_frame
-
 from .wal import SRC_INTERNAL, WAL, WALReader
 
-__all__ = ["Agent", "AgentSettings", "AgentLocked", "peer_uid_allowed"]
+__all__ = ["Agent", "AgentLocked", "AgentSettings", "peer_uid_allowed"]
 
 log = logging.getLogger("flightlog.agent")
 

@@ -12,30 +12,29 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, TypeVar
 
-from flightlog.proto.osutil import pid_alive
 from flightlog.proto.errors import ProtocolError, RingError
 from flightlog.proto.frames import PAD_MARKER, U32
+from flightlog.proto.osutil import pid_alive
 from flightlog.proto.ring import cursor_distance, cursor_reached, spill_path
 
 from .ring import RingView
-
 from .wal import SRC_INTERNAL, SRC_RING, SRC_SPILL
 from .wal.format import MAX_RECORD_BYTES, RECORD_HEADER_SIZE
 
-__all__ = ["Ingestor", "SRC_RING", "SRC_SPILL", "split_frames"]
+__all__ = ["SRC_RING", "SRC_SPILL", "Ingestor", "split_frames"]
 
 log = logging.getLogger("flightlog.agent")
 T = TypeVar("T")
 
 _MAX_RECORD = 4 << 20  # bytes of frames per WAL record read from a spill file
 #: Bytes of frames per WAL record cut from a ring backlog (the WAL refuses records over 256 MiB; a ring holds up
-#: to 1 GiB). Large enough that a normal drain is one record and never walks its frames.
-_MAX_RING_RECORD = 32 << 20
+#: to 1 GiB). Large enough that any drain but a huge backlog's is one record and never walks its frames.
+_MAX_RING_RECORD = 128 << 20
 #: The largest frame a spill file may hold: a frame the WAL can still take as one record.
 _MAX_SPILL_FRAME = MAX_RECORD_BYTES - RECORD_HEADER_SIZE - 256
 

@@ -19,13 +19,12 @@ from pathlib import Path
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
-
 from flightlog.proto.errors import WALError
 
 from .doorbell import Doorbell
 from .ingest import Ingestor
 
-__all__ = ["IngestLoop", "LINGER_SECONDS", "SCAN_SECONDS"]
+__all__ = ["LINGER_SECONDS", "SCAN_SECONDS", "IngestLoop"]
 
 log = logging.getLogger("flightlog.agent")
 

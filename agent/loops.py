@@ -12,7 +12,7 @@ import anyio
 if TYPE_CHECKING:
     from .daemon import Agent
 
-__all__ = ["RetentionLoop", "IdleExitLoop"]
+__all__ = ["IdleExitLoop", "RetentionLoop"]
 
 log = logging.getLogger("flightlog.agent")
 

@@ -8,12 +8,32 @@ import struct
 from pathlib import Path
 
 from flightlog.proto.errors import RingError
-from flightlog.proto.ring import (
-    BYTE_BITS, BYTE_MASK, HEADER_SIZE, LAYOUT_VERSION, OFF_CLOSED, OFF_CONSUMED_GEN, OFF_CONSUMED_OFF, OFF_DROPPED, OFF_PAD,
-    OFF_PID, OFF_PRODUCER_ID, OFF_READ, OFF_SIZE, OFF_SLEEPING, OFF_SPILL_DIR, OFF_SPILL_GEN, OFF_SPILLED,
-    OFF_VERSION, OFF_WRITE, RING_MAGIC, cursor_distance, pack_cursor, read_header_str,
-)
 from flightlog.proto.frames import PAD_MARKER, U32
+from flightlog.proto.ring import (
+    BYTE_BITS,
+    BYTE_MASK,
+    HEADER_SIZE,
+    LAYOUT_VERSION,
+    OFF_CLOSED,
+    OFF_CONSUMED_GEN,
+    OFF_CONSUMED_OFF,
+    OFF_DROPPED,
+    OFF_PAD,
+    OFF_PID,
+    OFF_PRODUCER_ID,
+    OFF_READ,
+    OFF_SIZE,
+    OFF_SLEEPING,
+    OFF_SPILL_DIR,
+    OFF_SPILL_GEN,
+    OFF_SPILLED,
+    OFF_VERSION,
+    OFF_WRITE,
+    RING_MAGIC,
+    cursor_distance,
+    pack_cursor,
+    read_header_str,
+)
 
 __all__ = ["RingView"]
 

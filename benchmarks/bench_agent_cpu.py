@@ -79,7 +79,6 @@ def trainer_main(argv: list[str]) -> int:
 def ingest_only_main(argv: list[str]) -> int:
     """Only the ingest side: rings -> doorbell-driven ingest loop -> WAL (group commit), no sinks."""
     import anyio
-
     from flightlog.agent.doorbell import Doorbell
     from flightlog.agent.ingest import Ingestor
     from flightlog.agent.ingest_loop import IngestLoop
@@ -138,7 +137,7 @@ class Service:
                    "--socket", self.env["FLIGHTLOG_AGENT_SOCKET"]]
         else:
             cmd = [sys.executable, str(HERE), "--ingest-only-service", str(ready)]
-        self.log = open(work / "service.log", "wb")
+        self.log = open(work / "service.log", "wb")  # noqa: SIM115 -- open while the service runs; stop() closes it
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -311,8 +310,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fl-cpu-"))
     result: dict[str, Any] = {"window_s": window, "cpus": os.cpu_count(), "rate_is": "total rows/s over the trainers",
                               "goals_one_trainer_cpu_percent": GOALS_ONE_TRAINER, "idle": {}, "rows": []}
+    services: dict[str, Service] = {}
     try:
-        services: dict[str, Service] = {}
         for system in systems:
             if system in ("agent", "ingest_only"):
                 services[system] = Service(system, work / system)
@@ -328,8 +327,9 @@ def main() -> None:
                 print(json.dumps(row), file=sys.stderr, flush=True)
         for system, svc in services.items():
             result["idle"][system + "_after"] = idle(svc, idle_window)
-            svc.stop()
     finally:
+        for svc in services.values():
+            svc.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))
 

@@ -12,13 +12,37 @@ from pathlib import Path
 from flightlog.proto.errors import RingError
 from flightlog.proto.events import SCHEMA_VERSION
 from flightlog.proto.frames import PAD_MARKER
-from flightlog.proto.ring import (
-    _FRAME_ONE, _HDR, BYTE_BITS, BYTE_MASK, FRAME_MASK, HEADER_SIZE, LAYOUT_VERSION, OFF_CLOSED, OFF_CONSUMED_GEN,
-    OFF_CONSUMED_OFF, OFF_CREATED, OFF_DROPPED, OFF_MAGIC, OFF_PAD, OFF_PID, OFF_PRODUCER_ID, OFF_READ, OFF_SIZE,
-    OFF_SLEEPING, OFF_SPILL_DIR, OFF_SPILL_GEN, OFF_SPILLED, OFF_VERSION, OFF_WRITE, RING_MAGIC, ring_supported,
-    spill_path, write_header_str,
-)
 from flightlog.proto.paths import DOORBELL_NAME
+from flightlog.proto.ring import (
+    _FRAME_ONE,
+    _HDR,
+    BYTE_BITS,
+    BYTE_MASK,
+    FRAME_MASK,
+    HEADER_SIZE,
+    LAYOUT_VERSION,
+    OFF_CLOSED,
+    OFF_CONSUMED_GEN,
+    OFF_CONSUMED_OFF,
+    OFF_CREATED,
+    OFF_DROPPED,
+    OFF_MAGIC,
+    OFF_PAD,
+    OFF_PID,
+    OFF_PRODUCER_ID,
+    OFF_READ,
+    OFF_SIZE,
+    OFF_SLEEPING,
+    OFF_SPILL_DIR,
+    OFF_SPILL_GEN,
+    OFF_SPILLED,
+    OFF_VERSION,
+    OFF_WRITE,
+    RING_MAGIC,
+    ring_supported,
+    spill_path,
+    write_header_str,
+)
 
 __all__ = ["RingProducer", "ring_supported"]
 
@@ -49,6 +73,7 @@ class RingProducer:
         # The agent's doorbell lives next to the rings (AgentPaths.doorbell): derived from the ring's folder.
         self._bell_path = str(doorbell) if doorbell is not None else str(self.path.parent / DOORBELL_NAME)
         self._bell: socket.socket | None = None
+        self._bell_quiet_until = 0.0  # no agent listened last time: do not try again before this
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -112,7 +137,12 @@ class RingProducer:
 
     def _ring_bell(self) -> None:
         """One datagram to the agent's doorbell; never blocks and never fails the log call (no agent, or its
-        socket buffer full because it has been rung already: either way there is nothing more to do)."""
+        socket buffer full because it has been rung already: either way there is nothing more to do).
+
+        An agent killed while asleep leaves the word set and nobody listening: then try at most once a
+        second (a new agent finds the ring by its scan anyway), not a failing syscall per log call."""
+        if self._bell_quiet_until and time.monotonic() < self._bell_quiet_until:
+            return
         bell = self._bell
         if bell is None:
             try:
@@ -122,8 +152,12 @@ class RingProducer:
             bell.setblocking(False)
         try:
             bell.sendto(b"\x01", self._bell_path)
+        except BlockingIOError:
+            pass  # rung already, and not read yet
         except OSError:
-            pass
+            self._bell_quiet_until = time.monotonic() + 1.0
+        else:
+            self._bell_quiet_until = 0.0
 
     # --- slow paths ----------------------------------------------------------------------------
 

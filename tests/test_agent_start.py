@@ -12,9 +12,8 @@ import time
 from collections import Counter
 
 import flightlog
-from flightlog.proto.paths import AgentPaths
-
 from conftest import AgentProcess, new_id
+from flightlog.proto.paths import AgentPaths
 from test_pipeline import assert_exactly_once, wait_points
 
 RACER = """

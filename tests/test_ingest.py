@@ -9,20 +9,26 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anyio
-import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 import flightlog.agent.ingest as ingest_mod
+import pytest
 from flightlog.agent.doorbell import Doorbell
 from flightlog.agent.ingest import Ingestor
 from flightlog.agent.ingest_loop import IngestLoop
 from flightlog.agent.ring import RingView
-from flightlog.agent.wal import WAL, WALReader, WalCursor
+from flightlog.agent.wal import WAL, WalCursor, WALReader
 from flightlog.proto.frames import count_frames, iter_frames
 from flightlog.proto.paths import DOORBELL_NAME
-from flightlog.proto.ring import BYTE_MASK, FRAME_MASK, OFF_READ, OFF_WRITE, cursor_distance, pack_cursor
+from flightlog.proto.ring import (
+    BYTE_MASK,
+    FRAME_MASK,
+    OFF_READ,
+    OFF_WRITE,
+    cursor_distance,
+    pack_cursor,
+)
 from flightlog.ring import RingProducer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 
 def _producer(ring_dir: Path, size: int = 1 << 16) -> RingProducer:
@@ -105,7 +111,7 @@ def test_large_backlog_is_several_records_and_resumes_from_their_positions(
     assert rec.next_seq == records == len(sent)
     # The agent "crashed" before storing the read cursor: it is back at the start.
     view = RingView(prod.path)
-    (gen, end) = rec.producer_positions[(prod.producer_id, ingest_mod.SRC_RING)]
+    (_gen, end) = rec.producer_positions[(prod.producer_id, ingest_mod.SRC_RING)]
     assert end == view.write_word
     view.read_word = start
     view.close()
@@ -175,6 +181,7 @@ def test_ring_bell_without_an_agent_never_fails_the_log_call(tmp_path: Path) -> 
     for _ in range(10):
         prod.write_frame(b"x")
     assert cursor_distance(view.read_word, view.write_word)[0] == 10
+    assert prod._bell_quiet_until > 0  # and it stops trying for a while: not a failing syscall per call
     view.close()
     prod.close(unlink=True)
 
