@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ _MAX_RECORD = 4 << 20  # bytes of frames per WAL record read from a spill file
 #: Bytes of frames per WAL record cut from a ring backlog (the WAL refuses records over 256 MiB; a ring holds up
 #: to 1 GiB). Large enough that any drain but a huge backlog's is one record and never walks its frames.
 _MAX_RING_RECORD = 128 << 20
+_SLEEP_NO_MAX = (1 << 62) - 1
 #: The largest frame a spill file may hold: a frame the WAL can still take as one record.
 _MAX_SPILL_FRAME = MAX_RECORD_BYTES - RECORD_HEADER_SIZE - 256
 
@@ -97,6 +99,8 @@ class Ingestor:
         self._positions = dict(positions or {})
         self.events_total = 0
         self.bad_rings: set[str] = set()
+        # Sleep numbers start at random: a producer that rang for a dead agent's sleep rings for ours too.
+        self._sleep_no = secrets.randbits(62)
 
     # --- discovery -----------------------------------------------------------------------------
 
@@ -265,9 +269,13 @@ class Ingestor:
 
     @_locked
     def set_sleeping(self, sleeping: bool) -> None:
-        """Set or clear every ring's sleeping word: set, producers ring the doorbell after publishing."""
+        """Set (to a new sleep's number) or clear every ring's sleeping word: while it is set, a producer rings
+        the doorbell after publishing, once per sleep."""
+        if sleeping:
+            self._sleep_no = self._sleep_no % _SLEEP_NO_MAX + 1  # never 0: 0 means awake
+        value = self._sleep_no if sleeping else 0
         for ring in self.rings.values():
-            ring.view.sleeping = sleeping
+            ring.view.sleeping = value
 
     @_locked
     def find(self, producer_id: str) -> RingView | None:

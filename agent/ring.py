@@ -84,13 +84,14 @@ class RingView:
         self._c[OFF_READ // 8] = value
 
     @property
-    def sleeping(self) -> bool:
-        return bool(self._c[OFF_SLEEPING // 8])
+    def sleeping(self) -> int:
+        """0 while the agent is awake; else the number of the sleep it is in (see ``flightlog.proto.ring``)."""
+        return self._c[OFF_SLEEPING // 8]
 
     @sleeping.setter
-    def sleeping(self, value: bool) -> None:
-        """Ask the producer to ring the doorbell after its next publish (see ``flightlog.proto.ring``)."""
-        self._c[OFF_SLEEPING // 8] = 1 if value else 0
+    def sleeping(self, value: int) -> None:
+        """Nonzero: ask the producer to ring the doorbell after its next publish (once per value)."""
+        self._c[OFF_SLEEPING // 8] = value
 
     @property
     def pending(self) -> tuple[int, int]:

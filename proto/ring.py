@@ -10,10 +10,11 @@ store; the agent publishes the read word only after the frames are in its WAL. O
 in program order, so no lock, no syscall and no thread is needed; elsewhere the SDK falls back to the control
 socket (see ``ring_supported``).
 
-Doorbell (as io_uring's ``need_wakeup``): before the agent waits it sets the sleeping word, re-reads the write
-word, and only then blocks on its doorbell socket (``AgentPaths.doorbell``, next to the rings). A producer that
-sees the word set after publishing sends that socket one datagram; while the agent is awake the word is clear
-and the log call makes no syscall. Neither side fences between its store and its load, so on x86-64 the two
+Doorbell (as io_uring's ``need_wakeup``): before the agent waits it sets the sleeping word (to the number of
+this sleep, never 0), re-reads the write word, and only then blocks on its doorbell socket
+(``AgentPaths.doorbell``, next to the rings). A producer that sees the word set after publishing sends that
+socket one datagram, once per sleep number; while the agent is awake the word is 0 and the log call makes no
+syscall. Neither side fences between its store and its load, so on x86-64 the two
 can rarely pass each other in the store buffers: the agent's periodic scan (about once a second) bounds the
 delay of such an event, and nothing is lost. A producer that never rings (an older SDK) is drained by that scan.
 """
@@ -50,7 +51,8 @@ OFF_SPILLED = 208  # u64 events written to spill files (producer)
 OFF_PAD = 216  # u64 byte counter (mod 2**35, BYTE_MASK) where the newest padding frame starts (producer)
 OFF_CONSUMED_OFF = 256  # u64 bytes of the current spill generation the agent has made durable (consumer)
 OFF_CONSUMED_GEN = 264  # u64 spill generation the agent is reading (consumer)
-OFF_SLEEPING = 320  # u64: nonzero while the agent waits on its doorbell (consumer; own line: the producer reads it per frame)
+OFF_SLEEPING = 320  # u64: the agent's sleep number while it waits on its doorbell, else 0 (consumer; own line:
+#                    the producer reads it after every publish)
 OFF_PRODUCER_ID = 512  # u16 length + utf-8
 OFF_SPILL_DIR = 1024  # u16 length + utf-8
 LAYOUT_VERSION = 1

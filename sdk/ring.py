@@ -73,7 +73,7 @@ class RingProducer:
         # The agent's doorbell lives next to the rings (AgentPaths.doorbell): derived from the ring's folder.
         self._bell_path = str(doorbell) if doorbell is not None else str(self.path.parent / DOORBELL_NAME)
         self._bell: socket.socket | None = None
-        self._bell_quiet_until = 0.0  # no agent listened last time: do not try again before this
+        self._rang_for = 0  # the agent's sleep this producer rang for: once per sleep is enough
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -136,13 +136,17 @@ class RingProducer:
             self._ring_bell()
 
     def _ring_bell(self) -> None:
-        """One datagram to the agent's doorbell; never blocks and never fails the log call (no agent, or its
-        socket buffer full because it has been rung already: either way there is nothing more to do).
-
-        An agent killed while asleep leaves the word set and nobody listening: then try at most once a
-        second (a new agent finds the ring by its scan anyway), not a failing syscall per log call."""
-        if self._bell_quiet_until and time.monotonic() < self._bell_quiet_until:
+        # Once per sleep: until the woken agent clears the word, every log call would otherwise ring again.
+        sleep_no = self._cursors[OFF_SLEEPING // 8]
+        if sleep_no == self._rang_for:
             return
+        self._rang_for = sleep_no
+        self._send_ring()
+
+    def _send_ring(self) -> None:
+        """One datagram to the agent's doorbell; never blocks and never fails the log call (no agent, or its
+        socket buffer full because it has been rung already: either way there is nothing more to do; an agent
+        killed asleep leaves its word set, and this producer rings for that sleep only once)."""
         bell = self._bell
         if bell is None:
             try:
@@ -152,12 +156,8 @@ class RingProducer:
             bell.setblocking(False)
         try:
             bell.sendto(b"\x01", self._bell_path)
-        except BlockingIOError:
-            pass  # rung already, and not read yet
         except OSError:
-            self._bell_quiet_until = time.monotonic() + 1.0
-        else:
-            self._bell_quiet_until = 0.0
+            pass
 
     # --- slow paths ----------------------------------------------------------------------------
 
