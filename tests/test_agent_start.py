@@ -20,7 +20,7 @@ RACER = """
     import sys, time, flightlog
     run_id, n, start_at = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     cfg = {"tracking": {"use_tensorboard": False},
-           "agent": {"autostart": True, "idle_exit_seconds": 1, "connect_timeout_seconds": 120}}
+           "agent": {"autostart": True, "idle_exit_seconds": 10, "connect_timeout_seconds": 120}}
     time.sleep(max(0.0, start_at - time.time()))  # every rank starts its tracker at the same moment
     with flightlog.ExperimentTracker("race", cfg, run_id=run_id) as t:
         for i in range(n):

@@ -333,7 +333,7 @@ def test_tracker_progress_metrics(agent: Any, base_config: dict) -> None:
     assert [e.step for e in points] == sorted(e.step for e in points)
     db = sqlite3.connect(agent.paths.store)
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and not db.execute(
-            "SELECT COUNT(*) FROM metrics WHERE key='progress/eta_seconds'").fetchone()[0]:
+    while time.monotonic() < deadline and db.execute(  # delivery to the store is asynchronous
+            "SELECT COUNT(*) FROM metrics WHERE key='progress/eta_seconds'").fetchone()[0] < len(points):
         time.sleep(0.1)
     assert db.execute("SELECT COUNT(*) FROM metrics WHERE key='progress/eta_seconds'").fetchone()[0] == len(points)
