@@ -179,7 +179,7 @@ class Ingestor:
         w = view.write_word
         r = view.read_word
         n = 0
-        while r != w:
+        while cursor_distance(r, w)[1]:
             # A backlog over one record (the agent was down) goes in as several, each with its position.
             part = view.boundary(r, w, _MAX_RING_RECORD)
             taken = view.take(r, part)
@@ -189,6 +189,10 @@ class Ingestor:
             self._append(frames, count, pid, SRC_RING, 0, after)
             view.read_word = r = after
             n += count
+        if r != w and not cursor_distance(r, w)[1]:
+            # Equal modulo the counters (a resume position from the WAL is masked, the producer's word may
+            # not be): take the producer's spelling, so the cheap has_pending compare sees "nothing".
+            view.read_word = w
         if spill_gen and spilled != ring.spilled_seen:
             n += self._drain_spill(view, spill_gen)
             ring.spilled_seen = spilled

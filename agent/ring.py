@@ -158,6 +158,8 @@ class RingView:
             payload += stride
             pos += stride
             frames += 1
+        if walked >= nbytes:
+            return write_word  # the producer's own word: its frame field may run past FRAME_MASK unmasked
         r_frames, r_bytes = read_word >> BYTE_BITS, read_word & BYTE_MASK
         return pack_cursor(r_frames + frames, r_bytes + walked)
 
