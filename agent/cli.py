@@ -40,8 +40,10 @@ def _paths(args: argparse.Namespace) -> Any:
 def run_agent(args: argparse.Namespace) -> int:
     import anyio
 
-    from flightlog.agent.daemon import Agent, AgentLocked, AgentSettings
+    from flightlog.agent.daemon import Agent, AgentSettings
     from flightlog.proto.config import config_to_dict
+    from flightlog.proto.control import AGENT_LOCKED_EXIT
+    from flightlog.proto.errors import AgentLocked
 
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
@@ -53,6 +55,14 @@ def run_agent(args: argparse.Namespace) -> int:
         raw = json.loads(args.settings_json)
     settings = AgentSettings.from_config(raw, sidecar=getattr(args, "sidecar", False))
     agent = Agent(paths, settings)
+    try:
+        # Before the event loop: several ranks may start sidecars at once, and the losers just leave
+        # (their starters connect to the winner) with one line in the log, not a traceback.
+        agent.acquire_lock()
+    except AgentLocked as exc:
+        print(f"flightlog: {exc}; this one exits (status {AGENT_LOCKED_EXIT}) and clients use that agent",
+              file=sys.stderr)
+        return AGENT_LOCKED_EXIT
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
@@ -66,11 +76,7 @@ def run_agent(args: argparse.Namespace) -> int:
             await agent.serve()
             tg.cancel_scope.cancel()
 
-    try:
-        anyio.run(main)
-    except AgentLocked as exc:
-        print(f"flightlog: {exc}", file=sys.stderr)
-        return 3
+    anyio.run(main)
     return 0
 
 

@@ -2,35 +2,43 @@
 
 The read cursor moves only after the WAL append, so a crash of the agent re-reads at most what the WAL
 already holds; on start, the positions recorded in the WAL records move each cursor past what is already
-there, so nothing is ingested twice.
+there, so nothing is ingested twice. A backlog larger than one record is cut at frame boundaries, each
+record carrying the producer position after it. What drives the draining is ``ingest_loop``.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import os
+import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, TypeVar
 
-from flightlog.proto.osutil import pid_alive
 from flightlog.proto.errors import ProtocolError, RingError
 from flightlog.proto.frames import PAD_MARKER, U32
+from flightlog.proto.osutil import pid_alive
 from flightlog.proto.ring import cursor_distance, cursor_reached, spill_path
 
 from .ring import RingView
-
 from .wal import SRC_INTERNAL, SRC_RING, SRC_SPILL
+from .wal.format import MAX_RECORD_BYTES, RECORD_HEADER_SIZE
 
-__all__ = ["Ingestor", "SRC_RING", "SRC_SPILL", "split_frames"]
+__all__ = ["SRC_RING", "SRC_SPILL", "Ingestor", "split_frames"]
 
 log = logging.getLogger("flightlog.agent")
 T = TypeVar("T")
 
-_MAX_RECORD = 4 << 20  # bytes of frames per WAL record
+_MAX_RECORD = 4 << 20  # bytes of frames per WAL record read from a spill file
+#: Bytes of frames per WAL record cut from a ring backlog (the WAL refuses records over 256 MiB; a ring holds up
+#: to 1 GiB). Large enough that any drain but a huge backlog's is one record and never walks its frames.
+_MAX_RING_RECORD = 128 << 20
+_SLEEP_NO_MAX = (1 << 62) - 1
+#: The largest frame a spill file may hold: a frame the WAL can still take as one record.
+_MAX_SPILL_FRAME = MAX_RECORD_BYTES - RECORD_HEADER_SIZE - 256
 
 
 def split_frames(buf: bytes | memoryview, limit: int = _MAX_RECORD) -> tuple[int, int]:
@@ -71,10 +79,15 @@ class _Ring:
     view: RingView
     first_seen: float
     events: int = 0
+    spilled_seen: int = 0  # the producer's spill counter when its spill files were last read to the end
 
 
 class Ingestor:
-    """Owns the consumer side of every ring in ``ring_dir``. Called from one thread at a time."""
+    """Owns the consumer side of every ring in ``ring_dir``.
+
+    Thread-safe: the ring table is guarded by one lock (draining and retiring run on a worker thread while
+    the control server reads the same rings), WAL appends by another that the agent's own events share.
+    """
 
     def __init__(self, wal: Any, ring_dir: Path, positions: dict[tuple[str, int], tuple[int, int]] | None = None,
                  *, lock: threading.Lock | None = None) -> None:
@@ -86,6 +99,8 @@ class Ingestor:
         self._positions = dict(positions or {})
         self.events_total = 0
         self.bad_rings: set[str] = set()
+        # Sleep numbers start at random: a producer that rang for a dead agent's sleep rings for ours too.
+        self._sleep_no = secrets.randbits(62)
 
     # --- discovery -----------------------------------------------------------------------------
 
@@ -142,7 +157,7 @@ class Ingestor:
         for name in list(self.rings):
             ring = self.rings[name]
             try:
-                n = self._drain_ring(ring.view)
+                n = self._drain_ring(ring)
             except (ProtocolError, RingError) as exc:
                 log.error("ring %s is corrupt (%s); it is skipped from now on", name, exc)
                 ring.view.close()
@@ -156,21 +171,31 @@ class Ingestor:
         self.events_total += total
         return total
 
-    def _drain_ring(self, view: RingView) -> int:
+    def _drain_ring(self, ring: _Ring) -> int:
+        view = ring.view
         pid = view.producer_id
+        spilled = view.spilled  # read before the spill files: a later frame changes it, see has_pending
         spill_gen = view.spill_gen  # read before the write cursor: see RingProducer._spill
         w = view.write_word
         r = view.read_word
         n = 0
-        if w != r:
-            taken = view.take(r, w)
-            if taken is not None:
-                frames, count, after = taken
-                self._append(frames, count, pid, SRC_RING, 0, after)
-                view.read_word = after
-                n = count
-        if spill_gen:
+        while cursor_distance(r, w)[1]:
+            # A backlog over one record (the agent was down) goes in as several, each with its position.
+            part = view.boundary(r, w, _MAX_RING_RECORD)
+            taken = view.take(r, part)
+            if taken is None:
+                break
+            frames, count, after = taken
+            self._append(frames, count, pid, SRC_RING, 0, after)
+            view.read_word = r = after
+            n += count
+        if r != w and not cursor_distance(r, w)[1]:
+            # Equal modulo the counters (a resume position from the WAL is masked, the producer's word may
+            # not be): take the producer's spelling, so the cheap has_pending compare sees "nothing".
+            view.read_word = w
+        if spill_gen and spilled != ring.spilled_seen:
             n += self._drain_spill(view, spill_gen)
+            ring.spilled_seen = spilled
         return n
 
     def _drain_spill(self, view: RingView, newest: int) -> int:
@@ -191,7 +216,18 @@ class Ingestor:
                             break
                         nbytes, cnt = split_frames(chunk)
                         if not cnt:
-                            break
+                            chunk = _read_big_frame(f, chunk, path, off)
+                            nbytes, cnt = split_frames(chunk, len(chunk))
+                            if not cnt:
+                                break  # the producer is still writing it
+                            if nbytes > _MAX_SPILL_FRAME:
+                                # No WAL record holds it: skip that one event, loudly, and keep the rest.
+                                log.error("%s: an event of %d bytes at byte %d is larger than a WAL record "
+                                          "(%d bytes) and is dropped", path, nbytes, off, MAX_RECORD_BYTES)
+                                off += nbytes
+                                view.set_consumed(gen, off)
+                                f.seek(off)
+                                continue
                         off += nbytes
                         self._append(chunk[:nbytes], cnt, pid, SRC_SPILL, gen, off)
                         view.set_consumed(gen, off)
@@ -231,9 +267,19 @@ class Ingestor:
 
     @_locked
     def has_pending(self) -> bool:
-        """Cheap: does any ring hold frames not yet in the WAL? (Spill files, the overload path, are read on
-        the agent's periodic full pass.)"""
-        return any(r.view.write_word != r.view.read_word for r in self.rings.values())
+        """Cheap (a few loads, no syscall): does any ring or spill file hold frames not yet in the WAL?"""
+        return any(r.view.write_word != r.view.read_word or r.view.spilled != r.spilled_seen
+                   for r in self.rings.values())
+
+    @_locked
+    def set_sleeping(self, sleeping: bool) -> None:
+        """Set (to a new sleep's number) or clear every ring's sleeping word: while it is set, a producer rings
+        the doorbell after publishing, once per sleep."""
+        if sleeping:
+            self._sleep_no = self._sleep_no % _SLEEP_NO_MAX + 1  # never 0: 0 means awake
+        value = self._sleep_no if sleeping else 0
+        for ring in self.rings.values():
+            ring.view.sleeping = value
 
     @_locked
     def find(self, producer_id: str) -> RingView | None:
@@ -269,6 +315,17 @@ class Ingestor:
         for ring in self.rings.values():
             ring.view.close()
         self.rings.clear()
+
+
+def _read_big_frame(f: Any, chunk: bytes, path: Path, off: int) -> bytes:
+    """The spill frame at ``off`` is larger than a read chunk (the ring sends any frame larger than itself
+    to the spill file): read exactly that frame. Returns what is there, complete or not."""
+    if len(chunk) < 4:
+        return chunk
+    (n,) = U32.unpack_from(chunk, 0)
+    if n == PAD_MARKER:
+        raise ProtocolError(f"padding frame at byte {off} of spill file {path}")
+    return chunk + f.read(((n + 11) & ~7) - len(chunk))
 
 
 def _mtime(path: Path) -> float:

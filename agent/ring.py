@@ -8,10 +8,31 @@ import struct
 from pathlib import Path
 
 from flightlog.proto.errors import RingError
+from flightlog.proto.frames import PAD_MARKER, U32
 from flightlog.proto.ring import (
-    BYTE_MASK, HEADER_SIZE, LAYOUT_VERSION, OFF_CLOSED, OFF_CONSUMED_GEN, OFF_CONSUMED_OFF, OFF_DROPPED, OFF_PAD,
-    OFF_PID, OFF_PRODUCER_ID, OFF_READ, OFF_SIZE, OFF_SPILL_DIR, OFF_SPILL_GEN, OFF_SPILLED, OFF_VERSION, OFF_WRITE,
-    RING_MAGIC, cursor_distance, read_header_str,
+    BYTE_BITS,
+    BYTE_MASK,
+    HEADER_SIZE,
+    LAYOUT_VERSION,
+    OFF_CLOSED,
+    OFF_CONSUMED_GEN,
+    OFF_CONSUMED_OFF,
+    OFF_DROPPED,
+    OFF_PAD,
+    OFF_PID,
+    OFF_PRODUCER_ID,
+    OFF_READ,
+    OFF_SIZE,
+    OFF_SLEEPING,
+    OFF_SPILL_DIR,
+    OFF_SPILL_GEN,
+    OFF_SPILLED,
+    OFF_VERSION,
+    OFF_WRITE,
+    RING_MAGIC,
+    cursor_distance,
+    pack_cursor,
+    read_header_str,
 )
 
 __all__ = ["RingView"]
@@ -63,6 +84,16 @@ class RingView:
         self._c[OFF_READ // 8] = value
 
     @property
+    def sleeping(self) -> int:
+        """0 while the agent is awake; else the number of the sleep it is in (see ``flightlog.proto.ring``)."""
+        return self._c[OFF_SLEEPING // 8]
+
+    @sleeping.setter
+    def sleeping(self, value: int) -> None:
+        """Nonzero: ask the producer to ring the doorbell after its next publish (once per value)."""
+        self._c[OFF_SLEEPING // 8] = value
+
+    @property
     def pending(self) -> tuple[int, int]:
         """(frames, bytes) published by the producer and not yet consumed."""
         return cursor_distance(self.read_word, self.write_word)
@@ -93,6 +124,44 @@ class RingView:
             self._c[OFF_CONSUMED_OFF // 8] = 0
             self._c[OFF_CONSUMED_GEN // 8] = gen
         self._c[OFF_CONSUMED_OFF // 8] = offset
+
+    def boundary(self, read_word: int, write_word: int, limit: int) -> int:
+        """A cursor word at a frame boundary between the two words, at most ``limit`` bytes of frames past
+        ``read_word`` (but at least one frame): where to cut a span too large for one WAL record.
+
+        Walks the frame headers (only large backlogs are cut, so the common drain never walks). The
+        padding frame before a wrap counts in the byte counter and not in the frame counter, as the
+        producer counts it.
+        """
+        count, nbytes = cursor_distance(read_word, write_word)
+        if nbytes <= limit:
+            return write_word
+        size = self.size
+        pos = read_word & (size - 1)
+        data = self.data
+        unpack = U32.unpack_from
+        walked = frames = payload = 0
+        while walked < nbytes and frames < count:
+            if pos == size:
+                pos = 0
+            (n,) = unpack(data, pos)
+            if n == PAD_MARKER:
+                walked += size - pos
+                pos = size
+                continue
+            stride = (n + 11) & ~7
+            if frames and payload + stride > limit:
+                break
+            if walked + stride > nbytes:
+                raise RingError(f"ring {self.path}: a frame of {n} bytes at byte {pos} runs past the write cursor")
+            walked += stride
+            payload += stride
+            pos += stride
+            frames += 1
+        if walked >= nbytes:
+            return write_word  # the producer's own word: its frame field may run past FRAME_MASK unmasked
+        r_frames, r_bytes = read_word >> BYTE_BITS, read_word & BYTE_MASK
+        return pack_cursor(r_frames + frames, r_bytes + walked)
 
     def take(self, read_word: int, write_word: int) -> tuple[bytes | memoryview, int, int] | None:
         """The frames between two cursor words: (frames bytes, frame count, read word after).

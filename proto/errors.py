@@ -7,6 +7,7 @@ __all__ = [
     "ProtocolError",
     "RingError",
     "AgentUnavailable",
+    "AgentLocked",
     "WALError",
     "WALCorrupt",
     "BackendError",
@@ -35,6 +36,10 @@ class RingError(FlightlogError):
 
 class AgentUnavailable(FlightlogError):
     """The agent could not be reached or started."""
+
+
+class AgentLocked(FlightlogError):
+    """Another agent already owns this data directory (its process exits with ``AGENT_LOCKED_EXIT``)."""
 
 
 class WALError(FlightlogError):

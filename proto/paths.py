@@ -9,7 +9,11 @@ from pathlib import Path
 
 from flightlog.proto.errors import ConfigError
 
-__all__ = ["AgentPaths", "resolve_paths", "default_data_dir"]
+__all__ = ["AgentPaths", "resolve_paths", "default_data_dir", "DOORBELL_NAME", "ensure_private_dir"]
+
+#: The agent's doorbell socket (Unix datagram) inside the ring directory: a producer derives it from its
+#: ring's folder, the agent from ``AgentPaths.doorbell`` (the ring scan only opens ``*.ring`` files).
+DOORBELL_NAME = "doorbell"
 
 _MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux; leave room
 
@@ -37,6 +41,10 @@ class AgentPaths:
     @property
     def lock(self) -> Path:
         return self.data_dir / "agent.lock"
+
+    @property
+    def doorbell(self) -> Path:
+        return self.ring_dir / DOORBELL_NAME
 
     @property
     def log(self) -> Path:

@@ -5,9 +5,18 @@ cursor arithmetic and spill-file names. The producer is ``flightlog.ring`` (SDK)
 Layout (one file in /dev/shm): a 4096-byte header, then a power-of-two data area. Each cursor is one u64
 word on its own cache line packing a frame counter (high 29 bits, counted modulo 2**28) and a byte counter
 (low 35 bits, modulo 2**35): the agent learns how many frames a span holds without walking them, so ingest
-is a memcpy and a CRC. The producer copies a frame in, then publishes the write word with one aligned 8-byte store; the
-agent publishes the read word only after the frames are in its WAL. On x86-64 stores become visible in program order, so no lock, no syscall and no thread is
-needed; elsewhere the SDK falls back to the control socket (see ``ring_supported``).
+is a memcpy and a CRC. The producer copies a frame in, then publishes the write word with one aligned 8-byte
+store; the agent publishes the read word only after the frames are in its WAL. On x86-64 stores become visible
+in program order, so no lock, no syscall and no thread is needed; elsewhere the SDK falls back to the control
+socket (see ``ring_supported``).
+
+Doorbell (as io_uring's ``need_wakeup``): before the agent waits it sets the sleeping word (to the number of
+this sleep, never 0), re-reads the write word, and only then blocks on its doorbell socket
+(``AgentPaths.doorbell``, next to the rings). A producer that sees the word set after publishing sends that
+socket one datagram, once per sleep number; while the agent is awake the word is 0 and the log call makes no
+syscall. Neither side fences between its store and its load, so on x86-64 the two
+can rarely pass each other in the store buffers: the agent's periodic scan (about once a second) bounds the
+delay of such an event, and nothing is lost. A producer that never rings (an older SDK) is drained by that scan.
 """
 from __future__ import annotations
 
@@ -20,7 +29,7 @@ from pathlib import Path
 from flightlog.proto.errors import RingError
 
 __all__ = [
-    "HEADER_SIZE", "RING_MAGIC", "LAYOUT_VERSION", "ring_supported", "spill_path",
+    "HEADER_SIZE", "RING_MAGIC", "OFF_SLEEPING", "LAYOUT_VERSION", "ring_supported", "spill_path",
     "pack_cursor", "unpack_cursor", "cursor_distance", "cursor_reached", "write_header_str", "read_header_str",
 ]
 
@@ -39,9 +48,11 @@ OFF_READ = 128  # u64 read cursor (consumer)
 OFF_SPILL_GEN = 192  # u64 newest spill generation the producer opened (producer)
 OFF_DROPPED = 200  # u64 events dropped by policy "drop" (producer)
 OFF_SPILLED = 208  # u64 events written to spill files (producer)
-OFF_PAD = 216  # u64 byte counter (mod 2**36) where the newest padding frame starts (producer)
+OFF_PAD = 216  # u64 byte counter (mod 2**35, BYTE_MASK) where the newest padding frame starts (producer)
 OFF_CONSUMED_OFF = 256  # u64 bytes of the current spill generation the agent has made durable (consumer)
 OFF_CONSUMED_GEN = 264  # u64 spill generation the agent is reading (consumer)
+OFF_SLEEPING = 320  # u64: the agent's sleep number while it waits on its doorbell, else 0 (consumer; own line:
+#                    the producer reads it after every publish)
 OFF_PRODUCER_ID = 512  # u16 length + utf-8
 OFF_SPILL_DIR = 1024  # u16 length + utf-8
 LAYOUT_VERSION = 1

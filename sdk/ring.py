@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import socket
 import struct
 import time
 from pathlib import Path
@@ -11,10 +12,35 @@ from pathlib import Path
 from flightlog.proto.errors import RingError
 from flightlog.proto.events import SCHEMA_VERSION
 from flightlog.proto.frames import PAD_MARKER
+from flightlog.proto.paths import DOORBELL_NAME
 from flightlog.proto.ring import (
-    _FRAME_ONE, _HDR, BYTE_BITS, BYTE_MASK, FRAME_MASK, HEADER_SIZE, LAYOUT_VERSION, OFF_CLOSED, OFF_CONSUMED_GEN,
-    OFF_CONSUMED_OFF, OFF_CREATED, OFF_DROPPED, OFF_MAGIC, OFF_PAD, OFF_PID, OFF_PRODUCER_ID, OFF_READ, OFF_SIZE,
-    OFF_SPILL_DIR, OFF_SPILL_GEN, OFF_SPILLED, OFF_VERSION, OFF_WRITE, RING_MAGIC, ring_supported, spill_path,
+    _FRAME_ONE,
+    _HDR,
+    BYTE_BITS,
+    BYTE_MASK,
+    FRAME_MASK,
+    HEADER_SIZE,
+    LAYOUT_VERSION,
+    OFF_CLOSED,
+    OFF_CONSUMED_GEN,
+    OFF_CONSUMED_OFF,
+    OFF_CREATED,
+    OFF_DROPPED,
+    OFF_MAGIC,
+    OFF_PAD,
+    OFF_PID,
+    OFF_PRODUCER_ID,
+    OFF_READ,
+    OFF_SIZE,
+    OFF_SLEEPING,
+    OFF_SPILL_DIR,
+    OFF_SPILL_GEN,
+    OFF_SPILLED,
+    OFF_VERSION,
+    OFF_WRITE,
+    RING_MAGIC,
+    ring_supported,
+    spill_path,
     write_header_str,
 )
 
@@ -34,6 +60,7 @@ class RingProducer:
         rank: int = 0,
         on_full: str = "spill",
         block_timeout: float = 5.0,
+        doorbell: str | os.PathLike[str] | None = None,
     ) -> None:
         if size & (size - 1) or size < 4096 or size > 1 << 30:
             raise RingError(f"ring size must be a power of two from 4 KiB to 1 GiB, got {size}")
@@ -43,6 +70,10 @@ class RingProducer:
         self.spill_dir = Path(spill_dir)
         self.on_full = on_full
         self.block_timeout = block_timeout
+        # The agent's doorbell lives next to the rings (AgentPaths.doorbell): derived from the ring's folder.
+        self._bell_path = str(doorbell) if doorbell is not None else str(self.path.parent / DOORBELL_NAME)
+        self._bell: socket.socket | None = None
+        self._rang_for = 0  # the agent's sleep this producer rang for: once per sleep is enough
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -80,8 +111,10 @@ class RingProducer:
 
     # --- the hot path --------------------------------------------------------------------------
 
-    def write_frame(self, payload: bytearray | bytes, _one: int = _FRAME_ONE, _w_index: int = OFF_WRITE // 8) -> None:
-        """Write one frame: ``u32 length`` then ``payload``, padded to 8 bytes; then publish it.
+    def write_frame(self, payload: bytearray | bytes, _one: int = _FRAME_ONE, _w_index: int = OFF_WRITE // 8,
+                    _s_index: int = OFF_SLEEPING // 8) -> None:
+        """Write one frame: ``u32 length`` then ``payload``, padded to 8 bytes; then publish it, and ring the
+        agent's doorbell if it sleeps (rare: while it is awake the call makes no syscall).
 
         The keyword defaults bind constants as fast locals: this is the hot path of every log call.
         """
@@ -97,7 +130,34 @@ class RingProducer:
         self._data32[pos >> 2] = n
         self._w = w + stride
         self._word = word = self._word + stride + _one
-        self._cursors[_w_index] = word  # publish: one aligned 8-byte store, after the copy
+        cursors = self._cursors
+        cursors[_w_index] = word  # publish: one aligned 8-byte store, after the copy
+        if cursors[_s_index]:  # read after the publish: see "Doorbell" in flightlog.proto.ring
+            self._ring_bell()
+
+    def _ring_bell(self) -> None:
+        # Once per sleep: until the woken agent clears the word, every log call would otherwise ring again.
+        sleep_no = self._cursors[OFF_SLEEPING // 8]
+        if sleep_no == self._rang_for:
+            return
+        self._rang_for = sleep_no
+        self._send_ring()
+
+    def _send_ring(self) -> None:
+        """One datagram to the agent's doorbell; never blocks and never fails the log call (no agent, or its
+        socket buffer full because it has been rung already: either way there is nothing more to do; an agent
+        killed asleep leaves its word set, and this producer rings for that sleep only once)."""
+        bell = self._bell
+        if bell is None:
+            try:
+                bell = self._bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            except OSError:
+                return
+            bell.setblocking(False)
+        try:
+            bell.sendto(b"\x01", self._bell_path)
+        except OSError:
+            pass
 
     # --- slow paths ----------------------------------------------------------------------------
 
@@ -134,6 +194,8 @@ class RingProducer:
         frames = ((self._word >> BYTE_BITS) + 1) & FRAME_MASK
         self._word = word = (frames << BYTE_BITS) | (w & BYTE_MASK)
         self._cursors[OFF_WRITE // 8] = word
+        if self._cursors[OFF_SLEEPING // 8]:
+            self._ring_bell()
         self._refresh_free()
         self._update_limit()
 
@@ -197,6 +259,8 @@ class RingProducer:
         self._spill_size += stride
         self.spilled += 1
         self._cursors[OFF_SPILLED // 8] = self.spilled
+        if self._cursors[OFF_SLEEPING // 8]:
+            self._ring_bell()
 
     def _spill_failed(self, path: Path, exc: OSError) -> None:
         """Ring full and the spill file unwritable (disk full): the event is dropped and counted, never
@@ -233,6 +297,11 @@ class RingProducer:
         if self._view is None:
             return
         self._cursors[OFF_CLOSED // 8] = 1
+        if self._cursors[OFF_SLEEPING // 8]:
+            self._ring_bell()  # the agent retires the ring now rather than at its next scan
+        if self._bell is not None:
+            self._bell.close()
+            self._bell = None
         self._cursors.release()
         self._data32.release()
         self._data.release()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import random
 import shutil
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from flightlog.agent.wal import WAL, WALReader, WalCursor, inspect_wal
 from flightlog.agent.wal.format import (
+    MAX_RECORD_BYTES,
     SEGMENT_HEADER_SIZE,
     Gap,
     Record,
@@ -80,8 +82,18 @@ def test_record_encode_decode_and_alignment() -> None:
     assert (r.count, r.first_seq, r.src_kind, r.src_gen, r.src_end, r.producer_id) == (2, 7, 1, 3, 99, "prod-é")
     assert r.size == len(rec)
     assert not isinstance(decode_record(rec, 0, len(rec) - 1), Record)  # padding must be present too
-    with pytest.raises(ValueError):
+    with pytest.raises(WALError, match="255"):
         encode_record(b"", 0, 0, "x" * 256)
+
+
+def test_oversized_record_is_a_wal_error() -> None:
+    """The agent's ingest loop catches WALError; a plain ValueError here once killed it at start."""
+    big = mmap.mmap(-1, MAX_RECORD_BYTES + 8)  # anonymous: never touched, so never committed
+    try:
+        with pytest.raises(WALError, match="cut the batch"):
+            encode_record(memoryview(big), 1, 0, "p")
+    finally:
+        big.close()
 
 
 def test_resync_ignores_misaligned_and_invalid_magic() -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from flightlog.proto.errors import WALCorrupt
+from flightlog.proto.errors import WALCorrupt, WALError
 from flightlog.proto.events import SCHEMA_VERSION
 
 __all__ = [
@@ -147,13 +147,18 @@ def encode_record(
     src_gen: int = 0,
     src_end: int = 0,
 ) -> bytes:
-    """One record, padded, as a single bytes object (so the writer needs exactly one ``os.write``)."""
+    """One record, padded, as a single bytes object (so the writer needs exactly one ``os.write``).
+
+    Raises WALError for a record the format cannot hold (callers cut large batches: see ``ingest``).
+    """
     pid = producer_id.encode()
     if len(pid) > 255:
-        raise ValueError(f"producer id is {len(pid)} bytes in UTF-8, at most 255 fit a WAL record")
+        raise WALError(f"producer id {producer_id[:40]!r}... is {len(pid)} bytes in UTF-8, at most 255 fit a "
+                       "WAL record; use a shorter run id")
     length = RECORD_HEADER_SIZE + len(pid) + len(frames)
     if length > MAX_RECORD_BYTES:
-        raise ValueError(f"record of {length} bytes exceeds the {MAX_RECORD_BYTES} byte limit; batch less")
+        raise WALError(f"a WAL record of {length} bytes ({count} frames of {producer_id}) exceeds the "
+                       f"{MAX_RECORD_BYTES}-byte limit; the caller must cut the batch into several records")
     tail = _TAIL.pack(count, first_seq, src_end, src_gen, src_kind, len(pid), 0)
     # Incremental CRC avoids concatenating before hashing: the frames are copied exactly once, by join.
     crc = zlib.crc32(frames, zlib.crc32(pid, zlib.crc32(tail)))

@@ -242,6 +242,11 @@ class WAL:
             os.close(fd)
 
     @property
+    def dirty(self) -> bool:
+        """Written since the last sync (a plain read: the fsync loop skips its thread hop while idle)."""
+        return self._dirty
+
+    @property
     def next_seq(self) -> int:
         return self._next_seq
 
