@@ -131,7 +131,8 @@ class Agent:
         ensure_private_dir(self.paths.ring_dir)
         self.ingestor = Ingestor(self.wal, self.paths.ring_dir, rec.producer_positions, lock=self.wal_lock)
         self.ingest = IngestLoop(self.ingestor, Doorbell(self.paths.doorbell), self.paths.wal_dir, self._wake_sinks,
-                                 fsync_every=s.fsync_ms / 1000.0 if s.fsync == "interval" else None)
+                                 fsync_every=s.fsync_ms / 1000.0 if s.fsync == "interval" else None,
+                                 on_ingested_threadsafe=True)  # SinkRunner.wake is safe from any thread
         from .checkpoint.service import CheckpointService
 
         self.checkpoints = CheckpointService(self)

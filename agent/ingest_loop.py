@@ -30,12 +30,12 @@ log = logging.getLogger("flightlog.agent")
 
 #: Awake after a drain that found events: wait this long for more before draining again (batches a trickle
 #: into few WAL records and wake-ups; producers do not ring while the agent is awake). A flood does not wait.
-LINGER_SECONDS = 0.02
+LINGER_SECONDS = 0.05
 #: A drain of at least this many events means a flood: drain again at once rather than linger.
 FLOOD_EVENTS = 4096
 #: ``on_ingested`` (it wakes the sinks, a round trip to the event loop) runs at most this often: sinks batch
 #: for far longer than this anyway.
-NOTIFY_SECONDS = 0.05
+NOTIFY_SECONDS = 0.1
 #: The safety scan: new rings, spill files, dead producers, and a bound on a wake-up lost to a race.
 SCAN_SECONDS = 1.0
 
