@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import SocketAttribute, SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
+
 from flightlog.proto.codec import FRAME_HEADER, decode_control, frame_control
 from flightlog.proto.errors import ProtocolError
 from flightlog.proto.events import (
@@ -47,7 +48,7 @@ def peer_uid_allowed(peer_uid: int, own_uid: int | None = None) -> bool:
 def _peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
+    return int(uid)
 
 
 class ControlServer:

@@ -10,9 +10,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import anyio
+
 from flightlog.proto.codec import encode_event
 from flightlog.proto.errors import AgentLocked
 from flightlog.proto.events import Event
@@ -37,7 +38,7 @@ log = logging.getLogger("flightlog.agent")
 
 @dataclass
 class AgentSettings:
-    fsync: str = "interval"
+    fsync: Literal["interval", "always", "never"] = "interval"
     fsync_ms: int = 100
     segment_bytes: int = 64 << 20
     max_wal_bytes: int = 0

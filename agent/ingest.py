@@ -325,7 +325,8 @@ def _read_big_frame(f: Any, chunk: bytes, path: Path, off: int) -> bytes:
     (n,) = U32.unpack_from(chunk, 0)
     if n == PAD_MARKER:
         raise ProtocolError(f"padding frame at byte {off} of spill file {path}")
-    return chunk + f.read(((n + 11) & ~7) - len(chunk))
+    rest: bytes = f.read(((n + 11) & ~7) - len(chunk))
+    return chunk + rest
 
 
 def _mtime(path: Path) -> float:

@@ -19,6 +19,7 @@ from pathlib import Path
 import anyio
 import anyio.from_thread
 import anyio.lowlevel
+
 from flightlog.proto.errors import WALError
 
 from .doorbell import Doorbell

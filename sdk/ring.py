@@ -244,12 +244,11 @@ class RingProducer:
             # Published after the ring frames before it: the agent drains the ring before the spill.
             self._cursors[OFF_SPILL_GEN // 8] = self._spill_gen
         frame = _HDR.pack(len(payload)) + bytes(payload) + bytes(stride - 4 - len(payload))
+        error: OSError | None = None
         try:
             written = os.write(self._spill_fd, frame)
         except OSError as exc:
             written, error = 0, exc
-        else:
-            error = None
         if written != len(frame):
             if written:  # a torn frame: cut it so the agent never reads half of it
                 os.ftruncate(self._spill_fd, self._spill_size)

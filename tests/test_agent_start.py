@@ -11,10 +11,11 @@ import textwrap
 import time
 from collections import Counter
 
-import flightlog
 from conftest import AgentProcess, new_id
-from flightlog.proto.paths import AgentPaths
 from test_pipeline import assert_exactly_once, wait_points
+
+import flightlog
+from flightlog.proto.paths import AgentPaths
 
 RACER = """
     import sys, time, flightlog

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import flightlog
 from flightlog import capture
-from flightlog.agent.wal import WALReader, WalCursor
+from flightlog.agent.wal import WalCursor, WALReader
 from flightlog.progress import NEVER, Progress
 from flightlog.proto.codec import decode_event
 from flightlog.proto.events import Artifact, HyperParams, Metrics, RunStart

@@ -9,8 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anyio
-import flightlog.agent.ingest as ingest_mod
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import flightlog.agent.ingest as ingest_mod
 from flightlog.agent.doorbell import Doorbell
 from flightlog.agent.ingest import Ingestor
 from flightlog.agent.ingest_loop import IngestLoop
@@ -27,8 +30,6 @@ from flightlog.proto.ring import (
     pack_cursor,
 )
 from flightlog.ring import RingProducer
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 
 def _producer(ring_dir: Path, size: int = 1 << 16) -> RingProducer:

@@ -16,12 +16,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import AgentProcess, new_id
 
 import flightlog
 from flightlog.agent.store import Store
 from flightlog.proto.paths import AgentPaths, resolve_paths
-
-from conftest import AgentProcess, new_id
 
 
 def _training_points(store: Store, run_id: str) -> list[dict]:
@@ -101,7 +100,7 @@ def test_failed_run_records_traceback(agent: AgentProcess, base_config: dict) ->
     with pytest.raises(ZeroDivisionError):
         with flightlog.experiment_tracking("boom", base_config) as t:
             t.log_metrics({"x": 1.0})
-            1 / 0
+            raise ZeroDivisionError("division by zero")
     assert t.metadata.status == "failed" and "ZeroDivisionError" in t.metadata.error
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

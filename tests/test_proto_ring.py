@@ -11,13 +11,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flightlog.agent.ingest import split_frames
+from flightlog.agent.ring import RingView
 from flightlog.proto import ProtocolError, decode_control, decode_event, encode_event
 from flightlog.proto.codec import event_encoder
 from flightlog.proto.events import (
-    Artifact, CheckpointSaved, HyperParams, Metrics, RunEnd, RunStart, SystemStats, Tags, Text,
+    Artifact,
+    CheckpointSaved,
+    HyperParams,
+    Metrics,
+    RunEnd,
+    RunStart,
+    SystemStats,
+    Tags,
+    Text,
 )
 from flightlog.proto.frames import count_frames, iter_frames
-from flightlog.agent.ring import RingView
 from flightlog.proto.ring import spill_path
 from flightlog.ring import RingProducer
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flightlog.agent.wal import WAL, WALReader, WalCursor, inspect_wal
+from flightlog.agent.wal import WAL, WalCursor, WALReader, inspect_wal
 from flightlog.agent.wal.format import (
     MAX_RECORD_BYTES,
     SEGMENT_HEADER_SIZE,

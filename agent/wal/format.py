@@ -139,7 +139,7 @@ def decode_segment_header(buf: bytes, where: object) -> SegmentHeader:
 
 
 def encode_record(
-    frames: bytes | memoryview,
+    frames: bytes | bytearray | memoryview,
     count: int,
     first_seq: int,
     producer_id: str,

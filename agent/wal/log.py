@@ -18,9 +18,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from flightlog.proto.osutil import fsync_dir
 from flightlog.proto.errors import ProtocolError, WALError
 from flightlog.proto.frames import iter_frames
+from flightlog.proto.osutil import fsync_dir
 
 from .format import (
     SEGMENT_HEADER_SIZE,
@@ -188,7 +188,7 @@ class WAL:
 
     def append(
         self,
-        frames: bytes | memoryview,
+        frames: bytes | bytearray | memoryview,
         count: int,
         producer_id: str,
         src_kind: int = 0,
