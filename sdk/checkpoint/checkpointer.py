@@ -304,22 +304,20 @@ class ModelCheckpointer:
 
     def best(self) -> str | None:
         """Path of the best checkpoint (by ``is_best=`` or the monitored metric), or None."""
-        self._settle()
-        reg = self._registry()
-        if reg is None:
-            return None
-        with reg:
-            row = reg.best(str(self.dir))
-        return row["path"] if row else None
+        return self._path_of("best")
 
     def latest(self) -> str | None:
+        return self._path_of("latest")
+
+    def _path_of(self, which: str) -> str | None:
+        """The path of the registry's ``best`` or ``latest`` row of this directory, once pending writes settled."""
         self._settle()
         reg = self._registry()
         if reg is None:
             return None
         with reg:
-            row = reg.latest(str(self.dir))
-        return row["path"] if row else None
+            row = getattr(reg, which)(str(self.dir))
+        return str(row["path"]) if row else None
 
     # --- loading -------------------------------------------------------------------------------
 
