@@ -15,6 +15,7 @@ from typing import Any, Literal
 import anyio
 
 from flightlog.proto.codec import encode_event
+from flightlog.proto.config import AgentConfig, WalConfig, decode_config
 from flightlog.proto.errors import AgentLocked
 from flightlog.proto.events import Event
 from flightlog.proto.frames import append_frame
@@ -36,14 +37,17 @@ __all__ = ["Agent", "AgentLocked", "AgentSettings", "peer_uid_allowed"]
 log = logging.getLogger("flightlog.agent")
 
 
+_WAL, _AGENT = WalConfig(), AgentConfig()  # the defaults, from the one place they live
+
+
 @dataclass
 class AgentSettings:
-    fsync: Literal["interval", "always", "never"] = "interval"
-    fsync_ms: int = 100
-    segment_bytes: int = 64 << 20
-    max_wal_bytes: int = 0
+    fsync: Literal["interval", "always", "never"] = _WAL.fsync
+    fsync_ms: int = _WAL.fsync_ms
+    segment_bytes: int = _WAL.segment_bytes
+    max_wal_bytes: int = _WAL.max_bytes
     sidecar: bool = False
-    idle_exit_seconds: float = 5.0
+    idle_exit_seconds: float = _AGENT.idle_exit_seconds
     drain_timeout_seconds: float = 300.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -51,8 +55,6 @@ class AgentSettings:
     def from_config(cls, cfg: dict[str, Any], *, sidecar: bool = False) -> AgentSettings:
         """Settings from the agent's config (builtins: a loaded file, or what the SDK hands a sidecar),
         decoded into the config Structs: their defaults are the only ones."""
-        from flightlog.proto.config import decode_config
-
         config, problems = decode_config(cfg)
         for problem in problems:
             log.warning("agent settings: %s", problem)
