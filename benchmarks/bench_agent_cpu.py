@@ -203,7 +203,9 @@ class LatencyProbe(threading.Thread):
                 if db is None:
                     if not self.store.exists():
                         continue
-                    db = sqlite3.connect(f"file:{self.store}?mode=ro", uri=True, timeout=1.0)
+                    from flightlog.proto.sqlite import connect
+
+                    db = connect(self.store, readonly=True, timeout=1.0)
                     last = db.execute("SELECT coalesce(max(rowid), 0) FROM metrics").fetchone()[0]
                 rows = db.execute("SELECT rowid, ts FROM metrics WHERE rowid > ? AND key = 'loss'",
                                   (last,)).fetchall()
