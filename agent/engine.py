@@ -176,13 +176,17 @@ class DeliveryCore:
             return self._take()
         if self.tail > self.read_cursor.seq:
             if self.data_since is None:
-                self.data_since = now
+                # Nothing of ours pending: look at once. What this sink does not want (another sink's runs)
+                # then costs one cheap read, not a linger; what it wants starts the linger clock (on_read).
+                return Read(self.read_cursor)
             full = self.tail - self.read_cursor.seq + len(self.pending) >= self.batch_size
             if self.flushing or full or now >= self.data_since + self.linger:
                 return Read(self.read_cursor)
             return Wait(self.data_since + self.linger)
         if self.pending:
-            return self._take()
+            if self.flushing or self.data_since is None or now >= self.data_since + self.linger:
+                return self._take()
+            return Wait(self.data_since + self.linger)  # a trickle: let more of it join the batch
         if self.done != self.cursor or self.new_runs:
             due = self.last_commit + self.commit_interval
             if self.commit_now or self.new_runs or self.flushing or now >= due:
@@ -247,6 +251,8 @@ class DeliveryCore:
         if not self.pending and self.inflight is None:
             self.done = end
             self.data_since = None
+        elif self.pending and self.data_since is None:
+            self.data_since = now  # the first event this sink wants: its linger starts
 
     def _wanted(self, item: Item) -> bool:
         ev = item[1]

@@ -4,7 +4,6 @@ read once for every runner; ``CursorStore`` keeps cursors, sink runs and quarant
 long-lived SQLite connection."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import random
@@ -17,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.from_thread
-import anyio.lowlevel
 
 from flightlog.proto.codec import decode_event
 from flightlog.proto.config import AgentConfig
@@ -170,7 +167,11 @@ class CursorStore:
 
 class SinkRunner:
     """Runs one sink: reads through the feed, batches by size and linger time, delivers with retries and a
-    circuit breaker, quarantines what the backend refuses for good, and commits the cursor after each ack."""
+    circuit breaker, quarantines what the backend refuses for good, and commits the cursor after each ack.
+
+    The I/O shell is one thread per sink (owned by the calling task, like the ingest loop's): a wake-up is a
+    condition variable, and reading, writing and committing are plain calls in that thread, not hops between
+    the event loop and the thread pool (three per batch and sink, most of the agent's cost at a trickle)."""
 
     def __init__(
         self,
@@ -208,11 +209,10 @@ class SinkRunner:
         self.core: DeliveryCore | None = None
         self._stats = SinkStats()
         self._tail = tail
-        self._event: anyio.Event | None = None
         self._armed = _NEVER
-        self._loop_thread = -1
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._token: Any = None
+        self._cond = threading.Condition(threading.Lock())
+        self._woken = False
+        self._stop = threading.Event()
         self._rate_t0, self._rate_n0 = 0.0, 0
 
     @property
@@ -230,59 +230,57 @@ class SinkRunner:
         no-op unless the runner waits for this much data (so a trickle does not wake it per event)."""
         if next_seq is not None and next_seq < self._armed:
             return
-        if threading.get_ident() == self._loop_thread:
-            self._signal()
-        elif self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._signal)
-            except RuntimeError:  # the loop is closed: the agent is stopping
-                pass
-        elif self._token is not None:
-            try:
-                anyio.from_thread.run_sync(self._signal, token=self._token)
-            except RuntimeError:
-                pass
+        with self._cond:
+            self._woken = True
+            self._cond.notify()
 
-    def _signal(self) -> None:
-        if self._event is not None:
-            self._event.set()
-
-    def _bind_loop(self) -> None:
-        self._event = anyio.Event()
-        self._loop_thread = threading.get_ident()
-        self._token = anyio.lowlevel.current_token()
-        try:
-            self._loop = asyncio.get_running_loop()  # asyncio: wake without blocking the calling thread
-        except RuntimeError:
-            self._loop = None
-
-    async def _wait(self, core: DeliveryCore, until: float | None) -> None:
-        assert self._event is not None
+    def _wait(self, core: DeliveryCore, until: float | None) -> None:
         self._armed = core.wants_wake_at()
         try:
             timeout = self.idle_sleep if until is None else until - self.clock()
             if self._tail is not None and self._tail() >= self._armed:
                 timeout = 0.0  # data came between the decision and the arming
             if timeout > 0:
-                with anyio.move_on_after(timeout):
-                    await self._event.wait()
-            else:
-                await anyio.lowlevel.checkpoint()
+                with self._cond:
+                    if not self._woken:
+                        self._cond.wait(timeout)
+                    self._woken = False
         finally:
             self._armed = _NEVER
-            if self._event.is_set():
-                self._event = anyio.Event()
         core.on_tail(self._tail() if self._tail is not None else math.inf)
+
+    def _pause(self, seconds: float) -> bool:
+        """Sleep for a retry; False if the runner is being stopped."""
+        return not self._stop.wait(seconds)
 
     # --- the loop -----------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        self._bind_loop()
+        """The sink's thread, for as long as the calling task runs (cancel it to stop); raises what stopped
+        the sink (``wal replay``: a batch that kept failing)."""
+        self._stop.clear()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._stop_on_cancel)
+            try:
+                error = await anyio.to_thread.run_sync(self._thread, limiter=anyio.CapacityLimiter(1))
+            finally:
+                tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+
+    async def _stop_on_cancel(self) -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            self._stop.set()
+            self.wake()
+
+    def _thread(self) -> Exception | None:
         sink = self.sink
         try:
-            own = await anyio.to_thread.run_sync(sink.open)
-            cursor, runs = await anyio.to_thread.run_sync(self.cursors.load, sink.name)
-            quarantined = await anyio.to_thread.run_sync(self.cursors.quarantined_runs, sink.name)
+            own = sink.open()
+            cursor, runs = self.cursors.load(sink.name)
+            quarantined = self.cursors.quarantined_runs(sink.name)
             core = DeliveryCore(
                 sink.name, sink.batch_size, sink.all_runs, cursor=own if own is not None else cursor, runs=runs,
                 quarantined_runs=quarantined, linger=self.linger, policy=self.policy, breaker=self.breaker,
@@ -294,36 +292,36 @@ class SinkRunner:
             core.stats.state = "ok"
             self.core = core
             self._rate_t0 = self.clock()
-            await self._loop_core(core)
+            self._loop_core(core)
+            return None
+        except Exception as exc:  # handed to the owning task, which raises it
+            return exc
         finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(sink.close)
-                await anyio.to_thread.run_sync(self.quarantine.close_sink, sink.name)
+            sink.close()
+            self.quarantine.close_sink(sink.name)
 
-    async def _loop_core(self, core: DeliveryCore) -> None:
-        to_thread = anyio.to_thread.run_sync
-        while True:
+    def _loop_core(self, core: DeliveryCore) -> None:
+        while not self._stop.is_set():
             act = core.step(self.clock())
             if type(act) is Read:
-                window = await to_thread(self.feed.read, act.cursor)
-                core.on_read(window, self.clock())
+                core.on_read(self.feed.read(act.cursor), self.clock())
             elif type(act) is Deliver:
-                await self._deliver(core, act)
+                self._deliver(core, act)
             elif type(act) is Commit:
-                await self._commit(core, act)
+                self._commit(core, act)
             elif type(act) is Persist:
-                await self._persist(core, act)
+                self._persist(core, act)
             elif type(act) is GiveUp:
                 raise RetryableBackendError(f"sink {self.sink.name}: {act.error}; run again to resume at seq "
                                             f"{core.cursor.seq}")
             elif type(act) is Wait:
                 if self.until_caught_up and core.caught_up():
                     return
-                await self._wait(core, act.until)
+                self._wait(core, act.until)
 
-    async def _deliver(self, core: DeliveryCore, act: Deliver) -> None:
+    def _deliver(self, core: DeliveryCore, act: Deliver) -> None:
         try:
-            ack = await anyio.to_thread.run_sync(self.sink.write, act.batch)
+            ack = self.sink.write(act.batch)
         except Exception as exc:  # classified by the core: permanent, retryable, or unknown (capped retries)
             text, trace = core.on_error(exc, self.clock())
             level = logging.INFO if core.urgent and core.inflight is not None else logging.WARNING
@@ -334,30 +332,33 @@ class SinkRunner:
             self.on_commit(act.batch.cursor)
         self._update_rate(core)
 
-    async def _commit(self, core: DeliveryCore, act: Commit) -> None:
+    def _commit(self, core: DeliveryCore, act: Commit) -> None:
         """Store the cursor; a failure (disk full) is retried: re-delivering is what must not happen."""
         attempt = 0
         while True:
             try:
-                await anyio.to_thread.run_sync(self.cursors.save, self.sink.name, act.cursor, act.new_runs)
+                self.cursors.save(self.sink.name, act.cursor, act.new_runs)
             except (sqlite3.Error, OSError, FlightlogError) as exc:
                 attempt += 1
-                await self._store_backoff(core, attempt, f"cannot store the cursor: {exc}")
+                if not self._store_backoff(core, attempt, f"cannot store the cursor: {exc}"):
+                    return
                 continue
             core.on_committed(act.cursor, act.new_runs, self.clock())
             if self.on_commit is not None:
                 self.on_commit(act.cursor)
             return
 
-    async def _persist(self, core: DeliveryCore, act: Persist) -> None:
+    def _persist(self, core: DeliveryCore, act: Persist) -> None:
         """Quarantined events into ``<data_dir>/quarantine/<sink>`` (a WAL) and their rows in the store."""
         attempt = 0
         while True:
             try:
-                await anyio.to_thread.run_sync(self._persist_sync, act.records)
+                where = self.quarantine.put(self.sink.name, act.records)
+                self.cursors.record_quarantine(act.records, str(where))
             except (sqlite3.Error, OSError, FlightlogError) as exc:  # disk full; a WALError of the quarantine
                 attempt += 1
-                await self._store_backoff(core, attempt, f"cannot store quarantined events: {exc}")
+                if not self._store_backoff(core, attempt, f"cannot store quarantined events: {exc}"):
+                    return
                 continue
             for r in act.records:
                 if r.first:
@@ -368,16 +369,12 @@ class SinkRunner:
             core.on_persisted()
             return
 
-    def _persist_sync(self, records: list[Quarantined]) -> None:
-        where = self.quarantine.put(self.sink.name, records)
-        self.cursors.record_quarantine(records, str(where))
-
-    async def _store_backoff(self, core: DeliveryCore, attempt: int, error: str) -> None:
+    def _store_backoff(self, core: DeliveryCore, attempt: int, error: str) -> bool:
         core.stats.state = "retrying"
         core.stats.last_error = error
         delay = self.policy.delay(attempt, self.rng)
         log.warning("sink %s: %s; retry %d in %.2f s", self.sink.name, error, attempt, delay)
-        await anyio.sleep(delay)
+        return self._pause(delay)
 
     def _update_rate(self, core: DeliveryCore) -> None:
         now = self.clock()
