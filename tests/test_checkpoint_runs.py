@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,6 +14,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flightlog import ExperimentTracker
 from flightlog.checkpoint import ModelCheckpointer
@@ -274,3 +277,27 @@ def test_a_registry_from_before_runs_migrates_and_keeps_old_files(tmp_path: Path
     finally:
         db.close()
     assert "checkpoints_dir_run_state_seq" in indexes
+
+
+@settings(max_examples=100, deadline=None)
+@given(saves=st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(0, 5)), max_size=16),
+       keep=st.integers(0, 3))
+def test_interleaved_runs_each_keep_their_newest_n_plus_their_best(saves: list[tuple[str, int]], keep: int) -> None:
+    """Any interleaving of three runs' saves into one directory: retention only ever deletes the saving
+    run's files, and leaves each run exactly its newest ``keep`` plus its best (the first lowest loss)."""
+    with tempfile.TemporaryDirectory() as tmp, Registry(Path(tmp) / "registry.db") as reg:
+        history: dict[str, list[tuple[int, int]]] = {}
+        for step, (run, loss) in enumerate(saves):
+            spec = {"path": f"{tmp}/ckpt-{run}-s{step}", "run_id": run, "epoch": 0, "step": step, "codec": "zstd",
+                    "level": 1, "metrics": {"val_loss": float(loss)},
+                    "retention": {"max_checkpoints": keep, "monitor": "val_loss", "mode": "min"}}
+            reg.begin(spec, "tmp")
+            _, doomed = reg.commit(spec, 1, "x")
+            assert all(p.startswith(f"{tmp}/ckpt-{run}-") for p in doomed)
+            history.setdefault(run, []).append((step, loss))
+        for run, saved in history.items():
+            best = min(saved, key=lambda s: s[1])[0]  # min() keeps the first of equals, as a tie does
+            want = {s for s, _ in saved} if keep == 0 else {s for s, _ in saved[-keep:]} | {best}
+            rows = reg.entries(tmp, run_id=run)
+            assert {r["step"] for r in rows} == want
+            assert reg.best(tmp, run_id=run)["step"] == best  # type: ignore[index]

@@ -320,15 +320,7 @@ class ModelCheckpointer:
             return None
         return Registry(self.registry_path)
 
-    def list(self, run_id: str | None = None) -> list[CheckpointMetadata]:
-        """Durable checkpoints of this run (or of ``run_id``) in this directory, oldest first."""
-        self._settle()
-        reg = self._registry()
-        if reg is None:
-            return []
-        with reg:
-            return [CheckpointMetadata.from_row(r) for r in reg.entries(str(self.dir), run_id=self._run(run_id))]
-
+    # (defined before ``list``: below it, ``list[str]`` would name the method)
     def runs(self) -> list[str]:
         """The run ids with durable checkpoints in this directory, the most recently saved first."""
         self._settle()
@@ -337,6 +329,15 @@ class ModelCheckpointer:
             return []
         with reg:
             return reg.runs(str(self.dir))
+
+    def list(self, run_id: str | None = None) -> list[CheckpointMetadata]:
+        """Durable checkpoints of this run (or of ``run_id``) in this directory, oldest first."""
+        self._settle()
+        reg = self._registry()
+        if reg is None:
+            return []
+        with reg:
+            return [CheckpointMetadata.from_row(r) for r in reg.entries(str(self.dir), run_id=self._run(run_id))]
 
     def best(self, run_id: str | None = None) -> str | None:
         """Path of this run's (or ``run_id``'s) best checkpoint (by ``is_best=`` or the monitored metric), or None."""
