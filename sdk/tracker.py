@@ -180,11 +180,13 @@ class ExperimentTracker:
         """
         return self._checkpointer().save(model, epoch, step, optimizer, **kwargs)
 
-    def get_best_checkpoint(self) -> str | None:
-        return self._checkpointer().best()  # type: ignore[no-any-return]
+    def get_best_checkpoint(self, run_id: str | None = None) -> str | None:
+        """This run's best checkpoint (or ``run_id``'s, in the same checkpoint_dir), or None."""
+        return self._checkpointer().best(run_id)  # type: ignore[no-any-return]
 
     def load_checkpoint(self, path: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> tuple[int, int]:
-        """Restore state from ``path`` ("best", "latest" or a file); returns (epoch, step)."""
+        """Restore state from ``path`` ("best" or "latest" of this run, or of ``run_id=``; or a file);
+        returns (epoch, step)."""
         return self._checkpointer().load(path, model, optimizer, **kwargs)  # type: ignore[no-any-return]
 
     def should_checkpoint(self, step: int) -> bool:

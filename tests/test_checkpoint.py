@@ -398,10 +398,10 @@ def test_retention_and_best_across_50_saves(tmp_path: Path) -> None:
 def test_not_enough_space_is_a_clear_error_and_earlier_checkpoints_survive(tmp_path: Path) -> None:
     model = _small_model()
     d = tmp_path / "c"
-    with ModelCheckpointer(d) as ck:
+    with ModelCheckpointer(d, run_id="r") as ck:
         first = ck.save(model, 0, 1)
         first.wait()
-    with ModelCheckpointer(d, min_free_bytes=1 << 62) as ck:
+    with ModelCheckpointer(d, min_free_bytes=1 << 62, run_id="r") as ck:  # the same run, continued
         p = ck.save(model, 0, 2)  # training goes on: save itself does not raise
         with pytest.raises(CheckpointError, match="not enough free space"):
             p.wait()

@@ -1,8 +1,10 @@
 """The checkpoint registry: one SQLite table, in the agent's store (``flightlog.db``) or, for a
 standalone ModelCheckpointer, in ``registry.db`` inside the checkpoint directory.
 
-Rows are keyed by the final path and scoped by directory: retention, "best" and "latest" are per
-directory, so a resumed run (a new run id) finds the checkpoints of the one before it.
+Rows are keyed by the final path and scoped by (directory, run id): retention, "best" and "latest" are
+per run, so two runs sharing a directory never touch each other's files; a run continued under its run
+id finds its own. ``run_id`` is the scope's whole identity: a distributed job fills it with the job's run
+id, so its ranks share one. Rows from before runs were scoped (run id '' or NULL) stay readable as run ''.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     git_commit TEXT, created REAL, saved REAL, is_best INTEGER DEFAULT 0, writer_pid INTEGER, tmp_path TEXT,
     error TEXT);
 CREATE INDEX IF NOT EXISTS checkpoints_dir_state_seq ON checkpoints (dir, state, seq);
+CREATE INDEX IF NOT EXISTS checkpoints_dir_run_state_seq ON checkpoints (dir, run_id, state, seq);
 """
 
 _JSON_COLUMNS = ("metrics", "dtypes")
@@ -49,6 +52,7 @@ class Registry:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self.db = connect(self.path)
                 self.db.executescript(SCHEMA)
+                _migrate(self.db)
         except sqlite3.Error as exc:
             raise CheckpointError(f"cannot open the checkpoint registry {self.path}: {exc}") from exc
 
@@ -81,15 +85,18 @@ class Registry:
     # --- writing -------------------------------------------------------------------------------
 
     def begin(self, spec: dict[str, Any], tmp_path: str) -> None:
-        """Record a checkpoint as being written (retention never touches it in this state)."""
-        path = spec["path"]
+        """Record a checkpoint as being written (retention never touches it in this state). Raises
+        CheckpointError if the final path belongs to another run: a file already there that this run did
+        not register here, or a row another run holds (being written or durable)."""
+        path, run_id = spec["path"], spec.get("run_id") or ""
         with transaction(self.db) as db:
+            _check_owner(db, self.path, path, run_id)
             (seq,) = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM checkpoints").fetchone()
             db.execute(
                 "INSERT OR REPLACE INTO checkpoints (path, dir, seq, state, request_id, run_id, epoch, step, metrics,"
                 " compression, level, dtypes, nbytes, tensors, config_hash, git_commit, created, writer_pid,"
                 " tmp_path) VALUES (?,?,?,'writing',?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (path, str(Path(path).parent), seq, spec.get("request_id", ""), spec.get("run_id", ""),
+                (path, str(Path(path).parent), seq, spec.get("request_id", ""), run_id,
                  spec["epoch"], spec["step"], json.dumps(spec.get("metrics", {})), spec["codec"], spec["level"],
                  json.dumps(spec.get("dtypes", {})), spec.get("data_bytes", 0), len(spec.get("tensors", [])),
                  spec.get("config_hash", ""), spec.get("git_commit", ""), spec.get("created", time.time()),
@@ -97,25 +104,27 @@ class Registry:
             )
 
     def commit(self, spec: dict[str, Any], size: int, checksum: str) -> tuple[dict[str, Any], list[str]]:
-        """Mark the checkpoint durable, move the best pointer, and plan retention; returns the row and
-        the paths the caller must now delete (already marked deleted here)."""
+        """Mark the checkpoint durable, move its run's best pointer, and plan its run's retention; returns
+        the row and the paths the caller must now delete (already marked deleted here). Other runs' rows
+        in the directory are never candidates."""
         path, directory = spec["path"], str(Path(spec["path"]).parent)
+        scope = (directory, spec.get("run_id") or "")
         ret = spec.get("retention", {})
         with transaction(self.db) as db:
-            cur = self._rows("SELECT * FROM checkpoints WHERE dir=? AND state='done' AND is_best=1", (directory,))
+            cur = self._rows(f"SELECT * FROM checkpoints WHERE {_SCOPE} AND state='done' AND is_best=1", scope)
             current = _entry(cur[0]) if cur else None
             new = Entry(path, 0, spec["step"], spec.get("metrics", {}))
             best = choose_best(current, new, is_best=spec.get("is_best"), monitor=ret.get("monitor"),
                                mode=ret.get("mode", "min"))
             if best:
-                db.execute("UPDATE checkpoints SET is_best=0 WHERE dir=? AND is_best=1", (directory,))
+                db.execute(f"UPDATE checkpoints SET is_best=0 WHERE {_SCOPE} AND is_best=1", scope)
             db.execute(
                 "UPDATE checkpoints SET state='done', size=?, checksum=?, saved=?, is_best=?, tmp_path=NULL"
                 " WHERE path=?", (size, checksum, time.time(), int(best), path),
             )
-            done = self._rows("SELECT * FROM checkpoints WHERE dir=? AND state='done'", (directory,))
+            done = self._rows(f"SELECT * FROM checkpoints WHERE {_SCOPE} AND state='done'", scope)
             writing = [r["path"] for r in self._rows(
-                "SELECT * FROM checkpoints WHERE dir=? AND state='writing'", (directory,))]
+                f"SELECT * FROM checkpoints WHERE {_SCOPE} AND state='writing'", scope)]
             best_path = next((r["path"] for r in done if r["is_best"]), None)
             doomed = plan_retention([_entry(r) for r in done], best=best_path, protected=writing,
                                     max_keep=int(ret.get("max_checkpoints", 0)),
@@ -138,22 +147,70 @@ class Registry:
         rows = self._rows("SELECT * FROM checkpoints WHERE path=?", (str(path),))
         return rows[0] if rows else None
 
-    def entries(self, directory: str | None = None, states: tuple[str, ...] = ("done",)) -> list[dict[str, Any]]:
-        """Rows oldest first (by save order), for one directory or all."""
+    def entries(self, directory: str | None = None, states: tuple[str, ...] = ("done",), *,
+                run_id: str | None = None) -> list[dict[str, Any]]:
+        """Rows oldest first (by save order), for one directory or all, one run (``run_id``) or all."""
         marks = ",".join("?" * len(states))
-        if directory is None:
-            return self._rows(f"SELECT * FROM checkpoints WHERE state IN ({marks}) ORDER BY seq", states)
-        return self._rows(f"SELECT * FROM checkpoints WHERE dir=? AND state IN ({marks}) ORDER BY seq",
-                          (str(directory), *states))
+        where, args = [f"state IN ({marks})"], list(states)
+        if directory is not None:
+            where.append("dir=?")
+            args.append(str(directory))
+        if run_id is not None:
+            where.append("run_id=?")
+            args.append(run_id)
+        return self._rows(f"SELECT * FROM checkpoints WHERE {' AND '.join(where)} ORDER BY seq", tuple(args))
 
-    def best(self, directory: str) -> dict[str, Any] | None:
-        rows = self._rows("SELECT * FROM checkpoints WHERE dir=? AND state='done' AND is_best=1", (str(directory),))
+    def best(self, directory: str, *, run_id: str) -> dict[str, Any] | None:
+        """The run's best durable checkpoint in ``directory``."""
+        rows = self._rows(f"SELECT * FROM checkpoints WHERE {_SCOPE} AND state='done' AND is_best=1",
+                          (str(directory), run_id))
         return rows[0] if rows else None
 
-    def latest(self, directory: str) -> dict[str, Any] | None:
-        rows = self._rows("SELECT * FROM checkpoints WHERE dir=? AND state='done' ORDER BY seq DESC LIMIT 1",
-                          (str(directory),))
+    def latest(self, directory: str, *, run_id: str) -> dict[str, Any] | None:
+        """The run's newest durable checkpoint in ``directory``."""
+        rows = self._rows(f"SELECT * FROM checkpoints WHERE {_SCOPE} AND state='done' ORDER BY seq DESC LIMIT 1",
+                          (str(directory), run_id))
         return rows[0] if rows else None
+
+    def runs(self, directory: str) -> list[str]:
+        """Run ids with durable checkpoints in ``directory``, the most recently saved first."""
+        try:
+            cur = self.db.execute("SELECT run_id FROM checkpoints WHERE dir=? AND state='done' GROUP BY run_id"
+                                  " ORDER BY MAX(seq) DESC", (str(directory),))
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []
+            raise CheckpointError(f"checkpoint registry {self.path}: {exc}") from exc
+        return [r[0] for r in cur]
+
+
+#: The rows of one run in one directory: (dir, run_id).
+_SCOPE = "dir=? AND run_id=?"
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a registry from before runs were scoped up to date: its rows without a run id become run ''
+    (the index that serves per-run look-ups comes with SCHEMA). Checked first, so that an up-to-date
+    registry is not written to (an UPDATE takes the write lock even when it matches nothing)."""
+    if db.execute("SELECT 1 FROM checkpoints WHERE run_id IS NULL LIMIT 1").fetchone():
+        with transaction(db):
+            db.execute("UPDATE checkpoints SET run_id='' WHERE run_id IS NULL")
+
+
+def _check_owner(db: sqlite3.Connection, registry: Path, path: str, run_id: str) -> None:
+    """Refuse a write that would replace a file another run registered, or one nobody registered here."""
+    row = db.execute("SELECT run_id, state FROM checkpoints WHERE path=?", (path,)).fetchone()
+    owner = None if row is None else row[0] or ""
+    if row is not None and owner != run_id and row[1] in ("writing", "done"):
+        raise CheckpointError(
+            f"refusing to write checkpoint {path} for run {run_id!r}: run {owner!r} registered that path "
+            f"({row[1]}) in {registry}, and a write never replaces another run's checkpoint; save under "
+            "another name (ModelCheckpointer names its files ckpt-<run id>-e<epoch>-s<step>)")
+    if owner != run_id and os.path.lexists(path):
+        who = "no run" if row is None else f"run {owner!r}"
+        raise CheckpointError(
+            f"refusing to write checkpoint {path} for run {run_id!r}: a file is already there that {who} "
+            f"registered in {registry}; move it away or save under another name")
 
 
 def _entry(row: dict[str, Any]) -> Entry:

@@ -254,9 +254,11 @@ def _open_staging(spec: dict[str, Any]) -> tuple[mmap.mmap | None, int]:
 
 def commit_checkpoint(spec: dict[str, Any], registry_path: str | os.PathLike[str], *, threads: int = 0,
                       on_durable: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Write the staged checkpoint ``spec`` to its final path durably, register it, move the best pointer,
-    apply retention. Returns the registry row. Raises CheckpointError (the registry marks it failed and
-    no file appears under the final name). ``on_durable(row)`` runs as soon as the file and its registry
+    """Write the staged checkpoint ``spec`` to its final path durably, register it, move its run's best
+    pointer, apply its run's retention. Returns the registry row. Raises CheckpointError (the registry
+    marks it failed and no file appears under the final name), before writing anything if the final path
+    belongs to another run (``spec["run_id"]``: another run registered it, or nobody did and a file is
+    there); a run's own file is replaced (a re-save of the same step). ``on_durable(row)`` runs as soon as the file and its registry
     row are durable, before retention deletes older files (unlinking a gigabyte takes a while)."""
     path = Path(spec["path"])
     directory = path.parent

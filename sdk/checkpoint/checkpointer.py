@@ -28,6 +28,7 @@ from flightlog.proto.checkpoint.reader import CheckpointReader
 from flightlog.proto.checkpoint.registry import STANDALONE_NAME, Registry
 from flightlog.proto.errors import CheckpointCorrupt, CheckpointError, FlightlogError
 from flightlog.proto.events import CheckpointSpec, RetentionSpec
+from flightlog.validate import check_run_id
 
 __all__ = ["ModelCheckpointer", "CheckpointMetadata", "PendingCheckpoint"]
 
@@ -92,12 +93,17 @@ class PendingCheckpoint(str):
 
 
 class ModelCheckpointer:
-    """Saves, lists, chooses and loads checkpoints in ``checkpoint_dir``.
+    """Saves, lists, chooses and loads one run's checkpoints in ``checkpoint_dir``.
 
     ``save`` blocks only while tensors are copied into a shared-memory staging buffer and returns a
     PendingCheckpoint (the final path). Standalone it writes on a thread of this process and keeps its
     registry in ``checkpoint_dir/registry.db``; built with ``for_tracker`` it hands the write to the agent
     and uses the agent's store as registry.
+
+    Checkpoints belong to a run (``run_id``; a new one unless given): files are named
+    ``ckpt-<run id>-e<epoch>-s<step>``, and best, latest, listing and retention (``max_checkpoints``: the
+    newest N plus the best) are per run, so runs sharing a directory never touch each other's files. Pass
+    the same ``run_id`` to continue a run; ``run_id=`` on best/latest/list/load asks about another run's.
     """
 
     def __init__(
@@ -132,7 +138,8 @@ class ModelCheckpointer:
         self.compression, self.compression_level = compression, compression_level
         self.min_free_bytes = min_free_bytes
         self.upload = upload  # done by the agent's MLflow/W&B sinks: only through a tracker
-        self.run_id, self.config_hash = run_id, config_hash
+        self.run_id = check_run_id(run_id) if run_id else uuid.uuid4().hex[:16]
+        self.config_hash = config_hash
         self.registry_path = Path(registry) if registry else self.dir / STANDALONE_NAME
         self._local = LocalWriter(self.registry_path, threads)
         self._writer: LocalWriter | AgentWriter = self._local
@@ -175,8 +182,8 @@ class ModelCheckpointer:
         if self._closed:
             raise CheckpointError("this ModelCheckpointer is closed")
         values = {k: metric_value(k, v) for k, v in metrics.items()}
-        path = str(self.dir / f"ckpt-e{int(epoch):04d}-s{int(step):09d}{EXTENSIONS[self.compression]}")
         with self._lock:
+            path = self._path_for(int(epoch), int(step))
             tensors, meta = collect_state(model, optimizer, scheduler, scaler)
             meta.update(epoch=int(epoch), step=int(step), metrics=values, is_best=is_best, run_id=self.run_id,
                         config_hash=self.config_hash, git_commit=self._git, created=time.time(),
@@ -198,6 +205,26 @@ class ModelCheckpointer:
             self._pending[path] = pending
         future.add_done_callback(functools.partial(_report, path))
         return pending
+
+    def _path_for(self, epoch: int, step: int) -> str:
+        """The file this run's checkpoint at (epoch, step) goes to: ``ckpt-<run id>-e<epoch>-s<step>``, or,
+        if a file this run did not register already holds that name (another registry's, a stray file),
+        the same name with ``-1``, ``-2``, ... appended. A re-save of a step this run saved replaces its
+        own file. (The writer refuses, too, to replace another run's: this only spares the error.)"""
+        stem, ext = f"ckpt-{self.run_id}-e{epoch:04d}-s{step:09d}", EXTENSIONS[self.compression]
+        path, n = self.dir / f"{stem}{ext}", 0
+        while str(path) not in self._pending and os.path.lexists(path) and not self._registered_to_me(path):
+            n += 1
+            path = self.dir / f"{stem}-{n}{ext}"
+        return str(path)
+
+    def _registered_to_me(self, path: Path) -> bool:
+        reg = self._registry()
+        if reg is None:
+            return False
+        with reg:
+            row = reg.get(str(path))
+        return row is not None and (row["run_id"] or "") == self.run_id
 
     def _spec(self, path: str, buf: StagingBuffer, total: int, manifest: list[list[Any]], meta: dict[str, Any],
               is_best: bool | None) -> CheckpointSpec:
@@ -293,39 +320,53 @@ class ModelCheckpointer:
             return None
         return Registry(self.registry_path)
 
-    def list(self) -> list[CheckpointMetadata]:
-        """Durable checkpoints of this directory, oldest first."""
+    # (defined before ``list``: below it, ``list[str]`` would name the method)
+    def runs(self) -> list[str]:
+        """The run ids with durable checkpoints in this directory, the most recently saved first."""
         self._settle()
         reg = self._registry()
         if reg is None:
             return []
         with reg:
-            return [CheckpointMetadata.from_row(r) for r in reg.entries(str(self.dir))]
+            return reg.runs(str(self.dir))
 
-    def best(self) -> str | None:
-        """Path of the best checkpoint (by ``is_best=`` or the monitored metric), or None."""
-        return self._path_of("best")
+    def list(self, run_id: str | None = None) -> list[CheckpointMetadata]:
+        """Durable checkpoints of this run (or of ``run_id``) in this directory, oldest first."""
+        self._settle()
+        reg = self._registry()
+        if reg is None:
+            return []
+        with reg:
+            return [CheckpointMetadata.from_row(r) for r in reg.entries(str(self.dir), run_id=self._run(run_id))]
 
-    def latest(self) -> str | None:
-        return self._path_of("latest")
+    def best(self, run_id: str | None = None) -> str | None:
+        """Path of this run's (or ``run_id``'s) best checkpoint (by ``is_best=`` or the monitored metric), or None."""
+        return self._path_of("best", run_id)
 
-    def _path_of(self, which: str) -> str | None:
-        """The path of the registry's ``best`` or ``latest`` row of this directory, once pending writes settled."""
+    def latest(self, run_id: str | None = None) -> str | None:
+        """Path of this run's (or ``run_id``'s) newest durable checkpoint, or None."""
+        return self._path_of("latest", run_id)
+
+    def _run(self, run_id: str | None) -> str:
+        return self.run_id if run_id is None else run_id
+
+    def _path_of(self, which: str, run_id: str | None) -> str | None:
+        """The path of the run's ``best`` or ``latest`` row in this directory, once pending writes settled."""
         self._settle()
         reg = self._registry()
         if reg is None:
             return None
         with reg:
-            row = getattr(reg, which)(str(self.dir))
+            row = getattr(reg, which)(str(self.dir), run_id=self._run(run_id))
         return str(row["path"]) if row else None
 
     # --- loading -------------------------------------------------------------------------------
 
     def load(self, path: str | os.PathLike[str] = "latest", model: Any = None, optimizer: Any = None,
              scheduler: Any = None, scaler: Any = None, *, fallback: bool = False, map_location: Any = "cpu",
-             strict: bool = True, restore_rng: bool = True) -> tuple[int, int]:
-        """Verify and restore a checkpoint ("best", "latest", or a path; a pending one is waited for).
-        Returns (epoch, step). A damaged file raises CheckpointCorrupt naming it; with ``fallback=True`` the
+             strict: bool = True, restore_rng: bool = True, run_id: str | None = None) -> tuple[int, int]:
+        """Verify and restore a checkpoint ("best" or "latest" of this run, or of ``run_id``; or a path, of
+        any run; a pending one is waited for). Returns (epoch, step). A damaged file raises CheckpointCorrupt naming it; with ``fallback=True`` the
         newest older checkpoint that verifies is loaded instead.
 
         CPU tensors that already exist with the right dtype and shape (the model's parameters, the
@@ -344,7 +385,7 @@ class ModelCheckpointer:
                 pending.wait()
         into = in_place_targets(model, optimizer, scheduler, scaler) if map_location in (None, "cpu") else {}
         errors: list[str] = []
-        for cand, checksum in candidates(self._registry(), self.dir, target, fallback):
+        for cand, checksum in candidates(self._registry(), self.dir, target, fallback, self._run(run_id)):
             try:
                 with CheckpointReader(cand, verify=False, expected_checksum=checksum) as reader:
                     state = read_state(reader, map_location, into)

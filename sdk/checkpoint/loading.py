@@ -18,21 +18,28 @@ from flightlog.proto.errors import CheckpointCorrupt, CheckpointError
 __all__ = ["candidates", "in_place_targets", "read_state", "apply_state"]
 
 
-def candidates(reg: Registry | None, directory: Path, target: str, fallback: bool) -> list[tuple[str, str | None]]:
-    """(path, registered checksum) to try in order: the target, then (fallback) older ones."""
+def candidates(reg: Registry | None, directory: Path, target: str, fallback: bool, run_id: str
+               ) -> list[tuple[str, str | None]]:
+    """(path, registered checksum) to try in order: the target ("best" or "latest" of run ``run_id``, or a
+    path), then (fallback) older ones of the same run: the run that registered the path, else ``run_id``."""
     rows: list[dict[str, Any]] = []
     chosen: dict[str, Any] | None = None
+    others: list[str] = []
     if reg is not None:
         with reg:
-            rows = reg.entries(str(directory))[::-1]  # newest first
             if target not in ("best", "latest"):
                 chosen = reg.get(str(Path(target).absolute()))
+            owner = run_id if chosen is None else chosen["run_id"] or ""
+            rows = reg.entries(str(directory), run_id=owner)[::-1]  # newest first
+            if not rows:
+                others = reg.runs(str(directory))
     if target == "latest":
         chosen = rows[0] if rows else None
     elif target == "best":
         chosen = next((r for r in rows if r["is_best"]), None)
     if target in ("best", "latest") and chosen is None:
-        raise CheckpointError(f"no {target} checkpoint registered for {directory}")
+        raise CheckpointError(f"no {target} checkpoint of run {run_id!r} registered for {directory}"
+                              + _other_runs(others))
     if chosen is None or chosen["state"] != "done":
         first: tuple[str, str | None] = (str(Path(target).absolute()), None)
         return [first] + ([(r["path"], r["checksum"]) for r in rows if r["path"] != first[0]] if fallback else [])
@@ -41,6 +48,15 @@ def candidates(reg: Registry | None, directory: Path, target: str, fallback: boo
         out += [(r["path"], r["checksum"]) for r in rows
                 if r["path"] != chosen["path"] and (target == "best" or r["seq"] < chosen["seq"])]
     return out
+
+
+def _other_runs(runs: list[str]) -> str:
+    """The hint for a run with no checkpoints in a directory that holds other runs' ones."""
+    if not runs:
+        return ""
+    shown = ", ".join(repr(r) for r in runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
+    return (f"; it holds checkpoints of run(s) {shown} (newest first): pass run_id= to load one of theirs, "
+            "or create the tracker/ModelCheckpointer with run_id= to continue that run")
 
 
 def in_place_targets(model: Any, optimizer: Any, scheduler: Any, scaler: Any) -> dict[str, torch.Tensor]:
