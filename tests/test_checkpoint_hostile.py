@@ -135,8 +135,23 @@ def _rle_frame(size: int) -> bytes:
     return bytes(out)
 
 
+def _undeclared_header(claim: int) -> bytes:
+    """A header frame that declares no content size (zstd then allocates the whole cap it is given) and
+    is big enough for the index's claim to pass the compression-ratio bound."""
+    head = _tensor_head({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}},
+                        {"pad": os.urandom(4096).hex()})
+    frame = zstandard.ZstdCompressor(level=1, write_content_size=False).compress(_prefix(head))
+
+    def claim_more(i: dict[str, Any]) -> None:
+        i.update(header_len=claim, total=i["total"] - i["header_len"] + claim)
+        i["frames"][0][3] = claim
+        i["frames"][1][2] = claim
+    return seal_zstd(head, bytes(8), header_frame=frame, edit=claim_more)
+
+
 HEADER_AND_INDEX_CASES: dict[str, Callable[[], bytes]] = {
-    "float offset in the index": lambda: seal_zstd(_one_f32(), bytes(8), edit=_set(["frames", 1, 0], 0.0)),
+    "float offset in the index": lambda: seal_zstd(_one_f32(), bytes(8), edit=_set(["frames", 0, 0], 0.0)),
+    "float data offset in the index": lambda: seal_zstd(_one_f32(), bytes(8), edit=lambda i: i["frames"][1].__setitem__(0, float(i["frames"][1][0]))),
     "float length in the index": lambda: seal_zstd(_one_f32(), bytes(8), edit=lambda i: i["frames"][1].__setitem__(1, float(i["frames"][1][1]))),
     "list length in the index": lambda: seal_zstd(_one_f32(), bytes(8), edit=lambda i: i["frames"][1].__setitem__(1, [i["frames"][1][1]])),
     "float total": lambda: seal_zstd(_one_f32(), bytes(8), edit=lambda i: i.__setitem__("total", float(i["total"]))),
@@ -147,6 +162,7 @@ HEADER_AND_INDEX_CASES: dict[str, Callable[[], bytes]] = {
     "header length 500 MB": lambda: seal_zstd(_one_f32(), bytes(8), edit=lambda i: (
         i.update(header_len=500 << 20, total=i["total"] - i["header_len"] + (500 << 20)),
         i["frames"][0].__setitem__(3, 500 << 20), i["frames"][1].__setitem__(2, 500 << 20))),
+    "undeclared header frame, index claims 100 MiB": lambda: _undeclared_header(100 << 20),
     "frame claims more than zstd can hold": lambda: seal_zstd(
         _tensor_head({"t": {"dtype": "U8", "shape": [1 << 40], "data_offsets": [0, 1 << 40]}}),
         blobs=[(_zstd(bytes(8)), 1 << 40)]),

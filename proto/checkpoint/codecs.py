@@ -102,13 +102,22 @@ def decompress_into(codec: str, raw: bytes | memoryview, frame: list[Any], name:
 
 
 def _zstd_capped(raw: bytes | memoryview, limit: int, name: str, where: int) -> bytes:
-    """One zstd frame of at most ``limit`` bytes. A frame that declares its size is refused if the size is
-    not ``limit`` (zstd's one-shot decompress allocates whatever a frame declares, ignoring any cap); one
-    that does not is decoded with the cap."""
+    """One zstd frame of at most ``limit`` bytes. zstd's one-shot decompress allocates whatever a frame
+    declares (ignoring any cap), or the whole cap when it declares nothing: so a frame must declare
+    ``limit`` or nothing, and one that declares nothing is read in pieces, as its output arrives."""
     declared = zstandard.frame_content_size(raw)
     if declared not in (-1, limit):
         raise CheckpointCorrupt(f"{name}: frame at byte {where} declares {declared} bytes, index says {limit}")
-    return _dctx().decompress(raw, max_output_size=limit)  # type: ignore[no-any-return]
+    if declared == limit:
+        return _dctx().decompress(raw)  # type: ignore[no-any-return]
+    reader, parts, got = _dctx().stream_reader(raw), [], 0
+    while got <= limit:
+        part = reader.read(min(limit + 1 - got, 1 << 20))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 def check_frame(codec: str, raw: bytes | memoryview, frame: list[Any], name: str, scratch: memoryview) -> None:

@@ -214,8 +214,9 @@ def parse_header(prefix: bytes | memoryview, name: str, data_len: int | None = N
         raise CheckpointCorrupt(f"{name}: safetensors header length {n} is out of bounds")
     # Values are at most two levels deep (a tensor's shape), so nothing deeper is ever decoded or skipped.
     head = _decode_json(prefix[8:8 + n], dict[str, dict[str, str | list[int]]], name, "the safetensors header")
-    meta = head.pop("__metadata__", {})
-    if not all(isinstance(v, str) for v in meta.values()):
+    raw_meta = head.pop("__metadata__", {})
+    meta = {k: v for k, v in raw_meta.items() if isinstance(v, str)}
+    if len(meta) != len(raw_meta):
         raise CheckpointCorrupt(f"{name}: safetensors __metadata__ must map strings to strings")
     tensors: list[TensorInfo] = []
     for key, info in head.items():
