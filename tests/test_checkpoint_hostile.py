@@ -571,11 +571,17 @@ def test_fuzz_header_and_metadata_json_give_only_typed_errors(tmp_path: Path, re
     _attempt(tmp_path / "f", seal_zstd(json.dumps(doc).encode(), body))
 
 
-@_FUZZ
+@pytest.fixture(scope="module")
+def loader(saved: tuple[Path, Path]) -> Iterator[ModelCheckpointer]:
+    with ModelCheckpointer(saved[0], monitor=None) as ck:
+        yield ck
+
+
+@settings(_FUZZ, max_examples=100)  # each example is a whole load: keep CI fast
 @given(data=st.data())
 def test_fuzz_metadata_through_load_gives_only_typed_errors(tmp_path: Path, saved: tuple[Path, Path],
-                                                            data: Any) -> None:
-    d, good = saved
+                                                            loader: ModelCheckpointer, data: Any) -> None:
+    _, good = saved
     with CheckpointReader(good) as r:
         state = json.loads(r.metadata["flightlog"])
     doc = data.draw(_json_edit(state))
@@ -583,22 +589,18 @@ def test_fuzz_metadata_through_load_gives_only_typed_errors(tmp_path: Path, save
     _rewrite(good, bad, lambda s: json.dumps(doc))
     model = torch.nn.Linear(8, 8)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    ck = ModelCheckpointer(d, monitor=None)
-    try:
-        with _bounded():
-            try:
-                got = ck.load(str(bad), model, opt, restore_rng=False)
-            except CheckpointError:
-                assert ck.load(str(bad), model, opt, fallback=True) == (0, 1)
-            except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
-                # a well-formed state that does not fit this model or optimizer: torch's load_state_dict
-                # says so, as for any mismatched checkpoint. An error from flightlog's own decoding
-                # would not come from there.
-                assert any("load_state_dict" in f for f in _frames(exc)), exc
-            else:
-                assert got == (doc["epoch"], doc["step"])
-    finally:
-        ck.close()
+    with _bounded():
+        try:
+            got = loader.load(str(bad), model, opt, restore_rng=False)
+        except CheckpointError:
+            assert loader.load(str(bad), model, opt, fallback=True) == (0, 1)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+            # a well-formed state that does not fit this model or optimizer: torch's load_state_dict
+            # says so, as for any mismatched checkpoint. An error from flightlog's own decoding
+            # would not come from there.
+            assert any("load_state_dict" in f for f in _frames(exc)), exc
+        else:
+            assert got == (doc["epoch"], doc["step"])
 
 
 @_FUZZ
