@@ -132,7 +132,7 @@ def build_header(tensors: Sequence[TensorInfo], metadata: Mapping[str, str], *, 
     return struct.pack("<Q", len(text)) + text
 
 
-Size = Annotated[int, msgspec.Meta(ge=0, le=_MAX_SIZE)]
+_Size = Annotated[int, msgspec.Meta(ge=0, le=_MAX_SIZE)]
 _T = TypeVar("_T")
 
 
@@ -140,19 +140,19 @@ class _TensorEntry(msgspec.Struct, forbid_unknown_fields=True):
     """One tensor of a safetensors header, as the format defines it."""
 
     dtype: str
-    shape: Annotated[list[Size], msgspec.Meta(max_length=_MAX_DIMS)]
-    data_offsets: tuple[Size, Size]
+    shape: Annotated[list[_Size], msgspec.Meta(max_length=_MAX_DIMS)]
+    data_offsets: tuple[_Size, _Size]
 
 
 class Frame(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
     """One indexed frame: ``[c_off, c_len, u_off, u_len]``, byte-grouped ones ``+ [width, plane sizes, rotated]``."""
 
-    c_off: Size
-    c_len: Size
-    u_off: Size
-    u_len: Size
+    c_off: _Size
+    c_len: _Size
+    u_off: _Size
+    u_len: _Size
     width: Annotated[int, msgspec.Meta(ge=1, le=8)] = 1
-    planes: Annotated[list[Size], msgspec.Meta(max_length=8)] = []
+    planes: Annotated[list[_Size], msgspec.Meta(max_length=8)] = []
     rotate: Annotated[int, msgspec.Meta(ge=0, le=1)] = 0
 
 
@@ -161,8 +161,8 @@ class Index(msgspec.Struct):
 
     v: int
     codec: str
-    header_len: Size
-    total: Size
+    header_len: _Size
+    total: _Size
     frames: Annotated[list[Frame], msgspec.Meta(max_length=1 << 20)]
     level: int = 0
 
