@@ -184,7 +184,7 @@ HEADER_AND_INDEX_CASES: dict[str, Callable[[], bytes]] = {
 
 
 @pytest.mark.parametrize("case", sorted(HEADER_AND_INDEX_CASES))
-def test_crafted_header_or_index_is_checkpoint_corrupt(tmp_path: Path, case: str) -> None:
+def test_crafted_header_or_index_is_checkpoint_corrupt(tmp_path: Path, case: str, loader: ModelCheckpointer) -> None:
     path = tmp_path / "x.safetensors.zst"
     path.write_bytes(HEADER_AND_INDEX_CASES[case]())
     with _bounded():
@@ -192,6 +192,11 @@ def test_crafted_header_or_index_is_checkpoint_corrupt(tmp_path: Path, case: str
             verify_file(path)
         with pytest.raises(CheckpointCorrupt):
             _read_everything(path)
+        with pytest.raises(CheckpointCorrupt):
+            loader.load(str(path))
+        assert loader.load(str(path), fallback=True) == (0, 1)  # the registered good one
+    code, out, err = _cli(["ckpt", "show", "--registry", str(tmp_path / "none.db"), str(path)])
+    assert code == 1 and out == "" and err.count("\n") == 1 and err.startswith(f"flightlog: error: {path}: ")
 
 
 def test_declared_frame_content_size_is_checked_before_allocating(tmp_path: Path) -> None:
@@ -237,6 +242,12 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path
         p = ck.save(model, 0, 1, opt)
         p.wait()
     yield d, Path(p)
+
+
+@pytest.fixture(scope="module")
+def loader(saved: tuple[Path, Path]) -> Iterator[ModelCheckpointer]:
+    with ModelCheckpointer(saved[0], monitor=None) as ck:
+        yield ck
 
 
 def _rewrite(src: Path, dest: Path, edit: Callable[[dict[str, Any]], Any], codec: str = "zstd",
@@ -569,12 +580,6 @@ def test_fuzz_header_and_metadata_json_give_only_typed_errors(tmp_path: Path, re
         doc = header
         doc["__metadata__"]["flightlog"] = json.dumps(data.draw(_json_edit(json.loads(header["__metadata__"]["flightlog"]))))
     _attempt(tmp_path / "f", seal_zstd(json.dumps(doc).encode(), body))
-
-
-@pytest.fixture(scope="module")
-def loader(saved: tuple[Path, Path]) -> Iterator[ModelCheckpointer]:
-    with ModelCheckpointer(saved[0], monitor=None) as ck:
-        yield ck
 
 
 @settings(_FUZZ, max_examples=100)  # each example is a whole load: keep CI fast
