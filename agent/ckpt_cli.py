@@ -101,14 +101,12 @@ def _row_for(args: argparse.Namespace, path: str) -> dict[str, Any] | None:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from flightlog.proto.checkpoint.format import decode_stored_meta
     from flightlog.proto.checkpoint.reader import CheckpointReader
 
     row = _row_for(args, args.path)
     with CheckpointReader(args.path, expected_checksum=row["checksum"] if row and row["state"] == "done" else None) as r:
-        try:
-            meta = json.loads(r.metadata.get("flightlog", "{}"))
-        except ValueError:
-            meta = {}
+        meta = decode_stored_meta(r.metadata["flightlog"], r.name, r.tensors) if "flightlog" in r.metadata else {}
         info = {
             "path": str(r.path), "size": r.size, "codec": r.codec, "checksum": r.checksum, "frames": len(r.frames),
             "uncompressed": r.total, "epoch": meta.get("epoch"), "step": meta.get("step"),
@@ -149,9 +147,18 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"OK       {path}")
         except CheckpointError as exc:
             bad += 1
-            print(f"CORRUPT  {path}: {exc}")
+            print(f"CORRUPT  {path}: {_reason(exc, path)}")
     print(f"{len(targets) - bad} ok, {bad} bad")
     return 1 if bad else 0
+
+
+def _reason(exc: CheckpointError, path: str) -> str:
+    """The error without the path it starts with (the line already names the file)."""
+    text = str(exc)
+    for prefix in (f"{path}: ", f"{Path(path)}: "):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from flightlog.proto.errors import CheckpointCorrupt, CheckpointError
 
 from .format import CODECS, byte_group, byte_ungroup
 
-__all__ = ["check_level", "compress_chunk", "decompress_frame", "decompress_into"]
+__all__ = ["check_level", "compress_chunk", "decompress_frame", "decompress_into", "check_frame"]
 
 _local = threading.local()
 
@@ -101,6 +101,69 @@ def decompress_into(codec: str, raw: bytes | memoryview, frame: list[Any], name:
                                 f"index says {u_len}")
 
 
+def _zstd_capped(raw: bytes | memoryview, limit: int, name: str, where: int) -> bytes:
+    """One zstd frame of at most ``limit`` bytes. zstd's one-shot decompress allocates whatever a frame
+    declares (ignoring any cap), or the whole cap when it declares nothing: so a frame must declare
+    ``limit`` or nothing, and one that declares nothing is read in pieces, as its output arrives."""
+    declared = zstandard.frame_content_size(raw)
+    if declared not in (-1, limit):
+        raise CheckpointCorrupt(f"{name}: frame at byte {where} declares {declared} bytes, index says {limit}")
+    if declared == limit:
+        return _dctx().decompress(raw)  # type: ignore[no-any-return]
+    reader, parts, got = _dctx().stream_reader(raw), [], 0
+    while got <= limit:
+        part = reader.read(min(limit + 1 - got, 1 << 20))
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+def check_frame(codec: str, raw: bytes | memoryview, frame: list[Any], name: str, scratch: memoryview) -> None:
+    """Decompress one indexed frame through ``scratch`` and drop the bytes: the frame decodes, checks its
+    content checksum (zstd) and holds exactly what the index says, in memory bounded by ``scratch``."""
+    u_len = frame[3]
+    planes = frame[5] if len(frame) > 4 and codec == "zstd-bytegroup" else [frame[1]]
+    width = len(planes)
+    try:
+        if codec == "gzip":
+            _drain_gzip(raw, u_len, name, frame[0], len(scratch))
+            return
+        pos = 0
+        for s in planes:
+            _drain_zstd(raw[pos:pos + s], u_len // width, name, frame[0], scratch)
+            pos += s
+    except (zstandard.ZstdError, zlib.error) as exc:
+        raise CheckpointCorrupt(f"{name}: frame at byte {frame[0]} does not decompress: {exc}") from exc
+
+
+def _drain_zstd(raw: bytes | memoryview, want: int, name: str, where: int, scratch: memoryview) -> None:
+    declared = zstandard.frame_content_size(raw)
+    if declared not in (-1, want):
+        raise CheckpointCorrupt(f"{name}: frame at byte {where} declares {declared} bytes, index says {want}")
+    reader = _dctx().stream_reader(raw)
+    got = 0
+    while got <= want:
+        k = reader.readinto(scratch)
+        if not k:
+            break
+        got += k
+    if got != want:
+        raise CheckpointCorrupt(f"{name}: frame at byte {where} holds {'more' if got > want else got} bytes, "
+                                f"index says {want}")
+
+
+def _drain_gzip(raw: bytes | memoryview, want: int, name: str, where: int, window: int) -> None:
+    d = zlib.decompressobj(wbits=31)
+    got, data = 0, raw
+    while data and got <= want and not d.eof:
+        got += len(d.decompress(data, window))
+        data = d.unconsumed_tail
+    if got != want or not d.eof or d.unused_data:
+        raise CheckpointCorrupt(f"{name}: gzip member at byte {where} is damaged or mis-sized")
+
+
 def decompress_frame(codec: str, raw: bytes | memoryview, frame: list[Any], name: str) -> bytes:
     """Decompress one indexed frame ``[c_off, c_len, u_off, u_len, (width, plane sizes)]``; any damage
     (or a size other than the index says) is CheckpointCorrupt naming the file."""
@@ -108,7 +171,7 @@ def decompress_frame(codec: str, raw: bytes | memoryview, frame: list[Any], name
     out: bytes
     try:
         if _plain_zstd(codec, frame):
-            out = _dctx().decompress(raw, max_output_size=u_len)
+            out = _zstd_capped(raw, u_len, name, frame[0])
         elif codec == "gzip":
             d = zlib.decompressobj(wbits=31)
             out = d.decompress(raw, u_len + 1)
@@ -120,7 +183,7 @@ def decompress_frame(codec: str, raw: bytes | memoryview, frame: list[Any], name
             width, sizes = frame[4], frame[5]
             planes, pos = [], 0
             for s in sizes:
-                planes.append(_dctx().decompress(raw[pos:pos + s], max_output_size=u_len // width))
+                planes.append(_zstd_capped(raw[pos:pos + s], u_len // width, name, frame[0]))
                 pos += s
             if any(len(p) * width != u_len for p in planes):
                 raise CheckpointCorrupt(f"{name}: byte-grouped frame at byte {frame[0]} has mis-sized planes")

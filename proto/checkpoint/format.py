@@ -22,7 +22,9 @@ import struct
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, TypeVar
+
+import msgspec
 
 from flightlog.proto.errors import CheckpointCorrupt, CheckpointError
 
@@ -50,6 +52,14 @@ __all__ = [
     "gzip_trailer_member",
     "checksum_text",
     "validate_frames",
+    "Frame",
+    "Index",
+    "StoredMeta",
+    "MAX_HEADER",
+    "decode_index",
+    "decode_stored_meta",
+    "frame_list",
+    "max_ratio",
 ]
 
 FORMAT_VERSION = 1
@@ -73,7 +83,14 @@ FOOTER_TENSOR = "__flightlog__"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 GZIP_MAGIC = b"\x1f\x8b"
 SKIPPABLE_MAGIC = 0x184D2A5E
-_MAX_HEADER = 100 << 20  # safetensors' own limit
+MAX_HEADER = 100 << 20  # safetensors' own limit
+_MAX_INDEX = 16 << 20
+_MAX_SIZE = 1 << 62  # any offset or length in a file (bounds the arithmetic; real files are far smaller)
+_MAX_DIMS = 64
+_MAX_META_DEPTH = 64  # the state JSON's nesting (optimizer state is ~6 deep); decode_value recurses on it
+# The most bytes one compressed byte can stand for: a zstd RLE block is 4 bytes for 128 KiB of output,
+# deflate's longest match is 258 bytes in a bit or so (1032:1). A frame declaring more is a lie.
+_RATIO = {"zstd": 1 << 15, "zstd-bytegroup": 1 << 15, "gzip": 1032, "none": 1}
 _GZIP_EMPTY_TAIL = b"\x03\x00" + b"\x00" * 8  # empty deflate block, crc32 0, isize 0
 
 
@@ -115,6 +132,77 @@ def build_header(tensors: Sequence[TensorInfo], metadata: Mapping[str, str], *, 
     return struct.pack("<Q", len(text)) + text
 
 
+_Size = Annotated[int, msgspec.Meta(ge=0, le=_MAX_SIZE)]
+_T = TypeVar("_T")
+
+
+class _TensorEntry(msgspec.Struct, forbid_unknown_fields=True):
+    """One tensor of a safetensors header, as the format defines it."""
+
+    dtype: str
+    shape: Annotated[list[_Size], msgspec.Meta(max_length=_MAX_DIMS)]
+    data_offsets: tuple[_Size, _Size]
+
+
+class Frame(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    """One indexed frame: ``[c_off, c_len, u_off, u_len]``, byte-grouped ones ``+ [width, plane sizes, rotated]``."""
+
+    c_off: _Size
+    c_len: _Size
+    u_off: _Size
+    u_len: _Size
+    width: Annotated[int, msgspec.Meta(ge=1, le=8)] = 1
+    planes: Annotated[list[_Size], msgspec.Meta(max_length=8)] = []
+    rotate: Annotated[int, msgspec.Meta(ge=0, le=1)] = 0
+
+
+class Index(msgspec.Struct):
+    """The trailer's frame index (unknown fields are ignored: a newer writer may append some)."""
+
+    v: int
+    codec: str
+    header_len: _Size
+    total: _Size
+    frames: Annotated[list[Frame], msgspec.Meta(max_length=1 << 20)]
+    level: int = 0
+
+
+class StoredMeta(msgspec.Struct):
+    """The ``flightlog`` entry of a checkpoint's ``__metadata__``: the state that is not tensors. Only the
+    shape is checked here; the values under ``model_extra``, ``optimizer``, ... are flightlog's encoded
+    state (see ``flightlog.checkpoint.state``)."""
+
+    epoch: int
+    step: int
+    metrics: dict[str, float] = {}
+    aliases: dict[str, str] = {}
+    is_best: bool | None = None
+    run_id: str | None = ""
+    config_hash: str | None = ""
+    git_commit: str | None = ""
+    created: float = 0.0
+    torch: str = ""
+    model_extra: dict[str, Any] = {}
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    rng: dict[str, Any] = {}
+
+
+def _decode_json(raw: bytes | memoryview, typ: type[_T], name: str, what: str) -> _T:
+    """Decode JSON against a schema; every failure (msgspec skips unknown values recursively, hence
+    RecursionError on absurd nesting) is CheckpointCorrupt naming the file."""
+    try:
+        return msgspec.json.decode(raw, type=typ)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+        raise CheckpointCorrupt(f"{name}: {what} is malformed: {_short(exc)}") from exc
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).replace("\n", " ")
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 def parse_header(prefix: bytes | memoryview, name: str, data_len: int | None = None
                  ) -> tuple[int, dict[str, str], list[TensorInfo]]:
     """Parse and bounds-check a safetensors header: returns (header length incl. the 8-byte prefix,
@@ -122,26 +210,24 @@ def parse_header(prefix: bytes | memoryview, name: str, data_len: int | None = N
     if len(prefix) < 8:
         raise CheckpointCorrupt(f"{name}: truncated before the safetensors header")
     (n,) = struct.unpack_from("<Q", prefix)
-    if n > _MAX_HEADER or len(prefix) < 8 + n:
+    if n > MAX_HEADER or len(prefix) < 8 + n:
         raise CheckpointCorrupt(f"{name}: safetensors header length {n} is out of bounds")
-    try:
-        head = json.loads(bytes(prefix[8:8 + n]))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointCorrupt(f"{name}: safetensors header is not valid JSON: {exc}") from exc
-    if not isinstance(head, dict):
-        raise CheckpointCorrupt(f"{name}: safetensors header is not a JSON object")
-    meta = head.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+    # Values are at most two levels deep (a tensor's shape), so nothing deeper is ever decoded or skipped.
+    head = _decode_json(prefix[8:8 + n], dict[str, dict[str, str | list[int]]], name, "the safetensors header")
+    raw_meta = head.pop("__metadata__", {})
+    meta = {k: v for k, v in raw_meta.items() if isinstance(v, str)}
+    if len(meta) != len(raw_meta):
         raise CheckpointCorrupt(f"{name}: safetensors __metadata__ must map strings to strings")
     tensors: list[TensorInfo] = []
     for key, info in head.items():
         try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            size = DTYPE_SIZES[dtype]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointCorrupt(f"{name}: tensor {key!r} has a malformed header entry {info!r}") from exc
-        if not all(isinstance(d, int) and d >= 0 for d in shape) or not isinstance(begin, int) \
-                or not isinstance(end, int) or math.prod(shape) * size != end - begin:
+            entry = msgspec.convert(info, _TensorEntry)
+        except msgspec.ValidationError as exc:
+            raise CheckpointCorrupt(f"{name}: tensor {key!r} has a malformed header entry: {_short(exc)}") from exc
+        dtype, shape, (begin, end) = entry.dtype, tuple(entry.shape), entry.data_offsets
+        if dtype not in DTYPE_SIZES:
+            raise CheckpointCorrupt(f"{name}: tensor {key!r} has an unknown dtype {dtype!r}")
+        if math.prod(shape) * DTYPE_SIZES[dtype] != end - begin:
             raise CheckpointCorrupt(f"{name}: tensor {key!r}: offsets {begin}..{end} do not match {dtype}{list(shape)}")
         tensors.append(TensorInfo(key, dtype, shape, begin, end))
     tensors.sort(key=lambda t: (t.begin, t.end))
@@ -153,6 +239,70 @@ def parse_header(prefix: bytes | memoryview, name: str, data_len: int | None = N
     if data_len is not None and pos != data_len:
         raise CheckpointCorrupt(f"{name}: tensors cover {pos} bytes but the data section holds {data_len}")
     return 8 + n, meta, tensors
+
+
+def decode_index(raw: bytes | memoryview, name: str) -> Index:
+    """The trailer's index, schema-checked (types, bounds, version); its frames are checked by
+    :func:`validate_frames`."""
+    if len(raw) > _MAX_INDEX:
+        raise CheckpointCorrupt(f"{name}: damaged trailer (index length {len(raw)})")
+    index = _decode_json(raw, Index, name, "the frame index")
+    if index.v != FORMAT_VERSION:
+        raise CheckpointCorrupt(f"{name}: checkpoint format version {index.v}; this flightlog reads version "
+                                f"{FORMAT_VERSION} (upgrade flightlog to read newer files)")
+    if index.header_len > MAX_HEADER + 8:
+        raise CheckpointCorrupt(f"{name}: safetensors header length {index.header_len} is out of bounds")
+    for f in index.frames:
+        if not f.planes and (f.width != 1 or f.rotate):  # a width or rotation with no planes to apply it to
+            raise CheckpointCorrupt(f"{name}: the frame index is inconsistent at frame {frame_list(f)}")
+    return index
+
+
+def frame_list(f: Frame) -> list[Any]:
+    """The list form the reader and codecs use: 4 items, or 7 for a byte-grouped frame."""
+    head: list[Any] = [f.c_off, f.c_len, f.u_off, f.u_len]
+    return head + [f.width, list(f.planes), f.rotate] if f.planes else head
+
+
+def max_ratio(codec: str) -> int:
+    return _RATIO.get(codec, 1)
+
+
+def decode_stored_meta(text: str | None, name: str, tensor_names: Iterable[str]) -> dict[str, Any]:
+    """Parse and check the ``flightlog`` metadata entry: a JSON object of the :class:`StoredMeta` shape,
+    nested at most 64 deep, whose aliases name tensors of the file. Returns it as a dict."""
+    if text is None:
+        raise CheckpointCorrupt(f"{name}: no flightlog metadata in the safetensors header")
+    try:
+        obj = json.loads(text)  # not msgspec: Python's json writes NaN/Infinity (a plateau scheduler's best)
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointCorrupt(f"{name}: the flightlog metadata is not valid JSON: {_short(exc)}") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointCorrupt(f"{name}: the flightlog metadata is a JSON {type(obj).__name__}, not an object")
+    if _depth(obj, _MAX_META_DEPTH) > _MAX_META_DEPTH:
+        raise CheckpointCorrupt(f"{name}: the flightlog metadata is nested more than {_MAX_META_DEPTH} deep")
+    try:
+        meta = msgspec.convert(obj, StoredMeta)
+    except msgspec.ValidationError as exc:
+        raise CheckpointCorrupt(f"{name}: the flightlog metadata is malformed: {_short(exc)}") from exc
+    names = set(tensor_names)
+    for alias, target in meta.aliases.items():
+        if target not in names:
+            raise CheckpointCorrupt(f"{name}: alias {alias!r} points at {target!r}, which the file does not hold")
+    return obj
+
+
+def _depth(obj: Any, cap: int) -> int:
+    """Nesting depth of a decoded JSON value, without recursion; stops counting past ``cap``."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        value, d = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, d)
+            if d > cap:
+                break
+            stack.extend((v, d + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
 
 
 def chunk_size_for(total: int, base: int = 8 << 20, max_chunks: int = 1024) -> int:
@@ -264,14 +414,24 @@ def gzip_trailer_member(payload: bytes) -> bytes:
 GZIP_TAIL_LEN = len(_GZIP_EMPTY_TAIL)
 
 
-def validate_frames(frames: Iterable[Sequence[Any]], payload_len: int, total: int, name: str) -> None:
-    """Frames must tile the compressed payload and the uncompressed stream exactly, in order."""
+def validate_frames(frames: Iterable[Sequence[Any]], payload_len: int, total: int, name: str,
+                    codec: str = "zstd") -> None:
+    """Frames must tile the compressed payload and the uncompressed stream exactly, in order, and none may
+    declare more output than its codec can make of its compressed bytes (so sizes are bounded by the
+    file before anything is allocated). Byte-grouped frames need a width of 1, 2, 4 or 8, whole elements,
+    and one plane per byte."""
     c_pos = u_pos = 0
+    ratio = max_ratio(codec)
     for f in frames:
         if len(f) < 4 or f[0] != c_pos or f[2] != u_pos or f[1] < 0 or f[3] < 0:
             raise CheckpointCorrupt(f"{name}: the frame index is inconsistent at frame {list(f)[:4]}")
-        if len(f) > 4 and (len(f) != 7 or len(f[5]) != f[4] or sum(f[5]) != f[1] or f[6] not in (0, 1)):
+        if len(f) > 4 and (len(f) != 7 or f[4] not in _UINTS and f[4] != 1 or len(f[5]) != f[4]
+                           or sum(f[5]) != f[1] or f[6] not in (0, 1) or f[3] % f[4]):
             raise CheckpointCorrupt(f"{name}: the frame index is inconsistent at frame {list(f)[:4]}")
+        planes = f[5] if len(f) > 4 else [f[1]]
+        if any(f[3] // len(planes) > p * ratio for p in planes):
+            raise CheckpointCorrupt(f"{name}: frame at byte {f[0]} claims {f[3]} bytes from {f[1]}, more than "
+                                    f"{codec} can hold (a crafted or damaged index)")
         c_pos += f[1]
         u_pos += f[3]
     if c_pos != payload_len or u_pos != total:

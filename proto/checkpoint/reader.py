@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-import json
 import mmap
 import os
+import stat
 import struct
 import threading
 from collections.abc import Mapping
@@ -18,17 +18,21 @@ import xxhash
 
 from flightlog.proto.errors import CheckpointCorrupt, CheckpointError
 
-from .codecs import decompress_frame, decompress_into
+from .codecs import check_frame, decompress_frame, decompress_into
 from .format import (
     FOOTER,
     FOOTER_TENSOR,
     GZIP_MAGIC,
     GZIP_TAIL_LEN,
+    MAX_HEADER,
     SKIPPABLE_MAGIC,
     ZSTD_MAGIC,
     TensorInfo,
     checksum_text,
     decode_footer,
+    decode_index,
+    decode_stored_meta,
+    frame_list,
     gzip_trailer_member,
     parse_header,
     validate_frames,
@@ -38,6 +42,30 @@ __all__ = ["CheckpointReader", "verify_file"]
 
 _HASH_BLOCK = 64 << 20
 _PIECE = 16 << 20  # in-place copies from an uncompressed file, per thread task
+_CHECK_WINDOW = 1 << 20  # check_frames decodes through this much scratch, whatever a frame declares
+
+
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor of ``path``, which must be a regular file. O_NONBLOCK: opening a FIFO must
+    not wait for a writer (it has no effect on a regular file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: no such checkpoint file") from exc
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot open the checkpoint: {exc.strerror or exc}") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        os.close(fd)
+        raise CheckpointError(f"{path}: cannot read the checkpoint: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise CheckpointError(f"{path}: is {kind}, not a checkpoint file; pass the path of a checkpoint file")
+    return fd
 
 
 class CheckpointReader:
@@ -53,14 +81,14 @@ class CheckpointReader:
         self.name = str(self.path)
         self.frames_decompressed = 0
         self._view: memoryview | None = None
+        self._mm: mmap.mmap | None = None
+        self._fd = _open_regular(self.path)
         try:
-            with open(self.path, "rb") as f:
-                self.size = os.fstat(f.fileno()).st_size
-                self._mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) if self.size else None
-        except FileNotFoundError as exc:
-            raise CheckpointError(f"no checkpoint file {self.path}") from exc
+            self.size = os.fstat(self._fd).st_size
+            self._mm = mmap.mmap(self._fd, 0, prot=mmap.PROT_READ) if self.size else None
         except OSError as exc:
-            raise CheckpointError(f"cannot read checkpoint {self.path}: {exc.strerror}") from exc
+            self.close()
+            raise CheckpointError(f"{self.path}: cannot read the checkpoint: {exc.strerror or exc}") from exc
         try:
             self._open(verify, expected_checksum)
         except BaseException:
@@ -118,16 +146,13 @@ class CheckpointReader:
                   and buf[end:self.size] == member[-GZIP_TAIL_LEN:])
         if not ok or end + (GZIP_TAIL_LEN if container == "gzip" else 0) != self.size:
             raise CheckpointCorrupt(f"{name}: the trailer does not sit where the footer says (truncated or extended)")
-        try:
-            index = json.loads(index_raw)
-            self.codec: str = index["codec"]
-            self.frames: list[list[Any]] = index["frames"]
-            total, header_len = int(index["total"]), int(index["header_len"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointCorrupt(f"{name}: the frame index is malformed: {exc}") from exc
+        index = decode_index(index_raw, name)
+        self.codec: str = index.codec
+        self.frames: list[list[Any]] = [frame_list(f) for f in index.frames]
+        total, header_len = index.total, index.header_len
         if self.codec not in (("zstd", "zstd-bytegroup") if container == "zstd" else ("gzip",)):
             raise CheckpointCorrupt(f"{name}: codec {self.codec!r} does not match the container")
-        validate_frames(self.frames, footer.payload_len, total, name)
+        validate_frames(self.frames, footer.payload_len, total, name, self.codec)
         if not self.frames or self.frames[0][3] != header_len:
             raise CheckpointCorrupt(f"{name}: the first frame is not the safetensors header")
         self.total = total
@@ -141,6 +166,8 @@ class CheckpointReader:
         name = self.name
         self.codec = "none"
         (n,) = struct.unpack_from("<Q", buf)
+        if n > MAX_HEADER:
+            raise CheckpointCorrupt(f"{name}: safetensors header length {n} is out of bounds")
         if n > self.size - 8:
             raise CheckpointCorrupt(f"{name}: safetensors header length {n} exceeds the file ({self.size} bytes)")
         self.header_len, self.metadata, tensors = parse_header(buf[:8 + n], name, self.size - 8 - n)
@@ -226,7 +253,7 @@ class CheckpointReader:
             out[:] = data
             return out
         if out is None:
-            out = memoryview(mmap.mmap(-1, n)) if n else memoryview(bytearray())
+            out = memoryview(_anonymous(n, self.name)) if n else memoryview(bytearray())
         elif len(out) != n:
             raise CheckpointError(f"{self.name}: read_data needs a {n}-byte buffer, got {len(out)}")
         self._mm.madvise(mmap.MADV_WILLNEED)  # a cold file: start reading all of it now
@@ -259,14 +286,15 @@ class CheckpointReader:
         return out
 
     def check_frames(self, threads: int = 0) -> None:
-        """Decompress every frame into scratch memory and drop it: a deep check that keeps nothing."""
+        """Decompress every frame through a small scratch window and drop it: a deep check that keeps
+        nothing, in bounded memory whatever size a frame declares."""
         if self.codec == "none":
             return
         local = threading.local()
 
         def one(i: int) -> None:
             f = self.frames[i]
-            decompress_into(self.codec, self._raw(f), f, self.name, _scratch(local, f[3])[0][:f[3]])
+            check_frame(self.codec, self._raw(f), f, self.name, _scratch(local, _CHECK_WINDOW)[0])
 
         self._run(one, False, threads)
 
@@ -298,8 +326,7 @@ class CheckpointReader:
     def _private_view(self) -> memoryview:
         """The data section of an uncompressed file, mapped privately and writably (copy-on-write, as
         safetensors maps it; writable also lets ctypes take its address)."""
-        with open(self.path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), self.total, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        mm = mmap.mmap(self._fd, self.total, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         return memoryview(mm)[self.header_len:self.total]
 
     def export(self, dest: str | os.PathLike[str], names: list[str] | None = None,
@@ -336,6 +363,9 @@ class CheckpointReader:
             except BufferError:  # a slice is still referenced (an exception's traceback): unmapped when freed
                 pass
             self._mm = None
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -349,6 +379,15 @@ def _address(buf: Any) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
+def _anonymous(n: int, name: str) -> mmap.mmap:
+    """Fresh anonymous memory for ``n`` bytes (faulted in only where written)."""
+    try:
+        return mmap.mmap(-1, n)
+    except (OSError, OverflowError) as exc:
+        raise CheckpointError(f"{name}: cannot map {n} bytes for its data: {exc}; the file declares more than "
+                              "this machine can hold") from exc
+
+
 def _scratch(local: threading.local, n: int) -> tuple[memoryview, int]:
     """A per-thread scratch buffer of at least ``n`` bytes and its address."""
     have = getattr(local, "scratch", None)
@@ -359,9 +398,11 @@ def _scratch(local: threading.local, n: int) -> tuple[memoryview, int]:
 
 
 def verify_file(path: str | os.PathLike[str], expected_checksum: str | None = None, *, deep: bool = True) -> str:
-    """Verify ``path`` (checksum, trailer, bounds; ``deep`` also decompresses every frame); returns its
-    checksum or raises CheckpointCorrupt/CheckpointError."""
+    """Verify ``path`` (checksum, trailer, bounds, the flightlog metadata's shape; ``deep`` also decompresses
+    every frame); returns its checksum or raises CheckpointCorrupt/CheckpointError."""
     with CheckpointReader(path, expected_checksum=expected_checksum) as r:
+        if "flightlog" in r.metadata:
+            decode_stored_meta(r.metadata["flightlog"], r.name, r.tensors)
         if deep:
             r.check_frames()
         return r.checksum

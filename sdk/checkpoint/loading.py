@@ -2,18 +2,17 @@
 straight into the model's and optimizer's tensors where they fit, then apply the state."""
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flightlog.checkpoint.state import DTYPES_BY_NAME, collect_state, decode_value, set_rng_state
-from flightlog.proto.checkpoint.format import DTYPE_SIZES
+from flightlog.checkpoint.state import DTYPES_BY_NAME, check_rng_state, collect_state, decode_value, set_rng_state
+from flightlog.proto.checkpoint.format import DTYPE_SIZES, decode_stored_meta
 from flightlog.proto.checkpoint.reader import CheckpointReader
 from flightlog.proto.checkpoint.registry import Registry
-from flightlog.proto.errors import CheckpointCorrupt, CheckpointError
+from flightlog.proto.errors import CheckpointError
 
 __all__ = ["candidates", "in_place_targets", "read_state", "apply_state"]
 
@@ -72,11 +71,9 @@ def read_state(reader: CheckpointReader, map_location: Any, into: Mapping[str, t
     """Decompress and verify the checkpoint. Tensors whose target (``into``: a model parameter, existing
     optimizer state) has the same dtype and shape are loaded straight into it, each piece only after its
     frame's checksum passed; the rest go to fresh memory. The file's checksum runs alongside and is
-    checked before anything is applied."""
-    try:
-        meta = json.loads(reader.metadata["flightlog"])
-    except (KeyError, ValueError) as exc:
-        raise CheckpointCorrupt(f"{reader.path}: no flightlog metadata in the safetensors header") from exc
+    checked before anything is applied. Everything that could fail later (a malformed state, an RNG
+    state that cannot be restored, a dangling alias) is CheckpointCorrupt here, so a fallback can move on."""
+    meta = decode_stored_meta(reader.metadata.get("flightlog"), reader.name, reader.tensors)
     in_place: dict[str, torch.Tensor] = {}
     for info in reader.tensors.values():
         t = into.get(info.name)
@@ -100,6 +97,12 @@ def read_state(reader: CheckpointReader, map_location: Any, into: Mapping[str, t
         tensors[info.name] = t if map_location in (None, "cpu") else t.to(map_location)
     for alias, target in meta.get("aliases", {}).items():
         tensors[alias] = tensors[target]
+    # model_extra maps the model's own keys (never a stored form) to values
+    meta["model_extra"] = {k: decode_value(v, tensors, reader.name) for k, v in meta.get("model_extra", {}).items()}
+    for key in ("optimizer", "scheduler", "scaler", "rng"):
+        if meta.get(key) is not None:
+            meta[key] = decode_value(meta[key], tensors, reader.name)
+    check_rng_state(meta.get("rng", {}), reader.name)
     meta["_tensors"] = tensors
     return dict(meta)
 
@@ -109,15 +112,15 @@ def apply_state(state: dict[str, Any], model: Any, optimizer: Any, scheduler: An
     tensors = state["_tensors"]
     if model is not None:
         sd: dict[str, Any] = {k: v for k, v in tensors.items() if not k.startswith("@")}
-        sd.update({k: decode_value(v, tensors) for k, v in state.get("model_extra", {}).items()})
+        sd.update(state.get("model_extra") or {})
         model.load_state_dict(sd, strict=strict)
     for key, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
         if obj is None:
             continue
-        if key not in state:
+        if state.get(key) is None:
             raise CheckpointError(f"the checkpoint holds no {key} state, but a {key} was given to load into")
-        obj.load_state_dict(decode_value(state[key], tensors))
-    if restore_rng and "rng" in state:
-        set_rng_state(decode_value(state["rng"], tensors))
+        obj.load_state_dict(state[key])
+    if restore_rng and state.get("rng"):
+        set_rng_state(state["rng"])
     return int(state["epoch"]), int(state["step"])
 

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from flightlog.proto.checkpoint.format import DTYPE_SIZES
-from flightlog.proto.errors import CheckpointError
+from flightlog.proto.errors import CheckpointCorrupt, CheckpointError
 
 __all__ = ["FORMAT_TAG", "TORCH_DTYPES", "DTYPES_BY_NAME", "encode_value", "decode_value", "rng_state",
-           "set_rng_state", "metric_value", "git_commit", "collect_state", "plan_layout"]
+           "set_rng_state", "check_rng_state", "metric_value", "git_commit", "collect_state", "plan_layout"]
 
 FORMAT_TAG = "flightlog-checkpoint/1"
 TORCH_DTYPES: dict[torch.dtype, str] = {
@@ -62,24 +62,57 @@ def encode_value(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
     )
 
 
-def decode_value(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+def decode_value(obj: Any, tensors: Mapping[str, torch.Tensor], name: str = "checkpoint") -> Any:
+    """The value :func:`encode_value` stored. The JSON comes from a file: anything that is not a form
+    ``encode_value`` writes is CheckpointCorrupt naming the file ``name`` (the caller bounds the nesting)."""
     if isinstance(obj, list):
-        return [decode_value(v, tensors) for v in obj]
+        return [decode_value(v, tensors, name) for v in obj]
     if not isinstance(obj, dict):
         return obj
     if "__tensor__" in obj:
-        return tensors[obj["__tensor__"]]
+        ref = obj["__tensor__"]
+        if not isinstance(ref, str) or ref not in tensors:
+            raise CheckpointCorrupt(f"{name}: the state refers to a tensor {ref!r} that the file does not hold")
+        return tensors[ref]
     if "__tuple__" in obj:
-        return tuple(decode_value(v, tensors) for v in obj["__tuple__"])
+        return tuple(decode_value(v, tensors, name) for v in _list_of(obj["__tuple__"], name, "__tuple__"))
     if "__dict__" in obj:
-        return {decode_value(k, tensors): decode_value(v, tensors) for k, v in obj["__dict__"]}
+        out: dict[Any, Any] = {}
+        for pair in _list_of(obj["__dict__"], name, "__dict__"):
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise CheckpointCorrupt(f"{name}: a stored dict item is not a [key, value] pair")
+            key, value = decode_value(pair[0], tensors, name), decode_value(pair[1], tensors, name)
+            try:
+                out[key] = value
+            except TypeError as exc:  # a key decoded to a list or dict
+                raise CheckpointCorrupt(f"{name}: a stored dict has an unhashable key") from exc
+        return out
     if "__dtype__" in obj:
-        return getattr(torch, obj["__dtype__"])
+        dtype = getattr(torch, obj["__dtype__"], None) if isinstance(obj["__dtype__"], str) else None
+        if not isinstance(dtype, torch.dtype):
+            raise CheckpointCorrupt(f"{name}: {obj['__dtype__']!r} is not a torch dtype")
+        return dtype
     if "__ndarray__" in obj:
-        import numpy as np
+        return _ndarray(obj, name)
+    return {k: decode_value(v, tensors, name) for k, v in obj.items()}
 
-        return np.array(obj["data"], dtype=np.dtype(obj["__ndarray__"])).reshape(obj["shape"])
-    return {k: decode_value(v, tensors) for k, v in obj.items()}
+
+def _list_of(value: Any, name: str, form: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise CheckpointCorrupt(f"{name}: a stored {form} holds a {type(value).__name__}, not a list")
+    return value
+
+
+def _ndarray(obj: dict[str, Any], name: str) -> Any:
+    import numpy as np
+
+    try:
+        dtype = np.dtype(obj["__ndarray__"])
+        if dtype.kind not in "biufc":  # numbers only: an object dtype would turn the data into anything
+            raise TypeError(f"dtype {dtype} is not numeric")
+        return np.array(_list_of(obj.get("data"), name, "ndarray"), dtype=dtype).reshape(obj.get("shape"))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise CheckpointCorrupt(f"{name}: a stored numpy array is malformed: {exc}") from exc
 
 
 def rng_state() -> dict[str, Any]:
@@ -106,6 +139,30 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.set_rng_state(state["torch"].clone())
     if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([t.clone() for t in state["cuda"]])
+
+
+def check_rng_state(state: Any, name: str) -> None:
+    """Refuse an RNG state that :func:`set_rng_state` could not apply, by applying it to private
+    generators (the global ones are left alone until the whole checkpoint has been read)."""
+    if not isinstance(state, Mapping):
+        raise CheckpointCorrupt(f"{name}: the stored RNG state is a {type(state).__name__}, not a mapping")
+    try:
+        if "python" in state:
+            random.Random().setstate(state["python"])
+        if "numpy" in state:
+            import numpy as np
+
+            np.random.RandomState().set_state(state["numpy"])
+        if "torch" in state:
+            if not isinstance(state["torch"], torch.Tensor):
+                raise TypeError("the torch state is not a tensor")
+            torch.Generator().set_state(state["torch"].clone())
+        cuda = state.get("cuda")
+        if cuda is not None and not (isinstance(cuda, list) and all(isinstance(t, torch.Tensor) for t in cuda)):
+            raise TypeError("the cuda state is not a list of tensors")
+    except (TypeError, ValueError, KeyError, IndexError, OverflowError, RuntimeError) as exc:
+        # each library reports a state of the wrong shape its own way; all mean the same here
+        raise CheckpointCorrupt(f"{name}: the stored RNG state cannot be restored: {exc}") from exc
 
 
 def metric_value(name: str, value: Any) -> float:
