@@ -103,6 +103,9 @@ def _status(args: argparse.Namespace) -> int:
     print(f"WAL: {wal['segments']} segments, {wal['bytes']} bytes, next seq {wal['next_seq']}")
     for bad in wal.get("bad_segments", []):
         print(f"  unreadable segment {bad['name']} moved to {bad['path']}: {bad['reason']}")
+    if wal.get("quarantined_files"):
+        print(f"  {wal['quarantined_files']} unreadable segment(s) kept in {wal['quarantine_dir']}: "
+              f"see `flightlog wal inspect {data['data_dir']}/wal`")
     print(f"producers: {len(data['producers'])}")
     for p in data["producers"]:
         print(f"  {p['producer']} pid {p['pid']} rank {p['rank']}: {p['events']} events, "

@@ -253,7 +253,9 @@ class Agent:
                     "corrupt_records_recovered": self.wal.recovery.corrupt_records,
                     # unreadable segments recovery moved aside at start (kept for `flightlog wal inspect`)
                     "bad_segments": [{"name": b.name, "path": str(b.path), "reason": b.reason}
-                                     for b in self.wal.recovery.bad_segments]},
+                                     for b in self.wal.recovery.bad_segments],
+                    "quarantined_files": len(self.wal.quarantined()),
+                    "quarantine_dir": str(self.paths.wal_dir / "quarantine")},
             "sinks": sinks,
             "alerts": [*self.monitor.alerts(), *([self.ingest.error] if self.ingest.error else [])],
         }

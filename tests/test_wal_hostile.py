@@ -288,7 +288,22 @@ def test_agent_starts_serves_and_reports_a_bad_segment(agent_paths: AgentPaths, 
         text = subprocess.run([sys.executable, "-m", "flightlog.agent.cli", "status"],
                               capture_output=True, text=True, timeout=60).stdout
         assert f"unreadable segment {bad[0]} moved to {reported[0]['path']}" in text, text
+        assert f"1 unreadable segment(s) kept in {agent_paths.wal_dir / 'quarantine'}" in text, text
     finally:
         agent.stop()
     log = agent.read_log()
     assert "Traceback" not in log and "moved to" in log, log
+
+
+def test_quarantined_segments_stay_reported_after_a_restart(agent_paths: AgentPaths) -> None:
+    agent_paths.wal_dir.mkdir(mode=0o700)
+    _random_bytes(agent_paths.wal_dir)
+    for _ in range(2):
+        agent = AgentProcess(agent_paths).start(timeout=60)
+        try:
+            out = subprocess.run([sys.executable, "-m", "flightlog.agent.cli", "status", "--json"],
+                                 capture_output=True, text=True, timeout=60)
+            wal = json.loads(out.stdout)["wal"]
+        finally:
+            assert agent.stop() == 0
+    assert wal["bad_segments"] == [] and wal["quarantined_files"] == 1, wal  # moved by the first start

@@ -346,6 +346,13 @@ class WAL:
     def total_bytes(self) -> int:
         return sum(s.size for s in self.segments())
 
+    def quarantined(self) -> list[Path]:
+        """What recovery moved aside, this start or an earlier one (kept until someone removes it)."""
+        try:
+            return sorted(self.directory / QUARANTINE_DIR / n for n in os.listdir(self.directory / QUARANTINE_DIR))
+        except FileNotFoundError:
+            return []
+
     def delete_before(self, seq: int) -> list[Path]:
         """Delete the segments whose records all have seqs < ``seq``; never the live one."""
         active = self._seg
@@ -394,7 +401,8 @@ class WALReader:
     def _open(self, seg: int) -> int:
         if self._fd_seg != seg:
             self.close()
-            self._fd = os.open(self.directory / segment_name(seg), os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO put here under a segment's name must not hang the reader in open()
+            self._fd = os.open(self.directory / segment_name(seg), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             self._fd_seg = seg
         return self._fd
 
