@@ -194,16 +194,10 @@ def decode_record(buf: bytes, pos: int, end: int, crc: RangeCrc | None = None) -
     magic, length, want, count, first_seq, src_end, src_gen, kind, pid_len, _ = _HEADER.unpack_from(buf, pos)
     if magic != RECORD_MAGIC:
         return _BAD_MAGIC
-    if not RECORD_HEADER_SIZE + pid_len <= length <= MAX_RECORD_BYTES:
-        return _BAD_LENGTH
-    # Bounded by the bytes it holds, so a crafted count (2**31 in a 64-byte record) cannot move next_seq.
-    if count > (length - RECORD_HEADER_SIZE - pid_len) // _MIN_FRAME:
-        return _BAD_COUNT
-    if first_seq + count > SEQ_LIMIT:
-        return _BAD_SEQ
+    bad = _header_problem(length, count, first_seq, pid_len, end - pos)
+    if bad is not None:
+        return bad
     size = (length + 7) & ~7
-    if size > end - pos:  # the padding must be there too, else the next record would start mid-air
-        return Problem("truncated", size)
     view = memoryview(buf)
     got = zlib.crc32(view[pos + 12 : pos + length]) if crc is None else crc.crc(pos + 12, pos + length)
     if got != want:
@@ -213,16 +207,31 @@ def decode_record(buf: bytes, pos: int, end: int, crc: RangeCrc | None = None) -
     return Record(pos, size, count, first_seq, src_end, src_gen, kind, pid, view[body : pos + length])
 
 
+def _header_problem(length: int, count: int, first_seq: int, pid_len: int, room: int) -> Problem | None:
+    """What is wrong with a record header before its CRC is checked (``room``: bytes from it to the end)."""
+    if not RECORD_HEADER_SIZE + pid_len <= length <= MAX_RECORD_BYTES:
+        return _BAD_LENGTH
+    # Bounded by the bytes it holds, so a crafted count (2**31 in a 64-byte record) cannot move next_seq.
+    if count > (length - RECORD_HEADER_SIZE - pid_len) // _MIN_FRAME:
+        return _BAD_COUNT
+    if first_seq + count > SEQ_LIMIT:
+        return _BAD_SEQ
+    size = (length + 7) & ~7
+    if size > room:  # the padding must be there too, else the next record would start mid-air
+        return Problem("truncated", size)
+    return None
+
+
 def resync(buf: bytes, pos: int, end: int, crc: RangeCrc | None = None) -> int | None:
     """First 8-aligned offset >= ``pos`` (alignment relative to ``buf``) holding a fully valid record.
 
     Linear in ``end - pos`` whatever the bytes: every candidate's CRC goes through ``crc`` (see RangeCrc),
-    and the cheap header checks of ``decode_record`` run first, inline (a candidate may sit every 8 bytes).
+    and the cheap header checks of ``decode_record`` run first (a candidate may sit every 8 bytes).
     """
     pos = (pos + 7) & ~7
     if crc is None:
         crc = RangeCrc(buf, pos, end)
-    find, unpack, lo = buf.find, _HEADER.unpack_from, RECORD_HEADER_SIZE
+    find, unpack, check, lo = buf.find, _HEADER.unpack_from, _header_problem, RECORD_HEADER_SIZE
     while (i := find(_MAGIC_BYTES, pos, end)) >= 0:
         if i & 7:
             pos = (i + 7) & ~7
@@ -232,13 +241,7 @@ def resync(buf: bytes, pos: int, end: int, crc: RangeCrc | None = None) -> int |
             return None  # no whole header fits any more: nothing valid follows
         _, length, want, count, first_seq, _, _, _, pid_len, _ = unpack(buf, i)
         # Only a whole record with a good CRC counts, so a stray magic inside a payload is not a boundary.
-        if (
-            lo + pid_len <= length <= MAX_RECORD_BYTES
-            and count <= (length - lo - pid_len) // _MIN_FRAME
-            and first_seq + count <= SEQ_LIMIT
-            and (length + 7) & ~7 <= end - i
-            and crc.crc(i + 12, i + length) == want
-        ):
+        if check(length, count, first_seq, pid_len, end - i) is None and crc.crc(i + 12, i + length) == want:
             return i
     return None
 
