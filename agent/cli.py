@@ -101,6 +101,11 @@ def _status(args: argparse.Namespace) -> int:
     print(f"ingest: {data['events_per_second']} events/s, {data['events_total']} events since start")
     wal = data["wal"]
     print(f"WAL: {wal['segments']} segments, {wal['bytes']} bytes, next seq {wal['next_seq']}")
+    for bad in wal.get("bad_segments", []):
+        print(f"  unreadable segment {bad['name']} moved to {bad['path']}: {bad['reason']}")
+    if wal.get("quarantined_files"):
+        print(f"  {wal['quarantined_files']} unreadable segment(s) kept in {wal['quarantine_dir']}: "
+              f"see `flightlog wal inspect {data['data_dir']}/wal`")
     print(f"producers: {len(data['producers'])}")
     for p in data["producers"]:
         print(f"  {p['producer']} pid {p['pid']} rank {p['rank']}: {p['events']} events, "
@@ -174,6 +179,10 @@ def _wal_inspect(args: argparse.Namespace) -> int:
             print(f"    CORRUPT at byte {c['offset']} ({c['length']} bytes): {c['reason']}")
         if seg.get("torn_tail_bytes"):
             print(f"    torn tail: {seg['torn_tail_bytes']} bytes")
+        if seg.get("error"):
+            print(f"    UNREADABLE: {seg['error']}")
+    for q in report.get("quarantined", []):
+        print(f"  quarantined {q['path']} ({q['bytes']} bytes): {q['reason']}")
     t = report["totals"]
     print("totals: " + ", ".join(f"{k} {v}" for k, v in t.items()))
     return 0

@@ -250,7 +250,12 @@ class Agent:
             "events_per_second": round(self.ingest.rate, 1), "events_total": self.ingestor.events_total,
             "ingest_wakeups": self.ingest.wakeups,
             "wal": {"next_seq": next_seq, "bytes": self.wal.total_bytes(), "segments": len(self.wal.segments()),
-                    "corrupt_records_recovered": self.wal.recovery.corrupt_records},
+                    "corrupt_records_recovered": self.wal.recovery.corrupt_records,
+                    # unreadable segments recovery moved aside at start (kept for `flightlog wal inspect`)
+                    "bad_segments": [{"name": b.name, "path": str(b.path), "reason": b.reason}
+                                     for b in self.wal.recovery.bad_segments],
+                    "quarantined_files": len(self.wal.quarantined()),
+                    "quarantine_dir": str(self.paths.wal_dir / "quarantine")},
             "sinks": sinks,
             "alerts": [*self.monitor.alerts(), *([self.ingest.error] if self.ingest.error else [])],
         }

@@ -1,10 +1,14 @@
 """Experiment configuration: YAML (with ``extends:``), dicts and ``FLIGHTLOG_*`` overrides decoded into
-typed msgspec Structs, plus the stable hash that identifies an experiment."""
+typed msgspec Structs, plus the stable hash that identifies an experiment.
+
+Every input is outside bytes: a file, an ``extends`` graph, an environment variable. Each is read in bounded
+time and memory (size, values, nesting and file-count limits below) and any failure is a ConfigError."""
 from __future__ import annotations
 
 import hashlib
 import os
 import re
+import stat
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -27,12 +31,19 @@ __all__ = [
     "config_hash",
     "config_to_dict",
     "decode_config",
+    "MAX_CONFIG_BYTES",
 ]
 
-_NonNegInt = Annotated[int, Meta(ge=0)]
-_PosInt = Annotated[int, Meta(gt=0)]
-_NonNegFloat = Annotated[float, Meta(ge=0)]
-_PosFloat = Annotated[float, Meta(gt=0)]
+# Every number has a range: a value that validates must also fit where it goes (an int64 column, an OS timer:
+# threading and select refuse timeouts past ~2**63 ns). 10**9 s is about 31 years.
+_I64 = 2**63 - 1
+_MAX_SECONDS = 1e9
+_NonNegInt = Annotated[int, Meta(ge=0, le=_I64)]
+_PosInt = Annotated[int, Meta(gt=0, le=_I64)]
+_Millis = Annotated[int, Meta(ge=0, le=int(_MAX_SECONDS) * 1000)]
+_PosMillis = Annotated[int, Meta(gt=0, le=int(_MAX_SECONDS) * 1000)]
+_NonNegFloat = Annotated[float, Meta(ge=0, le=_MAX_SECONDS)]
+_PosFloat = Annotated[float, Meta(gt=0, le=_MAX_SECONDS)]
 
 
 class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -57,7 +68,7 @@ class CheckpointConfig(_Section):
     max_checkpoints: _NonNegInt = 10  # 0 keeps all
     save_frequency: _NonNegInt = 0  # 0: only explicit saves
     compression: Literal["zstd", "gzip", "none", "zstd-bytegroup"] = "zstd"
-    compression_level: int = 1  # zstd 1 packs tensors as well as 3, at 1.6x the speed; range checked by the writer
+    compression_level: Annotated[int, Meta(ge=-(2**31), le=2**31 - 1)] = 1  # zstd 1 packs tensors as well as 3, at 1.6x the speed; range checked by the writer
     monitor: str | None = None
     mode: Literal["min", "max"] = "min"
     keep_every_n_steps: _NonNegInt = 0
@@ -70,7 +81,7 @@ class MonitoringConfig(_Section):
     log_memory_usage: bool = True
     create_plots: bool = True
     interval_seconds: _PosFloat = 5.0
-    plot_every_minutes: _NonNegFloat = 0.0
+    plot_every_minutes: Annotated[float, Meta(ge=0, le=_MAX_SECONDS / 60)] = 0.0
     all_gpus: bool = False
     disk_free_floor_bytes: _NonNegInt = 1 << 30
 
@@ -87,7 +98,7 @@ class AgentConfig(_Section):
     on_full: Literal["spill", "block", "drop"] = "spill"
     block_timeout_seconds: _NonNegFloat = 5.0
     connect_timeout_seconds: _PosFloat = 10.0
-    linger_ms: _NonNegInt = 150  # a sink delivers when its batch is full or its oldest event waited this long
+    linger_ms: _Millis = 150  # a sink delivers when its batch is full or its oldest event waited this long
 
     def __post_init__(self) -> None:
         # The ring indexes its data area with a mask, so the size must be a power of two.
@@ -102,7 +113,7 @@ class AgentConfig(_Section):
 
 class WalConfig(_Section):
     fsync: Literal["interval", "always", "never"] = "interval"
-    fsync_ms: _PosInt = 100
+    fsync_ms: _PosMillis = 100
     segment_bytes: _PosInt = 64 << 20
     max_bytes: _NonNegInt = 0  # 0: no cap
 
@@ -151,11 +162,12 @@ def load_config(source: _Source = None, *, env: Mapping[str, str] | None = None)
         _apply_env(data, origins, env)
     elif isinstance(source, Mapping):
         default_src = "dict"
-        data, origins = _resolve(source, default_src, Path.cwd(), [])
+        _check_shape(source, "dict", _Budget())  # a dict may hold itself: nothing below may recurse into that
+        data, origins = _resolve(source, default_src, Path.cwd(), [], _Loading())
         _apply_env(data, origins, env)
     elif isinstance(source, (str, os.PathLike)):
         default_src = os.fspath(source)
-        data, origins = _load_file(Path(source), [])
+        data, origins = _load_file(Path(source), [], _Loading())
         _apply_env(data, origins, env)
     else:
         raise ConfigError(f"load_config: unsupported source {type(source).__name__}; pass a path, dict or Config")
@@ -240,29 +252,172 @@ def _valid(struct: type[msgspec.Struct], key: str, value: Any, problems: list[st
 # --- loading -------------------------------------------------------------------------------------------
 
 
-def _load_file(path: Path, stack: list[Path]) -> tuple[dict[str, Any], _Origins]:
-    import yaml  # lazy: keeps `import flightlog` fast
+#: A config file larger than this is refused before it is parsed (a real one is a few KiB).
+MAX_CONFIG_BYTES = 1 << 20
+_MAX_ENV_BYTES = 64 << 10  # one FLIGHTLOG_* value
+_MAX_FILES = 64  # distinct files in one ``extends`` graph
+_MAX_DEPTH = 32  # nesting of mappings and lists (and the chain of ``extends``)
+_MAX_VALUES = 50_000  # values of one load, aliases counted each time they are used
+_MAX_TEXT = 4 << 20  # characters of strings and keys of one load, aliases counted each time
 
-    real = path.resolve()
+
+class _Budget:
+    """What one ``load_config`` may still spend on values and text (shared by its files and variables)."""
+
+    def __init__(self) -> None:
+        self.values = _MAX_VALUES
+        self.text = _MAX_TEXT
+
+
+class _Loading:
+    """One load's ``extends`` graph: each file is read and resolved once (a diamond is not re-read per path)."""
+
+    def __init__(self) -> None:
+        self.done: dict[Path, tuple[dict[str, Any], _Origins]] = {}
+        self.budget = _Budget()
+
+
+def _load_file(path: Path, stack: list[Path], loading: _Loading) -> tuple[dict[str, Any], _Origins]:
+    try:
+        real = Path(os.path.realpath(path))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}; check the path") from exc
     if real in stack:
         chain = " -> ".join(str(p) for p in [*stack[stack.index(real):], real])
         raise ConfigError(f"extends cycle: {chain}; remove one of these `extends:` entries")
+    if real in loading.done:
+        return loading.done[real]
+    if len(stack) >= _MAX_DEPTH or len(loading.done) >= _MAX_FILES:
+        raise ConfigError(f"{path}: the `extends` graph goes past {_MAX_DEPTH} levels or {_MAX_FILES} files "
+                          f"(reached through {stack[-1] if stack else path}); flatten the config files")
+    raw = _parse_yaml(_read_config_text(path), str(path), loading.budget)
+    loading.done[real] = out = _resolve(raw, str(path), real.parent, [*stack, real], loading)
+    return out
+
+
+def _read_config_text(path: Path) -> str:
+    """The file's text; only a regular file of at most MAX_CONFIG_BYTES (a FIFO, /dev/zero or a 200 MB file
+    would otherwise hang or read for minutes). O_NONBLOCK: opening a FIFO must not wait for a writer."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}; check the path") from exc
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"cannot read config file {path}: {why}; check the path") from exc
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"config file {path} is not a regular file ({stat.filemode(mode)}); "
+                              "point at a YAML file")
+        try:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}; check the path") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes (1 MiB), the limit for one "
+                          "config file; split it with `extends:` or remove what is not configuration")
     try:
-        raw = yaml.safe_load(text)
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (bad byte at offset {exc.start}); "
+                          "save it as UTF-8") from exc
+
+
+def _parse_yaml(text: str, where: str, budget: _Budget, fix: str = "fix the file") -> Any:
+    """``yaml.safe_load`` in bounded time and memory: the event stream is checked for depth and size before
+    a node is composed, the node graph for alias expansion (billion laughs) and self-reference before a
+    Python value is built."""
+    import yaml  # lazy: keeps `import flightlog` fast
+
+    loader_cls = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 5x faster on a big file
+    try:
+        _check_events(yaml.parse(text, Loader=loader_cls), where, budget)
+        loader = loader_cls(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _check_nodes(node, where, budget)
+            try:
+                return loader.construct_document(node)
+            except ValueError as exc:  # a scalar that resolves to a bad value: `2001-02-30` is a "date"
+                raise ConfigError(f"YAML value error in {where}: {exc}; {fix} (quote a value meant as text)") from exc
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"YAML syntax error in {where}: {exc.problem or exc}; fix the file") from exc
+        at = f"{where}, line {mark.line + 1}, column {mark.column + 1}" if mark else where
+        raise ConfigError(f"YAML syntax error in {at}: {exc.problem or exc}; {fix}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"YAML error in {path}: {exc}; fix the file") from exc
-    return _resolve(raw, str(path), real.parent, [*stack, real])
+        raise ConfigError(f"YAML error in {where}: {exc}; {fix}") from exc
+    except RecursionError as exc:  # defensive: the checks above keep every recursion shallow
+        raise ConfigError(f"{where}: nested too deeply; flatten it") from exc
 
 
-def _resolve(raw: Any, src: str, base_dir: Path, stack: list[Path]) -> tuple[dict[str, Any], _Origins]:
+def _too_deep(where: str) -> ConfigError:
+    return ConfigError(f"{where}: values nested more than {_MAX_DEPTH} levels deep (or an anchor that contains "
+                       "itself); a config is a few levels deep: flatten it")
+
+
+def _too_big(where: str) -> ConfigError:
+    return ConfigError(f"{where}: more than {_MAX_VALUES} values or {_MAX_TEXT} characters once YAML aliases are "
+                       "expanded (an alias bomb?); remove the anchors and aliases or shrink the config")
+
+
+def _check_events(events: Iterable[Any], where: str, budget: _Budget) -> None:
+    import yaml
+
+    depth, values = 0, budget.values
+    for ev in events:
+        if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > _MAX_DEPTH:
+                raise _too_deep(where)
+        elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+        values -= 1
+        if values < 0:
+            raise _too_big(where)
+
+
+def _check_nodes(root: Any, where: str, budget: _Budget) -> None:
+    """Walk the node graph as it would expand (aliases are shared nodes), charging ``budget``."""
+    import yaml
+
+    stack = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        budget.values -= 1
+        if isinstance(node, yaml.ScalarNode):
+            budget.text -= len(node.value)
+        elif depth > _MAX_DEPTH:
+            raise _too_deep(where)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in node.value)
+        else:
+            stack.extend((child, depth + 1) for pair in node.value for child in pair)
+        if budget.values < 0 or budget.text < 0:
+            raise _too_big(where)
+
+
+def _check_shape(value: Any, where: str, budget: _Budget) -> None:
+    """The same bounds for values built elsewhere (a dict source), which may even contain themselves."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        budget.values -= 1
+        if isinstance(v, str):
+            budget.text -= len(v)
+        elif isinstance(v, (Mapping, list, tuple)):
+            if depth > _MAX_DEPTH:
+                raise _too_deep(where)
+            items = [x for kv in v.items() for x in kv] if isinstance(v, Mapping) else list(v)
+            stack.extend((x, depth + 1) for x in items)
+        if budget.values < 0 or budget.text < 0:
+            raise _too_big(where)
+
+
+def _resolve(raw: Any, src: str, base_dir: Path, stack: list[Path],
+             loading: _Loading) -> tuple[dict[str, Any], _Origins]:
     """One layer: its bases (``extends:``) first, then this layer deep-merged over them."""
     if raw is None:
         raw = {}  # an empty file is an empty config
@@ -274,7 +429,7 @@ def _resolve(raw: Any, src: str, base_dir: Path, stack: list[Path]) -> tuple[dic
     merged: dict[str, Any] = {}
     origins: _Origins = {}
     for base in _as_paths(extends, src):
-        base_data, base_origins = _load_file(base_dir / base, stack)
+        base_data, base_origins = _load_file(base_dir / base, stack, loading)
         merged = _merge(merged, base_data)
         origins.update(base_origins)
     _mark(data, src, "", origins)
@@ -380,15 +535,14 @@ _YAML_NULLS = ("", "~", "null", "Null", "NULL")
 
 
 def _parse_env_value(name: str, raw: str, ftype: Any) -> Any:
+    if len(raw) > _MAX_ENV_BYTES:
+        raise ConfigError(f"environment variable {name} is {len(raw)} characters long, more than the "
+                          f"{_MAX_ENV_BYTES} allowed for one value; shorten it or put it in a config file")
     # A string field keeps the raw text, so FLIGHTLOG_DESCRIPTION=yes or an entity named 1234 stay strings.
     if _accepts(ftype, str):
         return None if _accepts(ftype, type(None)) and raw.strip() in _YAML_NULLS else raw
-    import yaml
-
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"environment variable {name}: {raw!r} is not a valid YAML value; quote or fix it") from exc
+    return _parse_yaml(raw, f"environment variable {name}", _Budget(), f"{raw[:60]!r} is not a valid YAML value: "
+                       "quote or fix it")
 
 
 def _accepts(tp: Any, kind: type) -> bool:
@@ -424,6 +578,9 @@ def _translate(message: str, origins: _Origins, default_src: str) -> ConfigError
             path, problem = f"{path}.{field[1]}" if path else field[1], field[2]
         what = problem[:1].lower() + problem[1:]
         todo = ""
+        choices = _choices(_type_at(path)) if problem.startswith("Invalid enum value") else []
+        if choices:
+            todo = f"use one of {', '.join(repr(c) for c in choices)}"
     src = _origin(path, origins, default_src)
     todo = todo or ("fix or unset that variable" if src.startswith("environment") else "fix the value")
     return ConfigError(f"invalid config in {src}: `{path or '<top level>'}`: {what}; {todo}")
@@ -436,6 +593,16 @@ def _origin(path: str, origins: _Origins, default_src: str) -> str:
         if src is not None:
             return src
     return default_src
+
+
+def _choices(tp: Any) -> list[Any]:
+    """The values a Literal field (maybe Optional or Annotated) accepts."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return list(typing.get_args(tp))
+    if origin in (Annotated, Union, types.UnionType):
+        return [c for arg in typing.get_args(tp) for c in _choices(arg)]
+    return []
 
 
 def _type_at(path: str) -> Any:

@@ -1,6 +1,7 @@
 """WAL file I/O: the appending writer (with crash recovery), the cursor-based reader, and ``inspect_wal``.
 
 Layout: one directory of segments named ``{first_seq:020d}.wal``; only the last one is ever appended to.
+A segment recovery cannot read (bad header, wrong name, not a file) is moved into ``quarantine/`` there.
 All parsing is delegated to ``format.py``; this module only decides what to do with what it finds.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ import bisect
 import fcntl
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +26,7 @@ from flightlog.proto.osutil import fsync_dir
 
 from .format import (
     SEGMENT_HEADER_SIZE,
+    SEQ_LIMIT,
     Gap,
     Record,
     SegmentHeader,
@@ -32,9 +35,20 @@ from .format import (
     encode_record,
     encode_segment_header,
     scan,
+    segment_header_problem,
 )
 
-__all__ = ["WAL", "WALReader", "RecoveryReport", "SegmentInfo", "FsyncMode", "inspect_wal", "segment_name"]
+__all__ = [
+    "WAL",
+    "WALReader",
+    "RecoveryReport",
+    "SegmentInfo",
+    "BadSegment",
+    "FsyncMode",
+    "inspect_wal",
+    "segment_name",
+    "QUARANTINE_DIR",
+]
 
 log = logging.getLogger("flightlog.wal")
 
@@ -42,6 +56,8 @@ FsyncMode = Literal["interval", "always", "never"]
 _HDR = SEGMENT_HEADER_SIZE
 _CHUNK = 256 << 10  # reader window; a bigger record or a resync grows it on demand
 _LOCK_NAME = ".lock"
+#: Where recovery moves the segments it cannot read (kept for ``flightlog wal inspect``, never deleted).
+QUARANTINE_DIR = "quarantine"
 
 
 def segment_name(first_seq: int) -> str:
@@ -64,6 +80,15 @@ class SegmentInfo:
     size: int
 
 
+@dataclass(frozen=True, slots=True)
+class BadSegment:
+    """A segment recovery moved aside: its name in the WAL directory, where it is now, and why."""
+
+    name: str
+    path: Path
+    reason: str
+
+
 @dataclass(slots=True)
 class RecoveryReport:
     truncated_bytes: int = 0
@@ -74,37 +99,90 @@ class RecoveryReport:
     #: (producer_id, src_kind) -> (src_gen, src_end) of the newest valid record (WAL order): where each
     #: source resumes. Newest, not largest: ring cursor words are modular and may wrap.
     producer_positions: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+    #: Segments moved into ``quarantine/`` because they could not be read as segments at all.
+    bad_segments: list[BadSegment] = field(default_factory=list)
 
 
-def _read_segment(path: Path, first_seq: int) -> tuple[SegmentHeader, bytes]:
-    buf = path.read_bytes()
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    """A segment file as read: its header and bytes, or why it is not a segment (``buf`` None: not a file)."""
+
+    header: SegmentHeader | None
+    buf: bytes | None
+    problem: str = ""
+
+
+def _load_segment(path: Path, first_seq: int) -> _Loaded:
+    """Read a segment file without trusting it: a non-regular entry (a directory, a FIFO, a symlink) is
+    never opened for reading, so it can neither hang nor redirect recovery."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        return _Loaded(None, None, f"not a regular file (mode {stat.filemode(st.st_mode)})")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        buf = f.read()
+    why = segment_header_problem(buf)
+    if why:
+        return _Loaded(None, buf, why)
     hdr = decode_segment_header(buf, path)
+    if first_seq >= SEQ_LIMIT:
+        return _Loaded(hdr, buf, f"the name's seq {first_seq} is out of range")
     if hdr.first_seq != first_seq:
-        raise WALError(
-            f"{path}: header says first_seq {hdr.first_seq} but the name says {first_seq}; "
-            "the file was renamed or copied in by hand: move it out of the WAL directory"
-        )
-    return hdr, buf
+        return _Loaded(hdr, buf, f"the header says first_seq {hdr.first_seq} but the name says {first_seq} "
+                                 "(renamed or copied in by hand?)")
+    return _Loaded(hdr, buf)
+
+
+def _quarantine(directory: Path, name: str, reason: str) -> BadSegment:
+    """Move ``directory/name`` into the quarantine directory under a name nothing else uses."""
+    qdir = directory / QUARANTINE_DIR
+    qdir.mkdir(mode=0o700, exist_ok=True)
+    dest, k = qdir / name, 0
+    while os.path.lexists(dest):
+        k += 1
+        dest = qdir / f"{name}.{k}"
+    os.rename(directory / name, dest)
+    fsync_dir(qdir)
+    fsync_dir(directory)
+    log.warning("WAL segment %s cannot be read (%s): moved to %s; inspect it with `flightlog wal inspect %s`",
+                directory / name, reason, dest, qdir)
+    return BadSegment(name, dest, reason)
+
+
+def _torn_creation(path: Path) -> bool:
+    """The last segment is shorter than a header: a crash between creating it and fsyncing its header."""
+    st = os.lstat(path)
+    return stat.S_ISREG(st.st_mode) and st.st_size < _HDR
 
 
 def _recover(directory: Path) -> RecoveryReport:
-    """Validate every segment; cut a torn tail off the last one. Never rewrites anything else."""
+    """Validate every segment; cut a torn tail off the last one; move unreadable segments aside.
+    Never rewrites anything else."""
     rep = RecoveryReport()
     segs = _list_segments(directory)
-    if segs:
-        last = directory / segment_name(segs[-1])
-        size = last.stat().st_size
-        if size < _HDR:  # crash between creating the file and fsyncing its header: it never held data
-            rep.truncated_bytes += size
-            rep.next_seq = segs.pop()
-            last.unlink()
-            fsync_dir(directory)
     positions = rep.producer_positions
     for i, first in enumerate(segs):
-        path = directory / segment_name(first)
-        hdr, buf = _read_segment(path, first)
-        rep.next_seq = max(rep.next_seq, hdr.first_seq)
+        name = segment_name(first)
+        path = directory / name
         is_last = i == len(segs) - 1
+        if is_last and _torn_creation(path):  # it never held data
+            rep.truncated_bytes += path.stat().st_size
+            rep.next_seq = max(rep.next_seq, first)
+            path.unlink()
+            fsync_dir(directory)
+            continue
+        got = _load_segment(path, first)
+        if got.problem:
+            rep.bad_segments.append(_quarantine(directory, name, got.problem))
+            if got.buf is not None:  # the records it holds keep their seqs: never handed out twice
+                for item in scan(got.buf, _HDR, len(got.buf)):
+                    if isinstance(item, Record):
+                        rep.next_seq = max(rep.next_seq, item.first_seq + item.count)
+            continue
+        assert got.header is not None and got.buf is not None
+        buf = got.buf
+        rep.segments += 1
+        rep.next_seq = max(rep.next_seq, got.header.first_seq)
         for item in scan(buf, _HDR, len(buf)):
             if isinstance(item, Record):
                 rep.next_seq = max(rep.next_seq, item.first_seq + item.count)
@@ -117,11 +195,12 @@ def _recover(directory: Path) -> RecoveryReport:
             else:
                 rep.corrupt_records += 1
                 rep.skipped_bytes += item.length
-    rep.segments = len(segs)
-    if rep.truncated_bytes or rep.corrupt_records:
+    if rep.truncated_bytes or rep.corrupt_records or rep.bad_segments:
         log.warning(
-            "WAL %s recovered: cut a torn tail of %d bytes, skipped %d corrupt records (%d bytes); next seq %d",
-            directory, rep.truncated_bytes, rep.corrupt_records, rep.skipped_bytes, rep.next_seq,
+            "WAL %s recovered: cut a torn tail of %d bytes, skipped %d corrupt records (%d bytes), moved %d "
+            "unreadable segments to %s; next seq %d",
+            directory, rep.truncated_bytes, rep.corrupt_records, rep.skipped_bytes, len(rep.bad_segments),
+            directory / QUARANTINE_DIR, rep.next_seq,
         )
     return rep
 
@@ -267,6 +346,13 @@ class WAL:
     def total_bytes(self) -> int:
         return sum(s.size for s in self.segments())
 
+    def quarantined(self) -> list[Path]:
+        """What recovery moved aside, this start or an earlier one (kept until someone removes it)."""
+        try:
+            return sorted(self.directory / QUARANTINE_DIR / n for n in os.listdir(self.directory / QUARANTINE_DIR))
+        except FileNotFoundError:
+            return []
+
     def delete_before(self, seq: int) -> list[Path]:
         """Delete the segments whose records all have seqs < ``seq``; never the live one."""
         active = self._seg
@@ -315,7 +401,8 @@ class WALReader:
     def _open(self, seg: int) -> int:
         if self._fd_seg != seg:
             self.close()
-            self._fd = os.open(self.directory / segment_name(seg), os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO put here under a segment's name must not hang the reader in open()
+            self._fd = os.open(self.directory / segment_name(seg), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             self._fd_seg = seg
         return self._fd
 
@@ -455,7 +542,10 @@ class WALReader:
 
 
 def inspect_wal(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read-only report of a WAL directory (for ``flightlog wal inspect``); never modifies a file."""
+    """Read-only report of a WAL directory (for ``flightlog wal inspect``); never modifies a file.
+
+    A segment that cannot be read is reported with its ``error``; so is each file recovery moved into
+    ``quarantine/`` (under ``quarantined``), so that one bad file never hides the others."""
     d = Path(directory)
     if not d.is_dir():
         raise WALError(f"{d}: not a WAL directory (it does not exist or is a file); pass the agent's WAL directory")
@@ -463,46 +553,60 @@ def inspect_wal(directory: str | os.PathLike[str]) -> dict[str, Any]:
     for n in names:
         if not _is_segment_name(n):
             raise WALError(f"{d / n}: not a WAL segment name (want 20 digits + .wal); move it out of {d}")
-    segments: list[dict[str, Any]] = []
-    for i, name in enumerate(names):
-        first = int(name[:20])
-        if i == len(names) - 1 and (size := (d / name).stat().st_size) < _HDR:
-            # Crash while creating it: recovery deletes it; report it as a torn tail, not an error.
-            segments.append({"name": name, "first_seq": first, "last_seq": None, "schema_version": None,
-                             "created_ns": None, "records": 0, "events": 0, "bytes": size, "producers": {},
-                             "corrupt": [], "torn_tail_bytes": size})
-            continue
-        hdr, buf = _read_segment(d / name, first)
-        records = events = torn = 0
-        last_seq: int | None = None
-        producers: dict[str, int] = {}
-        corrupt: list[dict[str, Any]] = []
-        for item in scan(buf, _HDR, len(buf)):
-            if isinstance(item, Record):
-                records += 1
-                events += item.count
-                producers[item.producer_id] = producers.get(item.producer_id, 0) + item.count
-                if item.count:
-                    last_seq = item.first_seq + item.count - 1
-            elif item.tail and i == len(names) - 1:
-                torn = item.length  # what the writer's recovery would cut off
-            else:
-                corrupt.append({"offset": item.offset, "length": item.length, "reason": item.reason})
-        segments.append({
-            "name": name, "first_seq": first, "last_seq": last_seq, "schema_version": hdr.schema_version,
-            "created_ns": hdr.created_ns, "records": records, "events": events, "bytes": len(buf),
-            "producers": producers, "corrupt": corrupt, "torn_tail_bytes": torn,
-        })
-    last_seqs = [s["last_seq"] for s in segments if s["last_seq"] is not None]
+    segments = [_inspect_segment(d / name, int(name[:20]), i == len(names) - 1) for i, name in enumerate(names)]
+    good = [s for s in segments if s["error"] is None]
+    last_seqs = [s["last_seq"] for s in good if s["last_seq"] is not None]
+    qdir = d / QUARANTINE_DIR
+    quarantined = [_inspect_quarantined(qdir / n) for n in sorted(os.listdir(qdir))] if qdir.is_dir() else []
     totals = {
-        "segments": len(segments),
-        "records": sum(s["records"] for s in segments),
-        "events": sum(s["events"] for s in segments),
+        "segments": len(good),
+        "records": sum(s["records"] for s in good),
+        "events": sum(s["events"] for s in good),
         "bytes": sum(s["bytes"] for s in segments),
-        "corrupt_records": sum(len(s["corrupt"]) for s in segments),
-        "corrupt_bytes": sum(c["length"] for s in segments for c in s["corrupt"]),
-        "torn_tail_bytes": sum(s["torn_tail_bytes"] for s in segments),
-        "first_seq": segments[0]["first_seq"] if segments else None,
+        "corrupt_records": sum(len(s["corrupt"]) for s in good),
+        "corrupt_bytes": sum(c["length"] for s in good for c in s["corrupt"]),
+        "torn_tail_bytes": sum(s["torn_tail_bytes"] for s in good),
+        "first_seq": good[0]["first_seq"] if good else None,
         "last_seq": max(last_seqs) if last_seqs else None,
+        "bad_segments": len(segments) - len(good),
+        "quarantined_segments": len(quarantined),
     }
-    return {"directory": str(d), "segments": segments, "totals": totals}
+    return {"directory": str(d), "segments": segments, "totals": totals, "quarantined": quarantined}
+
+
+def _inspect_segment(path: Path, first: int, is_last: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": path.name, "first_seq": first, "last_seq": None, "schema_version": None,
+                           "created_ns": None, "records": 0, "events": 0, "bytes": os.lstat(path).st_size,
+                           "producers": {}, "corrupt": [], "torn_tail_bytes": 0, "error": None}
+    if is_last and _torn_creation(path):
+        # Crash while creating it: recovery deletes it; report it as a torn tail, not an error.
+        out["torn_tail_bytes"] = out["bytes"]
+        return out
+    got = _load_segment(path, first)
+    if got.problem or got.header is None or got.buf is None:
+        out["error"] = f"{got.problem}; the agent moves it to {QUARANTINE_DIR}/ when it starts"
+        return out
+    hdr, buf = got.header, got.buf
+    producers: dict[str, int] = out["producers"]
+    for item in scan(buf, _HDR, len(buf)):
+        if isinstance(item, Record):
+            out["records"] += 1
+            out["events"] += item.count
+            producers[item.producer_id] = producers.get(item.producer_id, 0) + item.count
+            if item.count:
+                out["last_seq"] = item.first_seq + item.count - 1
+        elif item.tail and is_last:
+            out["torn_tail_bytes"] = item.length  # what the writer's recovery would cut off
+        else:
+            out["corrupt"].append({"offset": item.offset, "length": item.length, "reason": item.reason})
+    out.update(schema_version=hdr.schema_version, created_ns=hdr.created_ns)
+    return out
+
+
+def _inspect_quarantined(path: Path) -> dict[str, Any]:
+    """A file recovery moved aside, and why it could not be read (worked out again: nothing is trusted)."""
+    name = path.name
+    reason = "not a segment name"
+    if len(name) >= 24 and name[:20].isdigit() and name[20:24] == ".wal":
+        reason = _load_segment(path, int(name[:20])).problem or "readable now (restored by hand?)"
+    return {"name": name, "path": str(path), "bytes": os.lstat(path).st_size, "reason": reason}
