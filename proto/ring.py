@@ -56,6 +56,8 @@ OFF_SPILL_GEN = 192  # u64 newest spill generation the producer opened (producer
 OFF_DROPPED = 200  # u64 events dropped by policy "drop" (producer)
 OFF_SPILLED = 208  # u64 events written to spill files (producer)
 OFF_PAD = 216  # u64 byte counter (mod 2**35, BYTE_MASK) where the newest padding frame starts (producer)
+OFF_ENDED = 224  # u64: 1 once the run's RunEnd is written (into this ring or its sibling); a producer killed
+#                 after that (during finish's flush or checkpoint wait) did not crash (producer)
 OFF_CONSUMED_OFF = 256  # u64 bytes of the current spill generation the agent has made durable (consumer)
 OFF_CONSUMED_GEN = 264  # u64 spill generation the agent is reading (consumer)
 OFF_SLEEPING = 320  # u64: the agent's sleep number while it waits on its doorbell, else 0 (consumer; own line:

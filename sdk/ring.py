@@ -27,6 +27,7 @@ from flightlog.proto.ring import (
     OFF_CONSUMED_OFF,
     OFF_CREATED,
     OFF_DROPPED,
+    OFF_ENDED,
     OFF_MAGIC,
     OFF_PAD,
     OFF_PID,
@@ -303,6 +304,12 @@ class RingProducer:
             self._refresh_free()
             return True
         return False
+
+    def mark_ended(self) -> None:
+        """The run's RunEnd is written (into this ring or its sibling): if this process dies from now on, the
+        agent does not end the run as crashed. Any thread: one word of its own, after the frame's publish."""
+        if self._view is not None:
+            self._cursors[OFF_ENDED // 8] = 1
 
     # --- positions, for flush ------------------------------------------------------------------
 

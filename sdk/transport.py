@@ -19,7 +19,7 @@ from flightlog.link import AgentLink
 from flightlog.proto.codec import event_encoder
 from flightlog.proto.config import AgentConfig
 from flightlog.proto.errors import AgentUnavailable, FlightlogError
-from flightlog.proto.events import Event, EventBatch, FlushRequest, Register, RunStart
+from flightlog.proto.events import Event, EventBatch, FlushRequest, Register, RunEnd, RunStart
 from flightlog.proto.frames import append_frame, check_event_size
 from flightlog.proto.paths import AgentPaths
 from flightlog.ring import RingProducer
@@ -112,6 +112,16 @@ class RingTransport(Transport):
             self.ring.write_frame(self.buf)
         else:
             self.emit_side(event)
+        if type(event) is RunEnd:
+            self._mark_ended()
+
+    def _mark_ended(self) -> None:
+        """The RunEnd is in a ring: a kill from now on (finish still flushing, or waiting for checkpoints)
+        is not a crash. Both rings: the agent retires them in no fixed order."""
+        self.ring.mark_ended()
+        side = self.side
+        if side is not None:
+            side.mark_ended()
 
     def emit_side(self, event: Event) -> None:
         with self.lock:
