@@ -370,7 +370,7 @@ class Ingestor:
         for ring in self.rings.values():
             v = ring.view
             out.append({
-                "producer": v.producer_id, "pid": v.pid, "rank": v.rank, "events": ring.events,
+                "producer": v.producer_id, "run_id": v.run_id, "pid": v.pid, "rank": v.rank, "events": ring.events,
                 "backlog_bytes": v.pending[1], "spilled": v.spilled, "dropped": v.dropped,
                 "closed": v.closed,
             })

@@ -225,4 +225,4 @@ def _run_id(producer_id: str, mm: mmap.mmap) -> str:
         return recorded
     base = producer_id[: -len("-side")] if producer_id.endswith("-side") else producer_id
     parts = base.rsplit("-", 2)
-    return parts[0] if len(parts) == 3 and parts[1].isdigit() else producer_id
+    return parts[0] if len(parts) == 3 and parts[0] and parts[1].isdigit() else producer_id

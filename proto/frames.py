@@ -45,7 +45,7 @@ def _event_kind(payload: bytes | bytearray | memoryview) -> str:
         return "an event"
     tag = head[skip + 1 : skip + 1 + (head[skip] & 0x1F)].decode("ascii", "replace")
     for cls in EVENT_TYPES:
-        if cls.__struct_config__.tag == tag:
+        if cls.__struct_config__.tag == tag:  # type: ignore[attr-defined]  # every EVENT_TYPES entry is a Struct
             return f"a {cls.__name__} event"
     return "an event"
 

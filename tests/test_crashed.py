@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 from conftest import AgentProcess, new_id
 from conftest_backends import MlflowServer, mlflow_server, read_wandb_log, tb_accumulator, wandb_logs  # noqa: F401
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from flightlog.agent.ingest import Ingestor
 from flightlog.agent.ring import RingView
@@ -297,6 +299,31 @@ def test_older_sdk_ring_without_run_id_uses_the_producer_id(tmp_path: Path) -> N
                         str(tmp_path / "spill"), "", "1", "no"], check=True, timeout=60)
         view = RingView(path)
         assert view.run_id == run_id
+        view.close()
+        path.unlink()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=300), st.text(alphabet="ab-1side", max_size=40))
+def test_run_id_from_any_header_bytes_is_a_string(tmp_path: Path, field: bytes, producer_id: str) -> None:
+    """The run id field is outside bytes (another process wrote them): any content gives a str, no error."""
+    import mmap
+    import struct
+
+    from flightlog.proto.ring import OFF_RUN_ID
+    from flightlog.ring import RingProducer
+
+    path = tmp_path / f"fuzz-{new_id()}.ring"
+    RingProducer(path, 1 << 16, producer_id or "p", tmp_path / "spill").close()
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
+        mm[OFF_RUN_ID : OFF_RUN_ID + len(field)] = field
+        if len(field) >= 2:
+            struct.pack_into("<H", mm, OFF_RUN_ID, len(field))
+    view = RingView(path)
+    try:
+        assert isinstance(view.run_id, str) and view.run_id
+        assert (producer_id or "p").startswith(view.run_id)
+    finally:
         view.close()
         path.unlink()
 
