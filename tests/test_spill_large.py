@@ -127,3 +127,26 @@ def test_socket_batch_with_the_largest_event_fits_a_control_frame() -> None:
     producer_id = "r" * 128 + "-4194304-abcdef"
     batch = EventBatch(producer_id, bytes(_SOCKET_BATCH + MAX_EVENT_BYTES + 8), 1000)
     assert len(msgspec.msgpack.encode(batch)) + 4 <= MAX_CONTROL_FRAME
+
+
+def test_socket_transport_carries_the_largest_event_and_refuses_a_larger_one(
+        agent: AgentProcess, base_config: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where rings are not safe, events go in socket batches: one of MAX_EVENT_BYTES must fit the agent's
+    control frame (it used to be refused as "control frame too large", the connection closed)."""
+    monkeypatch.setenv("FLIGHTLOG_TRANSPORT", "socket")
+    run_id = "sockbig" + new_id()
+    text = "q" * (MAX_EVENT_BYTES - 1024)
+    with flightlog.experiment_tracking("sock-big", base_config, run_id=run_id) as t:
+        assert t._producer is None  # the socket transport
+        t.log_metrics({"x": 1.0}, step=0)  # a batch already pending when the big one comes
+        t.log_text("big", text, step=1)
+        with pytest.raises(EventTooLarge, match="a Text event"):
+            t.log_text("bigger", text + "q" * 2048, step=2)
+        t.flush()
+    deadline = time.monotonic() + 60
+    texts = _texts(agent.paths.store, run_id)
+    while not texts and time.monotonic() < deadline:
+        time.sleep(0.1)
+        texts = _texts(agent.paths.store, run_id)
+    assert [(k, s, len(x)) for k, s, x in texts] == [("big", 1, len(text))]
+    assert _status(agent.paths.store, run_id) in ("running", "completed")
