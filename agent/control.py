@@ -27,7 +27,7 @@ from flightlog.proto.events import (
     StatusRequest,
     Unregister,
 )
-from flightlog.proto.frames import count_frames
+from flightlog.proto.frames import MAX_EVENT_BYTES, count_frames
 
 if TYPE_CHECKING:
     from .daemon import Agent
@@ -36,7 +36,8 @@ __all__ = ["MAX_CONTROL_FRAME", "ControlServer", "peer_uid_allowed"]
 
 log = logging.getLogger("flightlog.agent")
 
-MAX_CONTROL_FRAME = 16 << 20
+#: An EventBatch of the socket transport holds under 64 KiB of events plus one of up to MAX_EVENT_BYTES.
+MAX_CONTROL_FRAME = MAX_EVENT_BYTES + (1 << 20)
 
 
 def peer_uid_allowed(peer_uid: int, own_uid: int | None = None) -> bool:

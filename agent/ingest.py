@@ -4,6 +4,10 @@ The read cursor moves only after the WAL append, so a crash of the agent re-read
 already holds; on start, the positions recorded in the WAL records move each cursor past what is already
 there, so nothing is ingested twice. A backlog larger than one record is cut at frame boundaries, each
 record carrying the producer position after it. What drives the draining is ``ingest_loop``.
+
+A producer that died without finish() (SIGKILL, SIGTERM, the OOM killer) is drained to the end, its ring
+retired, and, when no other ring of its run is left, a ``RunEnd(status="crashed")`` goes into the WAL
+after its last event, so every sink ends the run through the one delivery engine.
 """
 from __future__ import annotations
 
@@ -18,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from flightlog.proto.codec import encode_event
 from flightlog.proto.errors import ProtocolError, RingError
-from flightlog.proto.frames import PAD_MARKER, U32
-from flightlog.proto.osutil import pid_alive
+from flightlog.proto.events import CRASHED, RunEnd
+from flightlog.proto.frames import PAD_MARKER, U32, append_frame
 from flightlog.proto.ring import cursor_distance, cursor_reached, spill_path
 
 from .ring import RingView
@@ -37,8 +42,11 @@ _MAX_RECORD = 4 << 20  # bytes of frames per WAL record read from a spill file
 #: to 1 GiB). Large enough that any drain but a huge backlog's is one record and never walks its frames.
 _MAX_RING_RECORD = 128 << 20
 _SLEEP_NO_MAX = (1 << 62) - 1
-#: The largest frame a spill file may hold: a frame the WAL can still take as one record.
+#: The largest frame a spill file or ring may hold: a frame the WAL can still take as one record. The SDK
+#: refuses events over MAX_EVENT_BYTES, far below this; a larger one (another writer's) is skipped, loudly.
 _MAX_SPILL_FRAME = MAX_RECORD_BYTES - RECORD_HEADER_SIZE - 256
+#: How often an idle ring's producer is checked for life (a kill and a read of /proc, not per drain).
+LIVENESS_SECONDS = 1.0
 
 
 def split_frames(buf: bytes | memoryview, limit: int = _MAX_RECORD) -> tuple[int, int]:
@@ -80,6 +88,7 @@ class _Ring:
     first_seen: float
     events: int = 0
     spilled_seen: int = 0  # the producer's spill counter when its spill files were last read to the end
+    checked: float = -LIVENESS_SECONDS  # monotonic time its producer was last found alive
 
 
 class Ingestor:
@@ -167,7 +176,7 @@ class Ingestor:
             ring.events += n
             total += n
             if n == 0:
-                self._maybe_retire(name, ring)
+                total += self._maybe_retire(name, ring)
         self.events_total += total
         return total
 
@@ -186,9 +195,15 @@ class Ingestor:
             if taken is None:
                 break
             frames, count, after = taken
-            self._append(frames, count, pid, SRC_RING, 0, after)
+            if count == 1 and len(frames) > _MAX_SPILL_FRAME:
+                # No WAL record holds it (a writer other than this SDK, which refuses such events): appending
+                # it would fail for ever and hold up every ring. Skip that one event, loudly.
+                log.error("ring %s: an event of %d bytes is larger than a WAL record (%d bytes) and is dropped",
+                          view.path, len(frames), MAX_RECORD_BYTES)
+            else:
+                self._append(frames, count, pid, SRC_RING, 0, after)
+                n += count
             view.read_word = r = after
-            n += count
         if r != w and not cursor_distance(r, w)[1]:
             # Equal modulo the counters (a resume position from the WAL is masked, the producer's word may
             # not be): take the producer's spelling, so the cheap has_pending compare sees "nothing".
@@ -242,26 +257,77 @@ class Ingestor:
             gen, off = gen + 1, 0
             view.set_consumed(gen, 0)
 
-    def _maybe_retire(self, name: str, ring: _Ring) -> None:
-        """Delete a ring (and its spill files) once its producer is gone and everything is in the WAL."""
+    def _maybe_retire(self, name: str, ring: _Ring) -> int:
+        """Delete a ring (and its spill files) once its producer is gone and everything is in the WAL; a
+        producer that died without finish() also ends its run (``_end_crashed``), unless another ring holds
+        the run. Returns the number of events that appended to the WAL (0 or 1)."""
         view = ring.view
-        if not (view.closed or not pid_alive(view.pid)):
-            return
+        closed = view.closed  # read before the write word: frames published before closing are then seen
+        if not closed:
+            now = time.monotonic()
+            if now - ring.checked < LIVENESS_SECONDS:
+                return 0
+            if view.producer_alive():
+                ring.checked = now
+                return 0
         if view.write_word != view.read_word:
-            return
+            return 0
         gen = view.spill_gen
         if gen:
             cgen, coff = view.consumed
             path = spill_path(view.spill_dir, view.producer_id, gen)
             size = path.stat().st_size if path.exists() else 0
             if cgen != gen or coff < size:
-                return
+                if closed:
+                    return 0
+                # Dead: a frame it wrote but had not counted yet, or one its death cut short. Read what is
+                # whole (then retire on the next pass); a torn rest is all that can be left.
+                got = self._drain_spill(view, gen)
+                if got:
+                    ring.events += got
+                    return got
+                log.warning("%s: %d bytes after byte %d are a spill frame cut short by the death of its "
+                            "producer; dropped", path, size - view.consumed[1], view.consumed[1])
             for g in range(1, gen + 1):
                 spill_path(view.spill_dir, view.producer_id, g).unlink(missing_ok=True)
+        producer, run_id, pid, rank, dropped = view.producer_id, view.run_id, view.pid, view.rank, view.dropped
+        crashed = not closed and not view.ended
+        holders = self._holders(run_id, name) if crashed else []
         view.close()
-        (self.ring_dir / name).unlink(missing_ok=True)
         del self.rings[name]
-        log.info("producer %s finished: %d events ingested; ring removed", view.producer_id, ring.events)
+        if not crashed:
+            (self.ring_dir / name).unlink(missing_ok=True)
+            log.info("producer %s finished: %d events ingested; ring removed", producer, ring.events)
+            return 0
+        log.warning("producer %s (pid %d) exited without finish(); its %d events are ingested", producer, pid,
+                    ring.events)
+        if holders:
+            # A live producer, or a ring of the dead one not drained yet: the last ring of the run ends it.
+            log.info("run %s stays running: %s still hold it", run_id, ", ".join(holders))
+        else:
+            self._end_crashed(run_id, pid, rank, dropped)
+        # Removed after the RunEnd is durable: an agent killed in between finds the ring again and ends the
+        # run again, which every sink takes (the same status).
+        (self.ring_dir / name).unlink(missing_ok=True)
+        return 0 if holders else 1
+
+    def _holders(self, run_id: str, name: str) -> list[str]:
+        """Producers of other rings of the run (``name`` excluded), after a scan for rings created since the
+        last one."""
+        self.scan()
+        return [r.view.producer_id for n, r in self.rings.items() if n != name and r.view.run_id == run_id]
+
+    def _end_crashed(self, run_id: str, pid: int, rank: int, dropped: int) -> None:
+        """The last ring of a run is drained and its producer died without finish(): the run ends as crashed,
+        after every event of it, durably."""
+        error = (f"the trainer (pid {pid}, rank {rank}) exited without finish(): killed by a signal "
+                 "(SIGKILL, SIGTERM, the OOM killer) or os._exit; everything it logged was ingested")
+        buf = bytearray()
+        append_frame(buf, encode_event(RunEnd(run_id, CRASHED, time.time(), error, dropped)))
+        with self._lock:
+            self.wal.append(buf, 1, "agent", SRC_INTERNAL, 0, 0)
+            self.wal.sync()  # before the ring goes: a power loss must not lose the run's end with it
+        log.warning("run %s ended as %s: %s", run_id, CRASHED, error)
 
     # --- questions from the control server -------------------------------------------------------
 
@@ -304,7 +370,7 @@ class Ingestor:
         for ring in self.rings.values():
             v = ring.view
             out.append({
-                "producer": v.producer_id, "pid": v.pid, "rank": v.rank, "events": ring.events,
+                "producer": v.producer_id, "run_id": v.run_id, "pid": v.pid, "rank": v.rank, "events": ring.events,
                 "backlog_bytes": v.pending[1], "spilled": v.spilled, "dropped": v.dropped,
                 "closed": v.closed,
             })
@@ -315,6 +381,10 @@ class Ingestor:
         for ring in self.rings.values():
             ring.view.close()
         self.rings.clear()
+        try:
+            self.ring_dir.rmdir()  # the agent's ring directory, once empty (the doorbell is closed first)
+        except OSError:
+            pass  # rings of producers still running or not drained stay, with their directory
 
 
 def _read_big_frame(f: Any, chunk: bytes, path: Path, off: int) -> bytes:

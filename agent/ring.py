@@ -9,6 +9,7 @@ from pathlib import Path
 
 from flightlog.proto.errors import RingError
 from flightlog.proto.frames import PAD_MARKER, U32
+from flightlog.proto.osutil import process_alive
 from flightlog.proto.ring import (
     BYTE_BITS,
     BYTE_MASK,
@@ -18,10 +19,13 @@ from flightlog.proto.ring import (
     OFF_CONSUMED_GEN,
     OFF_CONSUMED_OFF,
     OFF_DROPPED,
+    OFF_ENDED,
     OFF_PAD,
     OFF_PID,
+    OFF_PID_START,
     OFF_PRODUCER_ID,
     OFF_READ,
+    OFF_RUN_ID,
     OFF_SIZE,
     OFF_SLEEPING,
     OFF_SPILL_DIR,
@@ -65,7 +69,9 @@ class RingView:
             self._mm.close()
             raise RingError(f"{self.path} size does not match its header; remove the stale ring")
         self.pid, self.rank = struct.unpack_from("<Ii", mm, OFF_PID)
+        (self.pid_start,) = struct.unpack_from("<Q", mm, OFF_PID_START)
         self.producer_id = read_header_str(mm, OFF_PRODUCER_ID)
+        self.run_id = _run_id(self.producer_id, mm)
         self.spill_dir = Path(read_header_str(mm, OFF_SPILL_DIR))
         self._view = memoryview(mm)
         self.data = self._view[HEADER_SIZE:]
@@ -101,6 +107,15 @@ class RingView:
     @property
     def closed(self) -> bool:
         return bool(self._c[OFF_CLOSED // 8])
+
+    @property
+    def ended(self) -> bool:
+        """The producer wrote its run's RunEnd (a kill after that is not a crash)."""
+        return bool(self._c[OFF_ENDED // 8])
+
+    def producer_alive(self) -> bool:
+        """True while the process that created the ring runs (a reused pid is told apart by its start time)."""
+        return process_alive(self.pid, self.pid_start)
 
     @property
     def spill_gen(self) -> int:
@@ -197,3 +212,17 @@ class RingView:
             self._mm.close()
         except BufferError:
             pass  # a slice handed out by take() is still referenced (e.g. by a traceback); GC unmaps it
+
+
+def _run_id(producer_id: str, mm: mmap.mmap) -> str:
+    """The run the ring's producer logs: from the header; for a ring of an older SDK (no run id there), from
+    its producer id, ``<run id>-<pid>-<random>`` with ``-side`` after it for a side ring."""
+    try:
+        recorded = read_header_str(mm, OFF_RUN_ID)
+    except UnicodeDecodeError:
+        recorded = ""
+    if recorded and producer_id.startswith(recorded + "-"):
+        return recorded
+    base = producer_id[: -len("-side")] if producer_id.endswith("-side") else producer_id
+    parts = base.rsplit("-", 2)
+    return parts[0] if len(parts) == 3 and parts[0] and parts[1].isdigit() else producer_id

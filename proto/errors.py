@@ -6,6 +6,7 @@ __all__ = [
     "ConfigError",
     "ProtocolError",
     "RingError",
+    "EventTooLarge",
     "AgentUnavailable",
     "AgentLocked",
     "WALError",
@@ -32,6 +33,11 @@ class ProtocolError(FlightlogError):
 
 class RingError(FlightlogError):
     """A shared-memory ring could not be created, opened or written."""
+
+
+class EventTooLarge(FlightlogError, ValueError):
+    """An event encodes to more bytes than one event may carry (``flightlog.proto.frames.MAX_EVENT_BYTES``);
+    refused at the call, before any of it is written."""
 
 
 class AgentUnavailable(FlightlogError):

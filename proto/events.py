@@ -11,6 +11,8 @@ import msgspec
 
 __all__ = [
     "SCHEMA_VERSION",
+    "CRASHED",
+    "END_STATUSES",
     "RunStart",
     "RunEnd",
     "HyperParams",
@@ -60,9 +62,16 @@ class RunStart(msgspec.Struct, tag="rs", array_like=True):
     metadata: dict[str, Any] = {}
 
 
+#: A run's end status set by the agent, not the SDK: its producer died without finish() (SIGKILL, SIGTERM,
+#: the OOM killer) and every event it logged is ingested (``flightlog.agent.ingest``).
+CRASHED = "crashed"
+#: The statuses a RunEnd carries: the SDK's finish() sends the first three, the agent CRASHED.
+END_STATUSES = ("completed", "failed", "killed", CRASHED)
+
+
 class RunEnd(msgspec.Struct, tag="re", array_like=True):
     run_id: str
-    status: str
+    status: str  # one of END_STATUSES
     timestamp: float
     error: str = ""
     dropped: int = 0

@@ -17,6 +17,11 @@ socket one datagram, once per sleep number; while the agent is awake the word is
 syscall. Neither side fences between its store and its load, so on x86-64 the two
 can rarely pass each other in the store buffers: the agent's periodic scan (about once a second) bounds the
 delay of such an event, and nothing is lost. A producer that never rings (an older SDK) is drained by that scan.
+
+Producer death: the header names the producer's pid, its start time and its run. A ring whose producer is
+gone without setting the closed word (SIGKILL, SIGTERM, the OOM killer) is drained to the end by the agent,
+which then ends the run as ``crashed`` unless another live producer still holds it. The start time tells a
+reused pid from the producer (fields added in layout 1 at offsets older SDKs left zero).
 """
 from __future__ import annotations
 
@@ -29,7 +34,8 @@ from pathlib import Path
 from flightlog.proto.errors import RingError
 
 __all__ = [
-    "HEADER_SIZE", "RING_MAGIC", "OFF_SLEEPING", "LAYOUT_VERSION", "ring_supported", "spill_path",
+    "HEADER_SIZE", "RING_MAGIC", "OFF_SLEEPING", "LAYOUT_VERSION", "PRODUCER_ID_LIMIT", "RUN_ID_LIMIT",
+    "ring_supported", "spill_path",
     "pack_cursor", "unpack_cursor", "cursor_distance", "cursor_reached", "write_header_str", "read_header_str",
 ]
 
@@ -43,19 +49,27 @@ OFF_SIZE = 16  # u64 data size
 OFF_PID = 24  # u32 pid, i32 rank
 OFF_CLOSED = 32  # u64: 1 once the producer finished cleanly
 OFF_CREATED = 40  # u64 ns
+OFF_PID_START = 48  # u64: the producer process's start time (clock ticks since boot, proto.osutil), 0 unknown
 OFF_WRITE = 64  # u64 write cursor (producer)
 OFF_READ = 128  # u64 read cursor (consumer)
 OFF_SPILL_GEN = 192  # u64 newest spill generation the producer opened (producer)
 OFF_DROPPED = 200  # u64 events dropped by policy "drop" (producer)
 OFF_SPILLED = 208  # u64 events written to spill files (producer)
 OFF_PAD = 216  # u64 byte counter (mod 2**35, BYTE_MASK) where the newest padding frame starts (producer)
+OFF_ENDED = 224  # u64: 1 once the run's RunEnd is written (into this ring or its sibling); a producer killed
+#                 after that (during finish's flush or checkpoint wait) did not crash (producer)
 OFF_CONSUMED_OFF = 256  # u64 bytes of the current spill generation the agent has made durable (consumer)
 OFF_CONSUMED_GEN = 264  # u64 spill generation the agent is reading (consumer)
 OFF_SLEEPING = 320  # u64: the agent's sleep number while it waits on its doorbell, else 0 (consumer; own line:
 #                    the producer reads it after every publish)
-OFF_PRODUCER_ID = 512  # u16 length + utf-8
+OFF_PRODUCER_ID = 512  # u16 length + utf-8 (at most PRODUCER_ID_LIMIT bytes with the length)
+OFF_RUN_ID = 768  # u16 length + utf-8: the run the producer logs (0 length: an older SDK; see RingView.run_id)
 OFF_SPILL_DIR = 1024  # u16 length + utf-8
 LAYOUT_VERSION = 1
+#: Bytes of the producer id field (it used to be 512; the run id field took the second half, which producer ids
+#: of ``<run id: at most 128>-<pid>-<6 hex>[-side]`` never reached: the layout version is unchanged).
+PRODUCER_ID_LIMIT = 256
+RUN_ID_LIMIT = 256
 
 BYTE_BITS = 35
 BYTE_MASK = (1 << BYTE_BITS) - 1  # rings are at most 1 GiB, so spans never reach 2**34

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from flightlog.proto.errors import RingError
 from flightlog.proto.events import SCHEMA_VERSION
-from flightlog.proto.frames import PAD_MARKER
+from flightlog.proto.frames import MAX_EVENT_BYTES, PAD_MARKER, check_event_size
+from flightlog.proto.osutil import process_start_ticks
 from flightlog.proto.paths import DOORBELL_NAME
 from flightlog.proto.ring import (
     _FRAME_ONE,
@@ -26,11 +27,14 @@ from flightlog.proto.ring import (
     OFF_CONSUMED_OFF,
     OFF_CREATED,
     OFF_DROPPED,
+    OFF_ENDED,
     OFF_MAGIC,
     OFF_PAD,
     OFF_PID,
+    OFF_PID_START,
     OFF_PRODUCER_ID,
     OFF_READ,
+    OFF_RUN_ID,
     OFF_SIZE,
     OFF_SLEEPING,
     OFF_SPILL_DIR,
@@ -38,7 +42,9 @@ from flightlog.proto.ring import (
     OFF_SPILLED,
     OFF_VERSION,
     OFF_WRITE,
+    PRODUCER_ID_LIMIT,
     RING_MAGIC,
+    RUN_ID_LIMIT,
     ring_supported,
     spill_path,
     write_header_str,
@@ -61,6 +67,7 @@ class RingProducer:
         on_full: str = "spill",
         block_timeout: float = 5.0,
         doorbell: str | os.PathLike[str] | None = None,
+        run_id: str = "",
     ) -> None:
         if size & (size - 1) or size < 4096 or size > 1 << 30:
             raise RingError(f"ring size must be a power of two from 4 KiB to 1 GiB, got {size}")
@@ -74,8 +81,7 @@ class RingProducer:
         self._bell_path = str(doorbell) if doorbell is not None else str(self.path.parent / DOORBELL_NAME)
         self._bell: socket.socket | None = None
         self._rang_for = 0  # the agent's sleep this producer rang for: once per sleep is enough
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = self._create()
         try:
             os.ftruncate(fd, HEADER_SIZE + size)
             self._mm = mmap.mmap(fd, HEADER_SIZE + size)
@@ -91,7 +97,9 @@ class RingProducer:
         struct.pack_into("<Q", mm, OFF_SIZE, size)
         struct.pack_into("<Ii", mm, OFF_PID, os.getpid(), rank)
         struct.pack_into("<Q", mm, OFF_CREATED, time.time_ns())
-        write_header_str(mm, OFF_PRODUCER_ID, producer_id, 512)
+        struct.pack_into("<Q", mm, OFF_PID_START, process_start_ticks(os.getpid()))
+        write_header_str(mm, OFF_PRODUCER_ID, producer_id, PRODUCER_ID_LIMIT)
+        write_header_str(mm, OFF_RUN_ID, run_id, RUN_ID_LIMIT)
         write_header_str(mm, OFF_SPILL_DIR, str(self.spill_dir), 3072)
         mm[OFF_MAGIC : OFF_MAGIC + 8] = RING_MAGIC  # last: the agent ignores rings without magic
         self._view = memoryview(mm)
@@ -101,13 +109,25 @@ class RingProducer:
         self._w = 0  # bytes written (unbounded here)
         self._word = 0  # the published write word (see pack_cursor)
         self._free_until = size  # cached: write cursor may reach this without re-reading the read cursor
-        self._limit = size - 1  # see _update_limit
+        self._limit = min(size - 1, MAX_EVENT_BYTES)  # see _update_limit
         self._mask = size - 1
         self._spill_fd = -1
         self._spill_gen = 0
         self._spill_size = 0
         self.dropped = 0
         self.spilled = 0
+
+    def _create(self) -> int:
+        """The ring file, created exclusively. An agent that exits removes the ring directory when it is empty:
+        if that happens between the mkdir and the open, make the directory again."""
+        for attempt in range(3):
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     # --- the hot path --------------------------------------------------------------------------
 
@@ -162,13 +182,16 @@ class RingProducer:
     # --- slow paths ----------------------------------------------------------------------------
 
     def _update_limit(self) -> None:
-        """The byte counter up to which frames go in without a check: free space, and the physical end."""
+        """The byte counter up to which frames go in without a check: free space, the physical end, and
+        MAX_EVENT_BYTES past the write cursor — so that a frame over the limit always takes the slow path,
+        which refuses it, and the hot path needs no size check of its own."""
         w = self._w
         end = w - (w & self._mask) + self.size
         # end - 1: a frame that reaches the physical end exactly takes the slow path (see _FRAME_ONE).
-        self._limit = -1 if self._spill_fd >= 0 else min(self._free_until, end - 1)
+        self._limit = -1 if self._spill_fd >= 0 else min(self._free_until, end - 1, w + MAX_EVENT_BYTES)
 
     def _write_slow(self, payload: bytearray | bytes, stride: int) -> None:
+        check_event_size(payload)  # before anything is written: the event is refused at the call
         if self._spill_fd >= 0 and not self._leave_spill():
             self._spill(payload, stride)
             self._update_limit()
@@ -281,6 +304,12 @@ class RingProducer:
             self._refresh_free()
             return True
         return False
+
+    def mark_ended(self) -> None:
+        """The run's RunEnd is written (into this ring or its sibling): if this process dies from now on, the
+        agent does not end the run as crashed. Any thread: one word of its own, after the frame's publish."""
+        if self._view is not None:
+            self._cursors[OFF_ENDED // 8] = 1
 
     # --- positions, for flush ------------------------------------------------------------------
 

@@ -19,8 +19,8 @@ from flightlog.link import AgentLink
 from flightlog.proto.codec import event_encoder
 from flightlog.proto.config import AgentConfig
 from flightlog.proto.errors import AgentUnavailable, FlightlogError
-from flightlog.proto.events import Event, EventBatch, FlushRequest, Register, RunStart
-from flightlog.proto.frames import append_frame
+from flightlog.proto.events import Event, EventBatch, FlushRequest, Register, RunEnd, RunStart
+from flightlog.proto.frames import append_frame, check_event_size
 from flightlog.proto.paths import AgentPaths
 from flightlog.ring import RingProducer
 
@@ -96,7 +96,7 @@ class RingTransport(Transport):
         a = self._agent
         return RingProducer(
             self.paths.ring_dir / f"{producer_id}.ring", a.ring_bytes, producer_id, self.paths.spill_dir,
-            rank=self.rank, on_full=a.on_full, block_timeout=a.block_timeout_seconds,
+            rank=self.rank, on_full=a.on_full, block_timeout=a.block_timeout_seconds, run_id=self.run_id,
         )
 
     def _register(self, ring: RingProducer) -> Register:
@@ -112,6 +112,16 @@ class RingTransport(Transport):
             self.ring.write_frame(self.buf)
         else:
             self.emit_side(event)
+        if type(event) is RunEnd:
+            self._mark_ended()
+
+    def _mark_ended(self) -> None:
+        """The RunEnd is in a ring: a kill from now on (finish still flushing, or waiting for checkpoints)
+        is not a crash. Both rings: the agent retires them in no fixed order."""
+        self.ring.mark_ended()
+        side = self.side
+        if side is not None:
+            side.mark_ended()
 
     def emit_side(self, event: Event) -> None:
         with self.lock:
@@ -213,6 +223,7 @@ class SocketTransport(Transport):
             if self.closed:
                 raise self._closed_error()
             event_encoder.encode_into(event, self._buf, 0)
+            check_event_size(self._buf)  # the ring producer's slow path makes the same check
             append_frame(self._pending, bytes(self._buf))
             self._count += 1
             if len(self._pending) >= _SOCKET_BATCH:

@@ -22,6 +22,7 @@ from typing import Any
 from flightlog.proto.config import TrackingConfig
 from flightlog.proto.errors import BackendError, PermanentBackendError, RetryableBackendError
 from flightlog.proto.events import (
+    CRASHED,
     Alert,
     Artifact,
     CheckpointSaved,
@@ -49,7 +50,9 @@ MAX_METRICS, MAX_PARAMS, MAX_TAGS, MAX_ENTITIES = 1000, 100, 100, 1000
 MAX_PARAM_LENGTH = 6000
 MAX_TAG_LENGTH = 8000
 RUN_ID_TAG = "flightlog.run_id"
-_STATUS = {"completed": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+STATUS_TAG = "flightlog.status"
+#: flightlog's end statuses (proto.events.END_STATUSES) as MLflow's; a crash is a failure there.
+_STATUS = {"completed": "FINISHED", "failed": "FAILED", "killed": "KILLED", CRASHED: "FAILED"}
 _RETRYABLE_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED",
                     "DEADLINE_EXCEEDED", "ABORTED"}
 _KEY_IN_MESSAGE = re.compile(r"'key': '([^']+)'|[Pp]aram(?:eter)? (?:name|key)?\s*'([^']+)'")
@@ -239,8 +242,13 @@ class MLflowTracker(RunSinkBase):
         if got.end is not None:
             seq, ev = got.end
             status = _STATUS.get(ev.status, "FINISHED")
+            # MLflow's statuses have no "crashed": the tag keeps flightlog's own word (and why, if known).
+            end_tags = [RunTag(STATUS_TAG, ev.status)]
+            if ev.error:
+                end_tags.append(RunTag("flightlog.error", ev.error[-MAX_TAG_LENGTH:]))
             if ev.dropped:
-                self._send(run, [], [RunTag("flightlog.dropped_events", str(ev.dropped))], [])
+                end_tags.append(RunTag("flightlog.dropped_events", str(ev.dropped)))
+            self._send(run, [], end_tags, [])
             self._call(run, f"setting the status of run {start.name!r}", run.client.set_terminated, run.id,
                        status, int(ev.timestamp * 1000))
             state = self.state_of(run_id)

@@ -42,7 +42,7 @@ from ._common import RunSinkBase, atomic_write_json, flatten, image_bytes, png_s
 from ._errors import ErrorTable, Rule
 from .tb_records import ScalarEventEncoder, crc32c_many, masked_crc32c_many, record_bytes
 
-__all__ = ["TB_ERRORS", "ScalarEventEncoder", "TensorBoardTracker", "crc32c_many", "masked_crc32c_many", "record_bytes"]
+__all__ = ["STATUS_TAG", "TB_ERRORS", "ScalarEventEncoder", "TensorBoardTracker", "crc32c_many", "masked_crc32c_many", "record_bytes"]
 
 log = logging.getLogger("flightlog.agent.sinks")
 
@@ -53,6 +53,8 @@ TB_ERRORS = ErrorTable("TensorBoard", [
 ])
 
 STATE_FILE = ".flightlog-tb.json"
+#: The text summary recording how the run ended (completed, failed, killed, crashed) and why.
+STATUS_TAG = "flightlog/status"
 _FILE_MARK = ".flightlog"  # our event files carry this, so recovery never touches anyone else's
 
 def _proto_event(wall_time: float, step: int, summary: Any = None, file_version: str | None = None) -> bytes:
@@ -70,6 +72,11 @@ def _text_event(key: str, text: str, step: int, wall_time: float) -> bytes:
     from tensorboardX.summary import text as text_summary
 
     return _proto_event(wall_time, step, text_summary(key, text))
+
+
+def _end_text(ev: RunEnd) -> str:
+    """The run's end for TensorBoard's text tab: the status, then the reason if there is one."""
+    return f"**{ev.status}**" + (f"\n\n{ev.error}" if ev.error else "")
 
 
 def _histogram_event(ev: Histogram) -> bytes:
@@ -242,6 +249,7 @@ class TensorBoardTracker(RunSinkBase):
             elif isinstance(ev, RunEnd):
                 end = ev
                 payloads.extend(self._hparams_events(run, ev))
+                payloads.append(_text_event(STATUS_TAG, _end_text(ev), 0, ev.timestamp))
             elif isinstance(ev, CheckpointSaved):
                 if ev.metrics:
                     payloads.append(enc(ev.timestamp, ev.step, ev.metrics, "checkpoint/"))

@@ -207,6 +207,9 @@ class WandBTracker(RunSinkBase):
             try:
                 if end.dropped:
                     run.summary["flightlog/dropped_events"] = end.dropped
+                # Any end but "completed" is a non-zero exit (W&B shows the run failed); the summary keeps
+                # flightlog's own word: W&B's "crashed" state means lost heartbeats, not a dead trainer.
+                run.summary["flightlog/status"] = end.status
                 run.finish(exit_code=0 if end.status == "completed" else 1)
             except Exception as exc:
                 self._forget(run_id)
