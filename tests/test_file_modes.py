@@ -8,6 +8,7 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest_backends import drive, run_events, write_wal
@@ -198,3 +199,33 @@ def test_unused_backends_create_nothing(tmp_path: Path) -> None:
     assert made == ["tensorboard"], made  # no sinks/wandb/ (nor sinks/mlflow/) for a run that uses neither
     assert_private(tmp_path / "data")
 
+
+
+def test_a_whole_run_leaves_only_private_files(agent_paths: Any, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sidecar started by the tracker, metrics, an artifact, a checkpoint and TensorBoard: every file
+    and folder that appears in the data dir, the socket's and ring folders, the event files and the
+    checkpoints is private (the agent's own log included)."""
+    torch = pytest.importorskip("torch")
+    import flightlog
+    from flightlog.client import _sidecars
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setenv("FLIGHTLOG_SHM_DIR", str(shm))
+    cfg = {"tracking": {"use_tensorboard": True, "tensorboard_log_dir": str(tmp_path / "tb")},
+           "checkpointing": {"checkpoint_dir": str(tmp_path / "ckpt")},
+           "agent": {"autostart": True, "idle_exit_seconds": 0.5}}
+    src = tmp_path / "notes.txt"
+    src.write_text("hello")
+    os.chmod(src, 0o644)
+    with flightlog.experiment_tracking("modes", cfg) as t:
+        for s in range(20):
+            t.log_metrics({"loss": 1.0 / (s + 1)}, step=s)
+        t.log_artifact(src)
+        t.save_checkpoint(torch.nn.Linear(2, 2), 0, 5, val_loss=0.1).wait()
+    assert _sidecars[-1].wait(60) == 0
+    assert any("tfevents" in p.name for p in (tmp_path / "tb").rglob("*"))
+    for root in (agent_paths.data_dir, agent_paths.socket.parent, shm / f"flightlog-{os.getuid()}",
+                 tmp_path / "tb", tmp_path / "ckpt"):
+        assert_private(root)
