@@ -14,7 +14,7 @@ import pytest
 from conftest_backends import drive, run_events, write_wal
 
 from flightlog.artifacts import copy_artifact, save_git_diff
-from flightlog.proto.events import Image
+from flightlog.proto.events import Image, Text
 
 KEYS = ["loss", "acc"]
 
@@ -161,7 +161,7 @@ def test_mlflow_local_store_and_artifacts_are_private(tmp_path: Path) -> None:
     png = (b"\x89PNG\r\n\x1a\n" + bytes(8) + (4).to_bytes(4, "big") + (4).to_bytes(4, "big")).ljust(64, b"\0")
     evs = run_events("m1", "mlrun", tracking, steps=5, keys=KEYS, sinks=["mlflow"], end=False)
     _, artifact = copy_artifact("m1", tmp_path / "data" / "runs" / "m1", art, kind="../../escape")  # as the SDK does
-    evs += [artifact, Image("m1", "plots/../../loss", 1, time.time(), "", png)]
+    evs += [artifact, Text("m1", "../../../textesc", "hi", 0, time.time()), Image("m1", "plots/../../loss", 1, time.time(), "", png)]
     write_wal(tmp_path / "wal", evs)
     [runner] = drive([MLflowTracker(tmp_path / "state")], tmp_path / "wal", tmp_path / "db.sqlite")
     assert runner.stats.state == "ok", runner.stats.last_error
@@ -170,6 +170,8 @@ def test_mlflow_local_store_and_artifacts_are_private(tmp_path: Path) -> None:
     escaped = list(tmp_path.glob("**/escape"))  # the artifact type "../../escape", encoded: a folder inside
     assert escaped and all(p.is_relative_to(ml / "mlartifacts") for p in escaped)
     assert not (tmp_path / "escape").exists() and not (ml / "escape").exists()
+    texts = list(tmp_path.glob("**/textesc"))
+    assert texts and all(p.is_relative_to(ml / "mlartifacts") for p in texts)
     assert_private(ml)
 
 

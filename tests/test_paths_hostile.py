@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import stat
 import tempfile
 import time
@@ -83,6 +84,34 @@ def test_tensorboard_run_dirs_stay_under_the_log_dir(name: str, run_id: str) -> 
     sink = TensorBoardTracker("/nonexistent-state", defaults={"tensorboard_log_dir": base})
     d = sink.run_dir(RunStart(run_id=run_id, name=name, timestamp=0.0))
     assert posixpath.dirname(posixpath.normpath(str(d))) == base
+
+
+@given(names)
+@settings(max_examples=300, deadline=None)
+def test_wandb_run_ids_are_plain(run_id: str) -> None:
+    from flightlog.agent.sinks.wandb_sink import wandb_run_id
+
+    assert re.fullmatch(r"[A-Za-z0-9_-]{1,64}", wandb_run_id(run_id))
+
+
+@pytest.mark.parametrize("run_id", ["exp1/seed3", "../../x", "/abs", "..", "ok.run-1"])
+def test_checkpoint_paths_stay_in_the_checkpoint_dir_whatever_the_run_id(tmp_path: Path, run_id: str) -> None:
+    torch = pytest.importorskip("torch")
+    from flightlog.checkpoint import ModelCheckpointer
+
+    root = tmp_path / "ckpt"
+    try:
+        ck = ModelCheckpointer(root, staging_dir=tmp_path / "stage", run_id=run_id)
+    except ValueError as exc:
+        assert "run_id" in str(exc)
+        return
+    try:
+        path = ck.save(torch.nn.Linear(2, 2), epoch=1, step=2)
+        path.wait()
+    finally:
+        ck.close()
+    assert Path(path).parent == root and _inside(path, root)
+    assert {p.parent for p in tmp_path.rglob("*") if p.is_file() and "stage" not in p.parts} == {root}
 
 
 @given(names)
