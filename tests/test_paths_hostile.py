@@ -289,3 +289,19 @@ def test_staging_dir_parent_keeps_its_mode(tmp_path: Path, parent_mode: int) -> 
         assert stat.S_IMODE((parent / "stage").stat().st_mode) == 0o700
     finally:
         ck.close()
+
+
+def test_default_staging_dir_avoids_a_planted_symlink(shm: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    from flightlog.checkpoint import ModelCheckpointer
+    from flightlog.checkpoint.staging import default_staging_dir
+
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (shm / f"flightlog-{os.getuid()}").symlink_to(target)
+    monkeypatch.setenv("FLIGHTLOG_AGENT_SOCKET", str(tmp_path / "sock" / "a.sock"))
+    assert default_staging_dir() == tmp_path / "sock" / "run" / "ckpt"
+    ck = ModelCheckpointer(tmp_path / "ckpt")
+    ck.close()
+    assert not list(target.iterdir())

@@ -24,8 +24,9 @@ BOUNCE_BYTES = 64 << 20
 
 
 def default_staging_dir() -> Path:
-    """``ckpt`` in the per-user runtime directory (``/dev/shm/flightlog-<uid>`` or its private fallback)."""
-    return resolve_paths().ring_dir.parent / "ckpt"
+    """``ckpt`` in the per-user runtime directory (``/dev/shm/flightlog-<uid>`` or its private fallback),
+    which is checked here: the staging directory's own check does not look at its parent."""
+    return ensure_private_dir(resolve_paths().ring_dir.parent) / "ckpt"
 
 
 class StagingBuffer:
