@@ -23,6 +23,8 @@ import anyio
 from flightlog.proto.config import MonitoringConfig, decode_config
 from flightlog.proto.errors import FlightlogError
 from flightlog.proto.events import Event, Image
+from flightlog.proto.names import check_run_id
+from flightlog.proto.osutil import PRIVATE_FILE_MODE, make_dirs
 from flightlog.proto.paths import AgentPaths
 
 from .store import Store
@@ -132,7 +134,9 @@ def _curves(ax: Any, series: Mapping[str, tuple[list[int], list[float]]], *, pos
 
 def _save(fig: Any, path: Path) -> Path:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+    with open(fd, "wb") as f:
+        fig.savefig(f, format="png", dpi=DPI, metadata={"Software": None})
     os.replace(tmp, path)  # a sink or a reader never sees half a PNG
     return path
 
@@ -159,7 +163,7 @@ def render_plots(store: Store | str | os.PathLike[str], run_id: str, out_dir: st
     loss = {k: series[k] for k in groups["loss"] if k in series}
     acc = {k: series[k] for k in groups["accuracy"] if k in series}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dirs(out)
     written: list[Path] = []
     if loss:
         fig, ax = _figure(f"loss — run {run_id}", "loss")
@@ -217,7 +221,8 @@ class PlotService:
         self._settings: dict[str, MonitoringConfig] = {}  # run -> its monitoring section (a config never changes)
 
     def plot_dir(self, run_id: str) -> Path:
-        return self.paths.data_dir / "runs" / run_id / "plots"
+        """``<data dir>/runs/<run id>/plots``; a ValueError for a run id that is not a plain name."""
+        return self.paths.run_dir(run_id) / "plots"
 
     async def run(self) -> None:
         try:
@@ -247,7 +252,16 @@ class PlotService:
     def _runs(self) -> list[tuple[str, str, float | None]]:
         """(run id, status, ended at) of every run in the store."""
         store = self._open_store()
-        return [] if store is None else [(r.run_id, r.status, r.ended_at) for r in store.run_states()]
+        if store is None:
+            return []
+        rows: list[tuple[str, str, float | None]] = []
+        for r in store.run_states():
+            try:
+                check_run_id(r.run_id)
+            except ValueError:
+                continue  # no SDK sends such an id; as a path it could leave the data dir: no plots for it
+            rows.append((r.run_id, r.status, r.ended_at))
+        return rows
 
     def _monitoring(self, run_id: str) -> MonitoringConfig:
         mon = self._settings.get(run_id)
@@ -315,8 +329,10 @@ class PlotService:
                     self._done.add(run_id)
                     continue
                 marker = self.plot_dir(run_id) / self.MARKER
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text(repr(ended_at))
+                make_dirs(marker.parent)
+                fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+                with open(fd, "w") as f:
+                    f.write(repr(ended_at))
                 self._done.add(run_id)
                 self._last.pop(run_id, None)
                 n += 1

@@ -4,7 +4,46 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["pid_alive", "process_alive", "process_start_ticks", "fsync_dir"]
+__all__ = ["PRIVATE_DIR_MODE", "PRIVATE_FILE_MODE", "PRIVATE_UMASK", "make_dirs", "restrict_umask", "pid_alive",
+           "process_alive", "process_start_ticks", "fsync_dir"]
+
+#: What flightlog creates: directories 0700, files 0600 (group sharing is for a later, explicit setting).
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+#: The umask a process that runs backend libraries (mlflow, wandb, sqlite) gets, so their files are private too.
+PRIVATE_UMASK = 0o077
+
+
+def make_dirs(path: str | os.PathLike[str], mode: int = PRIVATE_DIR_MODE) -> list[Path]:
+    """``mkdir -p`` that gives every directory it creates ``mode`` (``Path.mkdir(parents=True)`` gives the
+    parents the umask's default) and never touches one that exists; returns those it created, outermost first."""
+    path = Path(path)
+    missing: list[Path] = []
+    p = path
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    created: list[Path] = []
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:
+            continue  # made meanwhile by someone else: theirs, not ours to chmod
+        created.append(d)
+    return created
+
+
+def restrict_umask() -> int:
+    """Add ``PRIVATE_UMASK`` to the process umask (never loosen it); returns the umask now in force.
+
+    Set first and or-ed after, so no thread ever runs under a looser umask than before (reading the umask
+    needs setting it: ``os.umask(0)`` would open a window of world-writable files).
+    """
+    old = os.umask(PRIVATE_UMASK)
+    new = old | PRIVATE_UMASK
+    if new != PRIVATE_UMASK:
+        os.umask(new)
+    return new
 
 
 def pid_alive(pid: int) -> bool:

@@ -40,6 +40,11 @@ def connect(path: str | os.PathLike[str], *, readonly: bool = False,
         uri = Path(path).absolute().as_uri() + "?mode=ro"  # as_uri quotes '?', '#' and '%' in the path
         return sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False,
                                factory=Connection)
+    if str(path) != ":memory:":
+        try:  # sqlite would create it 0644; its -wal and -shm files take the database file's mode
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        except OSError:
+            pass  # there already, or not creatable: sqlite says which
     db = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False, factory=Connection)
     try:
         db.execute("PRAGMA journal_mode=WAL")

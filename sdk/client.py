@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ def start_sidecar(paths: AgentPaths, settings: dict[str, Any]) -> subprocess.Pop
     """Start ``python -m flightlog.agent`` detached: it outlives the trainer until it has drained."""
     ensure_private_dir(paths.data_dir)
     ensure_private_dir(paths.socket.parent)
-    logfile = open(paths.log, "ab")
+    logfile = open(os.open(paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), "ab")
     try:
         proc = subprocess.Popen(
             [

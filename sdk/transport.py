@@ -21,7 +21,7 @@ from flightlog.proto.config import AgentConfig
 from flightlog.proto.errors import AgentUnavailable, FlightlogError
 from flightlog.proto.events import Event, EventBatch, FlushRequest, Register, RunEnd, RunStart
 from flightlog.proto.frames import append_frame, check_event_size
-from flightlog.proto.paths import AgentPaths
+from flightlog.proto.paths import AgentPaths, ensure_ring_dir
 from flightlog.ring import RingProducer
 
 __all__ = ["Transport", "RingTransport", "SocketTransport", "NO_OWNER", "open_transport"]
@@ -94,6 +94,7 @@ class RingTransport(Transport):
 
     def _open_ring(self, producer_id: str) -> RingProducer:
         a = self._agent
+        ensure_ring_dir(self.paths)  # the agent's check, so neither side uses a directory the other refuses
         return RingProducer(
             self.paths.ring_dir / f"{producer_id}.ring", a.ring_bytes, producer_id, self.paths.spill_dir,
             rank=self.rank, on_full=a.on_full, block_timeout=a.block_timeout_seconds, run_id=self.run_id,

@@ -8,6 +8,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from flightlog.proto.names import RUN_ID_MAX, check_file_name, check_run_id
+
 __all__ = [
     "RUN_ID_MAX",
     "INT64_MIN",
@@ -22,11 +24,6 @@ __all__ = [
     "KeyRules",
 ]
 
-#: A run id names files (``<ring dir>/<run id>-<pid>-<tag>.ring``, spill files, ``<data dir>/runs/<run id>``);
-#: 128 characters leave room for those suffixes well inside the 255 bytes a file name may have.
-RUN_ID_MAX = 128
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
 #: SQLite integers and MLflow's steps are signed 64-bit.
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
@@ -40,29 +37,10 @@ _MLFLOW_RULE = ("MLflow allows only alphanumerics, underscores (_), dashes (-), 
                 "to another (no leading '/', no '..', no '//', no trailing '/')")
 
 
-def check_run_id(run_id: Any) -> str:
-    """``run_id`` if it can name the run's files, else a ValueError that says the rule."""
-    if not isinstance(run_id, str):
-        raise TypeError(f"run_id must be a str, got {type(run_id).__name__}")
-    if len(run_id) > RUN_ID_MAX or not _RUN_ID.fullmatch(run_id):
-        shown = run_id if len(run_id) <= 60 else f"{run_id[:40]}... ({len(run_id)} characters)"
-        raise ValueError(
-            f"run_id {shown!r} is not usable: it names the run's ring, spill and artifact files, so it must be "
-            f"1 to {RUN_ID_MAX} characters of letters, digits, '.', '_' and '-', starting with a letter or digit"
-        )
-    return run_id
-
-
 def check_experiment_name(name: Any) -> str:
+    """A non-empty str (it reaches paths only encoded: ``flightlog.proto.names.safe_component``)."""
     if not isinstance(name, str) or not name:
-        raise ValueError("experiment name must be a non-empty string")
-    return name
-
-
-def check_file_name(name: str, what: str = "artifact name") -> str:
-    """A plain file name (it becomes a file in the run's directory)."""
-    if not name or name in (".", "..") or "/" in name or "\0" in name:
-        raise ValueError(f"{what} must be a plain file name, got {name!r}")
+        raise ValueError(f"experiment name must be a non-empty string, got {name!r:.60}")
     return name
 
 

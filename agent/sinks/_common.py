@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ import msgspec
 from flightlog.proto.config import TrackingConfig
 from flightlog.proto.errors import PermanentBackendError
 from flightlog.proto.events import Event, Image, RunStart
+from flightlog.proto.names import safe_component
+from flightlog.proto.osutil import make_dirs, restrict_umask
 
 from .base import Ack, Batch, SinkCursor
 
@@ -75,9 +76,6 @@ def flatten(d: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str,
     return out
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
 def image_bytes(ev: Image) -> bytes | None:
     """The PNG of an Image event: its bytes, or the file it names if that still exists."""
     if ev.data:
@@ -97,8 +95,8 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 
 def safe_name(text: str, limit: int = 100) -> str:
-    """A file-name-safe form of a run name."""
-    return _UNSAFE.sub("_", text).strip("._")[:limit] or "run"
+    """A file-name-safe form of a run name (``flightlog.proto.names.safe_component``)."""
+    return safe_component(text, limit)
 
 
 _TRACKING_KEYS = frozenset(f.name for f in msgspec.structs.fields(TrackingConfig))
@@ -126,7 +124,7 @@ class RunRegistry:
         self._cache: dict[str, dict[str, Any]] = {}
 
     def ensure(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dirs(self.directory)
 
     def _path(self, run_id: str) -> Path:
         return self.directory / f"{safe_name(run_id, 200)}.json"
@@ -183,7 +181,10 @@ class RunSinkBase:
         self.all_runs = accept_all_runs
 
     def open(self) -> SinkCursor | None:
-        self.registry.ensure()
+        # Nothing is created until a run uses this backend (the registry makes its folder on the first put).
+        # The backend libraries write files of their own (mlflow.db, mlartifacts/, wandb's run files): the
+        # process umask is the one setting that makes those private too.
+        restrict_umask()
         return None
 
     def tracking(self, start: RunStart) -> TrackingConfig:

@@ -36,6 +36,7 @@ from flightlog.proto.events import (
     Tags,
     Text,
 )
+from flightlog.proto.names import safe_relpath
 
 from ._common import RunSinkBase, flatten, image_bytes, safe_name
 from ._errors import ErrorTable, Rule
@@ -297,14 +298,15 @@ class MLflowTracker(RunSinkBase):
 
     def _upload(self, run: _MlRun, got: _Collected) -> None:
         for tx in got.texts:
+            # Keys and artifact types become artifact paths: encoded, so none climbs out of the run's root.
             self._call(run, "logging text " + repr(tx.key), run.client.log_text, run.id, tx.text,
-                       f"text/{tx.key}/step_{tx.step}.txt")
+                       f"text/{safe_relpath(tx.key) or 'text'}/step_{tx.step}.txt")
         for ar in got.artifacts:
             if not os.path.exists(ar.path):
                 log.warning("MLflow: artifact %s (%s) no longer exists; not uploaded", ar.name, ar.path)
                 continue
             self._call(run, f"uploading artifact {ar.path}", run.client.log_artifact, run.id, ar.path,
-                       ar.kind or None)
+                       safe_relpath(ar.kind or "") or None)
         for im in got.images:
             png = image_bytes(im)
             if png:

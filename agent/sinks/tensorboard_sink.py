@@ -12,6 +12,7 @@ exactly once.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -37,6 +38,7 @@ from flightlog.proto.events import (
     Tags,
     Text,
 )
+from flightlog.proto.osutil import PRIVATE_FILE_MODE, make_dirs
 
 from ._common import RunSinkBase, atomic_write_json, flatten, image_bytes, png_size, read_json, safe_name
 from ._errors import ErrorTable, Rule
@@ -140,7 +142,9 @@ class TensorBoardTracker(RunSinkBase):
             return run
         d = self.run_dir(start)
         try:
-            d.mkdir(parents=True, exist_ok=True)
+            make_dirs(d)
+            if not d.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(d))
         except OSError as exc:
             raise PermanentBackendError(f"cannot create TensorBoard directory {d}: {exc}") from exc
         state = read_json(d / STATE_FILE) or {}
@@ -183,7 +187,8 @@ class TensorBoardTracker(RunSinkBase):
         now = time.time()
         name = f"events.out.tfevents.{int(now)}.{safe_name(self._host)}{_FILE_MARK}"
         path = run.directory / name
-        run.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        run.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC,
+                        PRIVATE_FILE_MODE)
         head = record_bytes([_proto_event(now, 0, file_version="brain.Event:2")])
         os.write(run.fd, head)
         os.fsync(run.fd)

@@ -27,6 +27,7 @@ from flightlog.proto.events import (
     Tags,
     Text,
 )
+from flightlog.proto.osutil import make_dirs
 
 from ._common import RunSinkBase, flatten, image_bytes, safe_name
 from ._errors import ErrorTable, Rule
@@ -101,7 +102,7 @@ class WandBTracker(RunSinkBase):
         wandb = self._lib()
         state = self.state_of(run_id)
         directory = tracking.wandb_dir or str(self.state_dir / "files")
-        os.makedirs(directory, exist_ok=True)
+        make_dirs(directory)  # only now: a run that does not use W&B leaves no trace of it
         settings: dict[str, Any] = dict(
             console="off", silent=True, x_disable_stats=True, x_disable_meta=True, x_disable_machine_info=True,
             save_code=False, disable_git=True, disable_job_creation=True, x_save_requirements=False,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from flightlog.proto.errors import CheckpointError
+from flightlog.proto.osutil import make_dirs
 from flightlog.proto.sqlite import connect, transaction
 
 from .retention import Entry, choose_best, plan_retention
@@ -49,7 +50,7 @@ class Registry:
             if readonly:
                 self.db = connect(self.path, readonly=True)
             else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                make_dirs(self.path.parent)  # 0700; an existing directory keeps its mode
                 self.db = connect(self.path)
                 self.db.executescript(SCHEMA)
                 _migrate(self.db)

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 import xxhash
 
 from flightlog.proto.errors import CheckpointError
-from flightlog.proto.osutil import fsync_dir, pid_alive
+from flightlog.proto.osutil import PRIVATE_FILE_MODE, fsync_dir, make_dirs, pid_alive
 
 from .codecs import check_level, compress_chunk
 from .format import (
@@ -126,12 +126,12 @@ class DirectFile:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         self.direct = direct and hasattr(os, "O_DIRECT")
         try:
-            self._fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
+            self._fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), PRIVATE_FILE_MODE)
         except OSError as exc:
             if not self.direct or exc.errno != errno.EINVAL:
                 raise
             self.direct = False
-            self._fd = os.open(path, flags, 0o644)
+            self._fd = os.open(path, flags, PRIVATE_FILE_MODE)
         self._buf = mmap.mmap(-1, max(self.BLOCK, buffer_bytes - buffer_bytes % self.BLOCK))
         self._view = memoryview(self._buf)
         self._fill = 0
@@ -265,7 +265,7 @@ def commit_checkpoint(spec: dict[str, Any], registry_path: str | os.PathLike[str
     check_level(spec["codec"], int(spec["level"]))
     tensors = tensors_of_spec(spec)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        make_dirs(directory)  # 0700, and an existing directory keeps its mode
     except OSError as exc:
         raise CheckpointError(f"cannot create the checkpoint directory {directory}: {exc.strerror}") from exc
     _check_space(directory, int(spec["data_bytes"]) + (1 << 20) + int(spec.get("min_free_bytes", 0)), str(path))

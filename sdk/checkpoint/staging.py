@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import os
-import tempfile
 import threading
 import uuid
 from collections.abc import Callable
@@ -17,7 +16,7 @@ import torch
 from flightlog.checkpoint.state import DTYPES_BY_NAME
 from flightlog.proto.errors import CheckpointError
 from flightlog.proto.osutil import pid_alive
-from flightlog.proto.paths import ensure_private_dir
+from flightlog.proto.paths import ensure_private_dir, resolve_paths
 
 __all__ = ["BOUNCE_BYTES", "StagingBuffer", "StagingPool", "default_staging_dir", "stage"]
 
@@ -25,8 +24,9 @@ BOUNCE_BYTES = 64 << 20
 
 
 def default_staging_dir() -> Path:
-    base = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
-    return base / f"flightlog-{os.getuid()}" / "ckpt"
+    """``ckpt`` in the per-user runtime directory (``/dev/shm/flightlog-<uid>`` or its private fallback),
+    which is checked here: the staging directory's own check does not look at its parent."""
+    return ensure_private_dir(resolve_paths().ring_dir.parent) / "ckpt"
 
 
 class StagingBuffer:
@@ -68,7 +68,8 @@ class StagingPool:
     """At most ``n`` staged checkpoints in flight; ``acquire`` waits for a free buffer."""
 
     def __init__(self, directory: Path, n: int) -> None:
-        ensure_private_dir(directory.parent)
+        # Only the staging directory itself must be private: its parent may be the user's (or /tmp), and a
+        # directory flightlog did not create keeps its mode.
         ensure_private_dir(directory)
         self._sweep(directory)
         tag = f"ckpt-{os.getpid()}-{uuid.uuid4().hex[:6]}"
