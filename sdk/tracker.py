@@ -101,14 +101,13 @@ class ExperimentTracker:
     def _connect(self) -> None:
         for reg in self._transport.registrations():
             self._link.register(reg)
-        if self._link.connect():
+        if self._link.connect(warn=self._transport.ring is not None):  # says "no agent ... yet" once
             return
         if self._transport.ring is None:
             raise AgentUnavailable(
                 f"no flightlog agent on {self.paths.socket} and this CPU has no shared-memory ring; "
                 "start one with `flightlog agent`"
             )
-        log.warning("flightlog: no agent on %s yet; logging into %s", self.paths.socket, self.paths.ring_dir)
 
     @property
     def _producer(self) -> RingProducer | None:
