@@ -318,7 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
     wi.set_defaults(func=_wal_inspect)
     from flightlog.agent.replay import add_subparsers as add_replay
 
-    add_replay(wsub)
+    rp = add_replay(wsub)
+    common(rp)
+    replay = rp.get_default("func")
+
+    def replay_located(args: argparse.Namespace) -> int:
+        args.dir = str(_wal_dir(args))  # DIR, DIR/wal of a data directory, or the data directory's WAL
+        return int(replay(args))
+
+    rp.set_defaults(func=replay_located)
 
     r = sub.add_parser("runs", help="runs in the local store")
     rsub = r.add_subparsers(dest="runs_command", required=True)

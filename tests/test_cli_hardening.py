@@ -3,6 +3,7 @@ filled from real trackers: the same --config/--data-dir on every command, `wal i
 every state, ambiguous run names refused, user strings escaped, only the sinks runs use, one "no agent" line."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import flightlog
 from flightlog.proto.paths import AgentPaths, resolve_paths
 
 SPOOF = "spoof\nfake-run ok\u202eevil\x1b[2J"
-COMMANDS = [["agent"], ["status"], ["wal", "inspect"], ["runs", "ls"], ["runs", "export"], ["plot"],
+COMMANDS = [["agent"], ["status"], ["wal", "inspect"], ["wal", "replay"], ["runs", "ls"], ["runs", "export"], ["plot"],
             ["ckpt", "ls"], ["ckpt", "show"], ["ckpt", "verify"], ["ckpt", "export"]]
 
 
@@ -35,6 +36,7 @@ class Filled:
     dups: list[str]  # two runs named "dup"
     spoof: str
     tb: str  # a run that uses TensorBoard
+    ckpt: str  # the checkpoint of "exp" ("" without torch)
 
 
 def cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -59,11 +61,18 @@ def filled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Filled]:
             cfg = {"tracking": {"use_tensorboard": False}, "checkpointing": {"checkpoint_dir": str(root / "ckpt")},
                    "agent": {"autostart": False}}
             ids: dict[str, str] = {}
+            try:
+                import torch
+            except ImportError:
+                torch = None  # type: ignore[assignment]
+            ckpt = ""
             for name, run_id in (("exp", "exp-run"), ("dup", "dup-one"), ("dup", "dup-two"), (SPOOF, "spoof-run")):
                 with flightlog.ExperimentTracker(name, cfg, run_id=run_id) as t:
                     for step in range(5):
                         t.log_metrics({"loss": 1.0 / (step + 1), "acc": step / 10}, step=step)
                     t.set_tags({"note": "tag\u202ereversed"})
+                    if run_id == "exp-run" and torch is not None:
+                        ckpt = t.save_checkpoint(torch.nn.Linear(2, 2), epoch=1, step=4, val_loss=0.5)
                 ids[run_id] = t.run_id
             tb_cfg = {**cfg, "tracking": {"use_tensorboard": True, "tensorboard_log_dir": str(root / "tb")}}
             with flightlog.ExperimentTracker("tb", tb_cfg, run_id="tb-run") as t:
@@ -74,7 +83,7 @@ def filled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Filled]:
             cfg_dir.mkdir()
             config = cfg_dir / "flightlog.yaml"
             config.write_text(yaml.safe_dump({"agent": {"data_dir": str(data), "socket": str(paths.socket)}}))
-            yield Filled(paths, agent, config, "exp-run", ["dup-one", "dup-two"], "spoof-run", "tb-run")
+            yield Filled(paths, agent, config, "exp-run", ["dup-one", "dup-two"], "spoof-run", "tb-run", str(ckpt))
         finally:
             agent.stop()
             shutil.rmtree(sock_dir, ignore_errors=True)
@@ -96,6 +105,8 @@ def test_ckpt_ls_with_config_and_with_data_dir(filled: Filled, tmp_path: Path) -
     by_dir = cli("ckpt", "ls", "--data-dir", str(filled.paths.data_dir))
     assert by_config.returncode == 0, by_config.stderr
     assert by_config.stdout == by_dir.stdout and by_config.stdout.startswith("STATE")
+    if importlib.util.find_spec("torch") is not None:
+        assert filled.ckpt and filled.ckpt in by_config.stdout and "val_loss=0.5" in by_config.stdout
 
 
 def test_ckpt_ls_dir_error_names_the_dir_and_the_data_dir_it_looked_in(filled: Filled, tmp_path: Path) -> None:
@@ -148,6 +159,18 @@ def test_wal_inspect_finds_the_wal_of_a_data_dir(filled: Filled, tmp_path: Path)
     (tmp_path / "stuff" / "notes.txt").write_text("x")
     empty = cli("wal", "inspect", str(tmp_path / "stuff"))
     assert empty.returncode == 1 and "holds no WAL" in empty.stderr and "totals" not in empty.stdout
+
+
+def test_wal_replay_takes_a_data_dir_or_its_config(filled: Filled, tmp_path: Path) -> None:
+    from flightlog.agent.store import Store
+
+    for i, args in enumerate(([str(filled.paths.data_dir)], ["--config", str(filled.config)])):
+        db = tmp_path / f"replayed-{i}.db"
+        out = cli("wal", "replay", *args, "--to", f"store={db}", "--no-progress", "--state-dir", str(tmp_path / f"s{i}"))
+        assert out.returncode == 0, out.stderr
+        with Store(db, readonly=True) as store:
+            assert {"exp-run", "dup-one", "dup-two", "spoof-run", "tb-run"} <= {r["run_id"] for r in store.runs()}
+    assert "holds no WAL" in cli("wal", "replay", str(tmp_path), "--to", f"store={tmp_path / 'x.db'}").stderr
 
 
 def test_runs_export_json_has_the_points_and_honours_key(filled: Filled) -> None:
