@@ -138,8 +138,7 @@ def redact_capture(info: Mapping[str, Any]) -> dict[str, Any]:
     names (``google-auth``, ``python-secrets``, ``token-bucket``), not the names of settings, and its values
     are version strings, which are never masked."""
     env = info.get("environment")
-    packages = env.get("packages") if isinstance(env, Mapping) else None
-    if not isinstance(packages, Mapping):
+    if not isinstance(env, Mapping) or not isinstance(packages := env.get("packages"), Mapping):
         return redact(info)
     out = redact({**info, "environment": {k: v for k, v in env.items() if k != "packages"}})
     out["environment"]["packages"] = {str(k): str(v) for k, v in packages.items()}
