@@ -244,10 +244,11 @@ def test_status_lists_only_the_sinks_runs_use(filled: Filled) -> None:
 
 
 def test_no_agent_is_said_once(tmp_path: Path) -> None:
-    """An agent that cannot start (its WAL path is a file): one warning, not one per attempt."""
+    """An agent that cannot start (its lock file is a directory): one warning, not one per attempt (there
+    were two at start, from the link and the tracker, and a third at finish)."""
     data = tmp_path / "data"
     data.mkdir(mode=0o700)
-    (data / "wal").write_text("not a directory")
+    (data / "agent.lock").mkdir()
     script = (
         "import flightlog\n"
         f"cfg = {{'tracking': {{'use_tensorboard': False}}, 'checkpointing': {{'checkpoint_dir': {str(tmp_path / 'c')!r}}},"
