@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from flightlog.agent.cliutil import add_location_args, printable, resolve_location
 from flightlog.proto.errors import CheckpointError, FlightlogError
 
 __all__ = ["add_subparsers"]
@@ -19,7 +20,7 @@ def add_subparsers(sub: Any) -> None:
     csub = c.add_subparsers(dest="ckpt_command", required=True)
 
     def where(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--data-dir", help="agent data directory whose store holds the registry")
+        add_location_args(sp)  # the agent data directory whose store holds the registry
         sp.add_argument("--dir", help="only this checkpoint directory (a standalone one: its registry.db)")
         sp.add_argument("--registry", help="a registry database file to read instead")
 
@@ -56,19 +57,23 @@ def _registry_path(args: argparse.Namespace) -> Path:
         return Path(args.registry)
     if args.dir and (Path(args.dir) / STANDALONE_NAME).exists():
         return Path(args.dir) / STANDALONE_NAME
-    if args.data_dir:
-        return Path(args.data_dir) / "flightlog.db"
-    from flightlog.proto.paths import resolve_paths
-
-    return resolve_paths().store
+    return Path(resolve_location(args)[0].store)  # the agent's store, as every other command finds it
 
 
 def _open_registry(args: argparse.Namespace) -> Any:
-    from flightlog.proto.checkpoint.registry import Registry
+    from flightlog.proto.checkpoint.registry import STANDALONE_NAME, Registry
 
     path = _registry_path(args)
     if not path.exists():
-        raise FlightlogError(f"no checkpoint registry at {path}; pass --dir, --data-dir or --registry")
+        if args.registry:
+            raise FlightlogError(f"no checkpoint registry file {path}")
+        if args.dir and not Path(args.dir).is_dir():
+            raise FlightlogError(f"checkpoint directory {args.dir} does not exist")
+        where = (f"{Path(args.dir) / STANDALONE_NAME} (a standalone checkpointer's) does not exist, nor "
+                 if args.dir else "")
+        raise FlightlogError(f"no checkpoint registry: {where}the agent store {path} (data directory from "
+                             f"{args.location}); pass --data-dir or --config of the agent the run used, "
+                             "or --registry FILE")
     return Registry(path, readonly=True)
 
 
@@ -88,7 +93,7 @@ def _ls(args: argparse.Namespace) -> int:
         saved = datetime.datetime.fromtimestamp(r["saved"] or r["created"] or 0).isoformat(timespec="seconds")
         metrics = " ".join(f"{k}={v:.6g}" for k, v in r["metrics"].items())
         print(f"{r['state']:8} {r['epoch']:>5} {r['step']:>9} {r['size'] or 0:>12} {'*' if r['is_best'] else ' ':4}"
-              f"  {saved:19}  {r['path']}  {metrics}")
+              f"  {saved:19}  {printable(r['path'])}  {printable(metrics)}")
     return 0
 
 

@@ -4,37 +4,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from typing import Any
 
+from flightlog.agent.cliutil import add_location_args, printable, resolve_location
 from flightlog.proto.errors import FlightlogError
 
 __all__ = ["main", "run_agent"]
 
 
 def _paths(args: argparse.Namespace) -> Any:
-    from flightlog.proto.paths import resolve_paths
-
-    data_dir = getattr(args, "data_dir", None)
-    sock = getattr(args, "socket", None)
-    cfg = None
-    if getattr(args, "config", None):
-        from flightlog.proto.config import load_config
-
-        cfg = load_config(args.config)
-        data_dir = data_dir or cfg.agent.data_dir
-        sock = sock or cfg.agent.socket
-    if data_dir:
-        # An explicit --data-dir beats the environment: the user asked for this one.
-        import os
-
-        os.environ["FLIGHTLOG_DATA_DIR"] = str(data_dir)
-    if sock:
-        import os
-
-        os.environ["FLIGHTLOG_AGENT_SOCKET"] = str(sock)
-    return resolve_paths(data_dir, sock), cfg
+    return resolve_location(args)
 
 
 def run_agent(args: argparse.Namespace) -> int:
@@ -87,12 +69,19 @@ def _status(args: argparse.Namespace) -> int:
     paths, _ = _paths(args)
     client = connect(paths)
     if client is None:
-        print(f"agent: not running (no agent on {paths.socket})")
+        if args.json:  # JSON in every state: scripts parse it whether or not an agent runs
+            print(json.dumps({"running": False, "socket": str(paths.socket), "data_dir": str(paths.data_dir),
+                              "error": f"no agent on {paths.socket}"}, indent=2))
+        else:
+            print(f"agent: not running (no agent on {paths.socket})")
         return 1
     try:
         data = client.request(StatusRequest()).data
     finally:
         client.close()
+    data["running"] = True
+    for name, used in _sinks_in_use(paths, data["sinks"]).items():
+        data["sinks"][name]["in_use"] = used
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -111,18 +100,43 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  {p['producer']} pid {p['pid']} rank {p['rank']}: {p['events']} events, "
               f"ring backlog {p['backlog_bytes']} B, spilled {p['spilled']}, dropped {p['dropped']}")
     print("sinks:")
+    unused = sorted(name for name, s in data["sinks"].items() if not s["in_use"])
     for name, s in data["sinks"].items():
+        if not s["in_use"]:
+            continue
         line = (f"  {name}: {s['state']}, backlog {s['backlog_events']} events / {s['backlog_bytes']} B, "
                 f"{s['events_per_second']} events/s")
         if s.get("quarantined_runs"):
             line += f", quarantined runs: {', '.join(s['quarantined_runs'])}"
         if s["last_error"]:
             line += f", last error: {s['last_error']}"
-        print(line)
+        print(printable(line))
+    if unused:
+        print(f"  (no run uses {', '.join(unused)})")
     _print_quarantine(paths)
     for alert in data.get("alerts", []):
-        print(f"ALERT: {alert}")
+        print(f"ALERT: {printable(alert)}")
     return 0
+
+
+def _sinks_in_use(paths: Any, sinks: dict[str, Any]) -> dict[str, bool]:
+    """Per sink: does any run use it? The store serves every run; a backend sink the runs whose RunStart
+    names it (the store's ``sink_runs``); a sink in trouble is shown whatever it serves."""
+    from flightlog.agent.store import Store
+
+    served: dict[str, bool] = {}
+    try:
+        store = Store(paths.store, readonly=True) if paths.store.exists() else None
+    except FlightlogError:
+        store = None
+    try:
+        for name, s in sinks.items():
+            trouble = bool(s["last_error"] or s.get("quarantined_runs")) or s["state"] not in ("ok", "starting")
+            served[name] = name == "store" or trouble or (store is not None and bool(store.sink_runs(name)))
+    finally:
+        if store is not None:
+            store.close()
+    return served
 
 
 def _quarantine_rows(store_path: Any) -> list[dict[str, Any]]:
@@ -148,7 +162,7 @@ def _print_quarantine(paths: Any) -> None:
     for r in rows:
         what = f"run {r['run_id']} from seq {r['seq']}" if r["scope"] == "run" else \
             f"event seq {r['seq']} of run {r['run_id']}"
-        print(f"  {r['sink']}: {what}, {r['events']} events: {r['reason']}")
+        print(printable(f"  {r['sink']}: {what}, {r['events']} events: {r['reason']}"))
     for loc in sorted({r["location"] for r in rows}):
         print(f"  after the fix: flightlog wal replay {loc} --to BACKEND=TARGET")
 
@@ -167,7 +181,7 @@ def _quarantine_by_run(rows: list[dict[str, Any]]) -> dict[str, str]:
 def _wal_inspect(args: argparse.Namespace) -> int:
     from flightlog.agent.wal import inspect_wal
 
-    report = inspect_wal(args.dir)
+    report = inspect_wal(_wal_dir(args))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -188,10 +202,35 @@ def _wal_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wal_dir(args: argparse.Namespace) -> Any:
+    """The WAL to inspect: DIR itself when it holds segments, DIR/wal when DIR is a data directory, the
+    data directory's (from --data-dir / --config / the environment) when no DIR is given."""
+    from pathlib import Path
+
+    if args.dir is None:
+        wal = _paths(args)[0].wal_dir
+        if not wal.is_dir():
+            raise FlightlogError(f"no WAL at {wal} (data directory from {args.location}); pass DIR, --data-dir "
+                                 "or --config")
+        return wal
+    d = Path(args.dir)
+    if not d.is_dir():
+        raise FlightlogError(f"{d}: no such directory; pass a WAL directory (DATA_DIR/wal) or a data directory")
+    if any(n.endswith(".wal") for n in os.listdir(d)):
+        return d
+    if (d / "wal").is_dir():
+        return d / "wal"  # a data directory
+    raise FlightlogError(f"{d} holds no WAL: no segment (*.wal) in it and no wal/ directory under it; pass the "
+                         "agent's WAL directory (DATA_DIR/wal), its data directory, or a quarantine directory")
+
+
 def _store(args: argparse.Namespace) -> Any:
     from flightlog.agent.store import Store
 
     paths, _ = _paths(args)
+    if not paths.store.exists():
+        raise FlightlogError(f"no flightlog store at {paths.store} (data directory from {args.location}); "
+                             "pass --data-dir or --config of the agent the runs used")
     return Store(paths.store, readonly=True)
 
 
@@ -212,8 +251,8 @@ def _runs_ls(args: argparse.Namespace) -> int:
     print(f"{'RUN':18} {'NAME':28} {'STATUS':10} {'POINTS':>8}  {'CREATED':19}  QUARANTINED")
     for r in runs:
         created = datetime.datetime.fromtimestamp(r["created_at"] or 0).isoformat(timespec="seconds")
-        print(f"{r['run_id']:18} {r['name'][:28]:28} {r['status'] or '':10} {r['points']:>8}  {created:19}  "
-              f"{r['quarantined']}")
+        print(f"{printable(r['run_id']):18} {printable(r['name'])[:28]:28} {printable(r['status'] or ''):10} "
+              f"{r['points']:>8}  {created:19}  {printable(r['quarantined'])}")
     return 0
 
 
@@ -221,13 +260,18 @@ def _runs_export(args: argparse.Namespace) -> int:
     store = _store(args)
     try:
         run_id = store.resolve_run(args.run)
+        if args.key is not None and args.key not in (keys := store.metric_keys(run_id)):
+            raise FlightlogError(f"run {run_id} has no metric {args.key!r}; its keys: "
+                                 f"{', '.join(repr(k) for k in keys[:50]) or 'none'}{' ...' if len(keys) > 50 else ''}")
         out = open(args.out, "w") if args.out else sys.stdout
         try:
             if args.format == "jsonl":
                 for point in store.metric_points(run_id, args.key):
                     out.write(json.dumps(point) + "\n")
-            else:
-                out.write(json.dumps(store.run(run_id), indent=2, default=str) + "\n")
+            else:  # the run and its points (of --key, or all): one document
+                run = store.run(run_id)
+                run["metrics"] = list(store.metric_points(run_id, args.key))
+                out.write(json.dumps(run, indent=2, default=str) + "\n")
         finally:
             if out is not sys.stdout:
                 out.close()
@@ -252,7 +296,7 @@ def _plot(args: argparse.Namespace) -> int:
     if not written:
         print(f"run {run_id} has no loss or accuracy metrics to plot")
     for path in written:
-        print(path)
+        print(printable(path))
     return 0
 
 
@@ -260,10 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flightlog", description="flightlog: experiment tracking and checkpoints")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--data-dir", help="agent data directory (default: FLIGHTLOG_DATA_DIR or per-user)")
-        sp.add_argument("--socket", help="agent socket (default: FLIGHTLOG_AGENT_SOCKET or derived)")
-        sp.add_argument("--config", help="a flightlog YAML config (agent/wal sections are used)")
+    common = add_location_args
 
     a = sub.add_parser("agent", help="run the agent in the foreground (node daemon)")
     common(a)
@@ -280,12 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("wal", help="write-ahead log tools")
     wsub = w.add_subparsers(dest="wal_command", required=True)
     wi = wsub.add_parser("inspect", help="segments, records, seq ranges, corrupt spots")
-    wi.add_argument("dir")
+    wi.add_argument("dir", nargs="?", help="a WAL directory or a data directory (default: the data directory's)")
+    common(wi)
     wi.add_argument("--json", action="store_true")
     wi.set_defaults(func=_wal_inspect)
     from flightlog.agent.replay import add_subparsers as add_replay
 
-    add_replay(wsub)
+    rp = add_replay(wsub)
+    common(rp)
+    replay = rp.get_default("func")
+
+    def replay_located(args: argparse.Namespace) -> int:
+        args.dir = str(_wal_dir(args))  # DIR, DIR/wal of a data directory, or the data directory's WAL
+        return int(replay(args))
+
+    rp.set_defaults(func=replay_located)
 
     r = sub.add_parser("runs", help="runs in the local store")
     rsub = r.add_subparsers(dest="runs_command", required=True)
@@ -293,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(rl)
     rl.add_argument("--json", action="store_true")
     rl.set_defaults(func=_runs_ls)
-    re_ = rsub.add_parser("export", help="export a run's metric points")
+    re_ = rsub.add_parser("export", help="export a run's metric points (jsonl), or the run with its points (json)")
     common(re_)
     re_.add_argument("run", help="run id, id prefix or name")
     re_.add_argument("--format", choices=["jsonl", "json"], default="jsonl")

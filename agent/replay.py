@@ -161,6 +161,10 @@ def replay(
 def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.dir is None:
+        from flightlog.proto.errors import FlightlogError
+
+        raise FlightlogError("pass the WAL directory to replay (DATA_DIR/wal, or a copy of it)")
     wal_dir = Path(args.dir)
     targets = [parse_target(t) for t in args.to]
     runs = set(args.run) if args.run else None
@@ -195,7 +199,8 @@ def add_subparsers(wal_subparsers: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = wal_subparsers.add_parser(
         "replay", help="deliver a WAL directory into TensorBoard, MLflow or W&B (resumable, idempotent)"
     )
-    p.add_argument("dir", help="the WAL directory (e.g. DATA_DIR/wal, or a copy of it)")
+    p.add_argument("dir", nargs="?", help="the WAL directory (e.g. DATA_DIR/wal, or a copy of it); under "
+                                          "`flightlog wal replay` also a data directory (default: its data directory's)")
     p.add_argument("--to", action="append", required=True, metavar="BACKEND=TARGET",
                    help="tensorboard=PATH | mlflow=URI | wandb=offline|online | store=DB (repeatable)")
     p.add_argument("--run", action="append", help="only this run id (repeatable)")

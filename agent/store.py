@@ -281,18 +281,21 @@ class Store:
 
     @_locked
     def resolve_run(self, ref: str) -> str:
-        """A run id, a unique id prefix, or a run name (the newest run of that name)."""
+        """A run id, a unique id prefix, or a run name that only one run has (several: refused, listed)."""
         row = self.db.execute("SELECT run_id FROM runs WHERE run_id=?", (ref,)).fetchone()
         if row:
             return str(row[0])
         rows = self.db.execute("SELECT run_id FROM runs WHERE run_id LIKE ?", (ref + "%",)).fetchall()
         if len(rows) == 1:
             return str(rows[0][0])
-        row = self.db.execute(
-            "SELECT run_id FROM runs WHERE name=? ORDER BY created_at DESC LIMIT 1", (ref,)
-        ).fetchone()
-        if row:
-            return str(row[0])
+        named = self.db.execute(
+            "SELECT run_id, status, created_at FROM runs WHERE name=? ORDER BY created_at DESC", (ref,)
+        ).fetchall()
+        if len(named) == 1:
+            return str(named[0][0])
+        if named:
+            listed = "; ".join(f"{rid} ({status or '?'}, started {_when(created)})" for rid, status, created in named)
+            raise FlightlogError(f"{len(named)} runs are named {ref!r}: {listed}; give a run id (or a unique prefix)")
         if len(rows) > 1:
             raise FlightlogError(f"run prefix {ref!r} is ambiguous ({len(rows)} runs); give more characters")
         raise FlightlogError(f"no run {ref!r} in {self.path}; `flightlog runs ls` lists the runs")
@@ -356,6 +359,12 @@ class Store:
         except sqlite3.OperationalError:  # no such table: nothing was ever quarantined
             return []
         return [dict(zip(keys, row)) for row in cur]
+
+
+def _when(ts: float | None) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ts or 0).isoformat(timespec="seconds")
 
 
 def _json_number(value: float | None) -> float | str:

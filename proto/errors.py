@@ -16,6 +16,7 @@ __all__ = [
     "PermanentBackendError",
     "CheckpointError",
     "CheckpointCorrupt",
+    "TrackerFinished",
 ]
 
 
@@ -78,3 +79,7 @@ class CheckpointError(FlightlogError):
 
 class CheckpointCorrupt(CheckpointError):
     """A checkpoint file failed its checksum or bounds checks."""
+
+
+class TrackerFinished(FlightlogError, RuntimeError):
+    """A tracker method was called after ``finish()``: the run's ring and connection are released."""

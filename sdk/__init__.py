@@ -19,6 +19,7 @@ if TYPE_CHECKING:
         ConfigError,
         FlightlogError,
         ProtocolError,
+        TrackerFinished,
         WALCorrupt,
         WALError,
     )
@@ -46,12 +47,14 @@ _PUBLIC = {
     "WALCorrupt": "flightlog.proto.errors",
     "CheckpointError": "flightlog.proto.errors",
     "CheckpointCorrupt": "flightlog.proto.errors",
+    "TrackerFinished": "flightlog.proto.errors",
 }
 
 __all__ = [
     "ExperimentTracker", "ExperimentMetadata", "experiment_tracking", "ModelCheckpointer", "CheckpointMetadata",
     "seed_everything", "Config", "load_config", "config_hash", "FlightlogError", "ConfigError", "ProtocolError",
     "AgentUnavailable", "WALError", "WALCorrupt", "CheckpointError", "CheckpointCorrupt", "PendingCheckpoint",
+    "TrackerFinished",
 ]
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "ENV_ALLOW",
     "redact",
     "redact_value",
+    "redact_capture",
     "strip_url_credentials",
     "is_secret_key",
     "capture_environment",
@@ -129,6 +130,18 @@ def _redact(mapping: Mapping[Any, Any], vocab: frozenset[str], mask: str) -> dic
             out[key] = [_redact(v, vocab, mask) if isinstance(v, Mapping) else redact_value(v) for v in value]
         else:
             out[key] = redact_value(value)
+    return out
+
+
+def redact_capture(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The reproducibility capture with secrets masked, except its package list: its keys are distribution
+    names (``google-auth``, ``python-secrets``, ``token-bucket``), not the names of settings, and its values
+    are version strings, which are never masked."""
+    env = info.get("environment")
+    if not isinstance(env, Mapping) or not isinstance(packages := env.get("packages"), Mapping):
+        return redact(info)
+    out = redact({**info, "environment": {k: v for k, v in env.items() if k != "packages"}})
+    out["environment"]["packages"] = {str(k): str(v) for k, v in packages.items()}
     return out
 
 

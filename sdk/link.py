@@ -28,24 +28,31 @@ class AgentLink:
         self.client: AgentClient | None = None
         self._registrations: list[Register] = []
         self._lock = threading.RLock()
+        self._warned = False  # "no agent yet" is said once per run, not at every reconnect attempt
 
     @property
     def connected(self) -> bool:
         return self.client is not None
 
-    def connect(self) -> bool:
-        """Find or start the agent and register every producer; False when none can be reached."""
+    def connect(self, *, warn: bool = True) -> bool:
+        """Find or start the agent and register every producer; False when none can be reached (said once,
+        with the reason, unless ``warn`` is False)."""
         with self._lock:
             if self.client is not None:
                 return True
+            reason = "agent.autostart is off; start one with `flightlog agent`"
             try:
                 self.client = connect_or_start(self.paths, self.settings, autostart=self.autostart,
                                                timeout=self.timeout)
             except AgentUnavailable as exc:
-                # Training goes on: events wait in the rings and spill files until an agent drains them.
-                log.warning("flightlog: %s; events are kept in %s until an agent runs", exc, self.paths.ring_dir)
+                reason = str(exc)
                 self.client = None
             if self.client is None:
+                if warn and not self._warned:
+                    # Training goes on: events wait in the rings and spill files until an agent drains them.
+                    self._warned = True
+                    log.warning("flightlog: no agent on %s yet (%s); events are kept in %s until an agent runs",
+                                self.paths.socket, reason, self.paths.ring_dir)
                 return False
             try:
                 for reg in self._registrations:

@@ -66,7 +66,7 @@ def new_metadata(run_id: str, name: str, cfg: Config, rank: int, description: st
 def run_metadata(md: ExperimentMetadata) -> dict[str, Any]:
     """The capture as RunStart carries it: plain data only, secrets masked."""
     info = {"environment": md.environment, "git": md.git, "command": md.command, "seed": md.seed}
-    return capture.redact(msgspec.to_builtins(info, enc_hook=str))
+    return capture.redact_capture(msgspec.to_builtins(info, enc_hook=str))
 
 
 def absolute_paths(cfg: dict[str, Any]) -> dict[str, Any]:

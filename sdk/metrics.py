@@ -40,6 +40,7 @@ class MetricsPath:
         self._tick = tick
         self._lock = threading.Lock()  # the non-owner path's step update
         self._warned_backwards = False
+        self._refusal: Callable[[], Exception] | None = None  # set by retire(): the finished run's error
         self.log_metrics, self._get, self._set = self._build()
 
     # --- state shared with the closure --------------------------------------------------------
@@ -57,8 +58,10 @@ class MetricsPath:
     def progress_next(self, value: int) -> None:
         self._set(progress_next=value)
 
-    def retire(self) -> None:
-        """The run is finished: every later call takes the checked path (which refuses it)."""
+    def retire(self, refusal: Callable[[], Exception]) -> None:
+        """The run is finished: every later call takes the other-thread path, which raises ``refusal()``.
+        The owner's hot path pays nothing for this: it already compares the thread with the owner."""
+        self._refusal = refusal
         self._set(owner=NO_OWNER, progress_next=NEVER)
 
     # --- the paths ------------------------------------------------------------------------------
@@ -104,6 +107,8 @@ class MetricsPath:
 
         def other_thread(metrics: Mapping[str, float], step: int | None) -> None:
             nonlocal last, progress_next
+            if self._refusal is not None:
+                raise self._refusal()
             values = self._checked(metrics)
             with self._lock:
                 step = last + 1 if step is None else step

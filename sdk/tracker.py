@@ -21,9 +21,9 @@ from flightlog import artifacts, capture
 from flightlog.link import AgentLink
 from flightlog.metadata import ExperimentMetadata, absolute_paths, default_rank, new_metadata, run_metadata, sinks_of
 from flightlog.metrics import MetricsPath
-from flightlog.progress import NEVER, RunProgress
+from flightlog.progress import RunProgress
 from flightlog.proto.config import Config, config_to_dict, load_config
-from flightlog.proto.errors import AgentUnavailable, FlightlogError
+from flightlog.proto.errors import AgentUnavailable, FlightlogError, TrackerFinished
 from flightlog.proto.events import Event, HyperParams, Metrics, RunEnd, RunStart, Tags, Text, Unregister
 from flightlog.proto.paths import resolve_paths
 from flightlog.ring import RingProducer, ring_supported
@@ -101,14 +101,13 @@ class ExperimentTracker:
     def _connect(self) -> None:
         for reg in self._transport.registrations():
             self._link.register(reg)
-        if self._link.connect():
+        if self._link.connect(warn=self._transport.ring is not None):  # says "no agent ... yet" once
             return
         if self._transport.ring is None:
             raise AgentUnavailable(
                 f"no flightlog agent on {self.paths.socket} and this CPU has no shared-memory ring; "
                 "start one with `flightlog agent`"
             )
-        log.warning("flightlog: no agent on %s yet; logging into %s", self.paths.socket, self.paths.ring_dir)
 
     @property
     def _producer(self) -> RingProducer | None:
@@ -135,6 +134,7 @@ class ExperimentTracker:
 
     def log_hyperparameters(self, params: Mapping[str, Any]) -> None:
         """Log hyper-parameters (values: numbers, strings, bools, None, or nested lists/dicts)."""
+        self._alive("log_hyperparameters")
         if not isinstance(params, Mapping):
             raise TypeError(f"log_hyperparameters expects a dict, got {type(params).__name__}")
         clean = capture.redact({str(k): v for k, v in params.items()})
@@ -146,13 +146,28 @@ class ExperimentTracker:
         self._emit(HyperParams(self.run_id, clean, time.time()))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._alive("set_tags")
         clean = capture.redact({str(k): str(v) for k, v in tags.items()})
         self._rules.check(clean, "tag key")
         self._emit(Tags(self.run_id, clean, time.time()))
 
     def log_text(self, key: str, text: str, step: int | None = None) -> None:
+        self._alive("log_text")
+        if not isinstance(key, str) or not key:
+            raise (ValueError if key == "" else TypeError)(f"log_text key must be a non-empty str, got {key!r:.80}")
         self._emit(Text(self.run_id, key, str(text), self._metrics.step if step is None else check_step(step),
                         time.time()))
+
+    def _alive(self, what: str) -> None:
+        """Refuse a call after finish(): the ring, its memory and the agent connection are released."""
+        if self._finished:
+            raise self._finished_error(what)
+
+    def _finished_error(self, what: str = "log_metrics") -> TrackerFinished:
+        return TrackerFinished(
+            f"tracker {self.metadata.name!r} ({self.run_id}) is finished: {what}() after finish() is refused; "
+            f"start a new ExperimentTracker (run_id={self.run_id!r} continues this run)"
+        )
 
     def _emit(self, event: Event) -> None:
         self._transport.emit(event)
@@ -165,7 +180,8 @@ class ExperimentTracker:
 
     # --- checkpoints (flightlog.checkpoint, imported on first use: it needs torch) ---------------
 
-    def _checkpointer(self) -> Any:
+    def _checkpointer(self, what: str) -> Any:
+        self._alive(what)
         if self._ckpt is None:
             from flightlog.checkpoint import ModelCheckpointer
 
@@ -178,19 +194,20 @@ class ExperimentTracker:
 
         Keyword arguments: ``scheduler=``, ``scaler=``, ``is_best=``, and any metrics (``val_loss=...``).
         """
-        return self._checkpointer().save(model, epoch, step, optimizer, **kwargs)
+        return self._checkpointer("save_checkpoint").save(model, epoch, step, optimizer, **kwargs)
 
     def get_best_checkpoint(self, run_id: str | None = None) -> str | None:
         """This run's best checkpoint (or ``run_id``'s, in the same checkpoint_dir), or None."""
-        return self._checkpointer().best(run_id)  # type: ignore[no-any-return]
+        return self._checkpointer("get_best_checkpoint").best(run_id)  # type: ignore[no-any-return]
 
     def load_checkpoint(self, path: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> tuple[int, int]:
         """Restore state from ``path`` ("best" or "latest" of this run, or of ``run_id=``; or a file);
         returns (epoch, step)."""
-        return self._checkpointer().load(path, model, optimizer, **kwargs)  # type: ignore[no-any-return]
+        return self._checkpointer("load_checkpoint").load(path, model, optimizer, **kwargs)  # type: ignore[no-any-return]
 
     def should_checkpoint(self, step: int) -> bool:
         """True every ``checkpointing.save_frequency`` steps (never when it is 0)."""
+        self._alive("should_checkpoint")
         freq = self.config.checkpointing.save_frequency
         return freq > 0 and step > 0 and step % freq == 0
 
@@ -199,6 +216,10 @@ class ExperimentTracker:
     def flush(self, timeout: float = 60.0) -> None:
         """Return once everything logged so far (from every thread) is in the agent's WAL and fsynced, and
         every checkpoint saved so far is durable."""
+        self._alive("flush")
+        self._flush(timeout)
+
+    def _flush(self, timeout: float) -> None:
         if self._ckpt is not None:
             self._ckpt.wait_all(timeout)
         self._transport.flush(timeout)
@@ -210,26 +231,25 @@ class ExperimentTracker:
         if status not in _STATUSES:
             raise ValueError(f"status must be one of {_STATUSES}, got {status!r}")
         self._finished = True
+        self._metrics.retire(self._finished_error)  # from here log_metrics raises, on every thread
         md = self.metadata
         md.status, md.error, md.ended_at = status, error, time.time()
         dropped = self._transport.dropped
         if dropped:
             log.warning("flightlog: %d events were dropped because the ring was full (agent.on_full=drop)", dropped)
         self._progress.close()
-        self._metrics.progress_next = NEVER
         if not self._link.connected:
             self._connect_quietly()  # an agent may have come up since (or autostart starts one now)
         self._transport.fence_before_end()
         self._emit(RunEnd(self.run_id, status, md.ended_at, error, dropped))
         try:
             if self._link.connected:
-                self.flush()
+                self._flush(60.0)
                 for producer_id in self._link.producer_ids:
                     self._link.request(Unregister(producer_id), reconnect=False)
         except FlightlogError as exc:
             log.warning("flightlog: could not confirm the end of run %s with the agent: %s", self.run_id, exc)
         finally:
-            self._metrics.retire()
             if self._ckpt is not None:
                 self._ckpt.close()  # waits for checkpoint writes still running, frees the staging buffers
             self._link.close()
@@ -275,6 +295,7 @@ class ExperimentTracker:
     def progress(self, total_steps: int) -> None:
         """Track progress towards ``total_steps``: a bar on a terminal (rank 0 only), and the metrics
         ``progress/eta_seconds`` and ``progress/steps_per_second``, from the steps log_metrics sees."""
+        self._alive("progress")
         self._progress.start(total_steps, bar=None if self.rank == 0 else False)
         self.metadata.total_steps = total_steps
         self._metrics.progress_next = 0
@@ -284,6 +305,7 @@ class ExperimentTracker:
 
         Returns the copy's path. A second artifact of the same name replaces the first.
         """
+        self._alive("log_artifact")
         dest, event = artifacts.copy_artifact(self.run_id, self.run_dir, path, name, type)
         self._emit(event)
         return dest
@@ -293,6 +315,7 @@ class ExperimentTracker:
     def log_gradient_flow(self, model: Any, step: int | None = None, *, plot: bool = True) -> dict[str, float]:
         """Per-layer gradient L2 norms as ``grad_norm/<param>`` metrics, and (``plot=True``) a gradient-flow
         bar chart as the image ``gradient_flow``. Call after ``backward()``; does not move the step."""
+        self._alive("log_gradient_flow")
         from flightlog import viz  # light, but not needed by most runs
 
         norms, events = viz.gradient_flow_events(self.run_id, model, self._at(step), plot)
@@ -302,6 +325,7 @@ class ExperimentTracker:
     def log_histograms(self, model: Any, step: int | None = None, *, bins: int = 64,
                        gradients: bool = True) -> int:
         """``weights/<param>`` and ``gradients/<param>`` histograms; returns how many were logged."""
+        self._alive("log_histograms")
         from flightlog import viz
 
         events = viz.histogram_events(self.run_id, viz.parameter_histograms(model, bins=bins, gradients=gradients),
@@ -311,6 +335,7 @@ class ExperimentTracker:
 
     def log_data_distribution(self, batch: Any, step: int | None = None, *, bins: int = 64) -> int:
         """``data/<name>`` histograms (and ``data/<name>/mean``, ``/std`` metrics) of a batch's tensors."""
+        self._alive("log_data_distribution")
         from flightlog import viz
 
         n, events = viz.data_distribution_events(self.run_id, batch, self._at(step), bins)
@@ -319,6 +344,7 @@ class ExperimentTracker:
 
     def log_model_summary(self, model: Any) -> str:
         """The model's layers and parameter counts as the text ``model/summary``; counts as parameters."""
+        self._alive("log_model_summary")
         from flightlog import viz
 
         text, events = viz.model_summary_events(self.run_id, model, self._at(None))
@@ -329,6 +355,7 @@ class ExperimentTracker:
         """CUDA memory of this process per device (allocated, max allocated, reserved, max reserved bytes),
         logged as ``memory/cuda:<i>/...`` metrics at the current step. {} when torch is not loaded or has
         no GPU (torch is never imported here)."""
+        self._alive("memory_stats")
         from flightlog import viz
 
         out = viz.cuda_memory_stats()

@@ -108,6 +108,9 @@ class KeyRules:
         self.known: set[str] = set()
 
     def check(self, keys: Iterable[str], what: str) -> None:
+        keys = list(keys)
+        if "" in keys:  # every backend files points under their key: an empty one names nothing
+            raise ValueError(f"{what} '' is empty; give it a name")
         if not self.mlflow:
             return
         for key in keys:

@@ -148,6 +148,42 @@ def test_environment_allow_list(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "torch" not in sys.modules or env["torch"]
 
 
+#: Distributions whose names hold a secret word: their versions were masked ("google-auth": "***").
+LOOKALIKE_PACKAGES = {"google-auth": "2.38.0", "python-secrets": "24.4.0", "token-bucket": "0.3.0",
+                      "django-rest-auth": "0.9.5", "keyring": "25.5.0", "oauthlib": "3.2.2",
+                      "requests-oauthlib": "2.0.0", "api-key-manager": "1.0"}
+
+
+def test_redact_capture_keeps_every_package_version_and_masks_the_rest() -> None:
+    info = {"environment": {"packages": dict(LOOKALIKE_PACKAGES), "env": {"HF_TOKEN": "hf-value-SECRET"},
+                            "python": "3.11.9"},
+            "command": {"argv": ["train.py"], "api_key": "cmd-SECRET"}, "git": {}, "seed": {}}
+    out = capture.redact_capture(info)
+    assert out["environment"]["packages"] == LOOKALIKE_PACKAGES
+    assert out["environment"]["env"] == {"HF_TOKEN": capture.MASK}
+    assert out["command"]["api_key"] == capture.MASK and out["environment"]["python"] == "3.11.9"
+    assert capture.redact_capture({"environment": {"env": {}}, "auth": "x"}) == {"environment": {"env": {}},
+                                                                                 "auth": capture.MASK}
+
+
+def test_run_start_keeps_package_versions_of_secret_looking_names(
+        agent: Any, base_config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through a real tracker, agent and WAL: the package list arrives with every version as installed."""
+    site = tmp_path / "site"
+    for name, version in LOOKALIKE_PACKAGES.items():
+        (site / f"{name.replace('-', '_')}-{version}.dist-info").mkdir(parents=True)
+    monkeypatch.syspath_prepend(str(site))
+    capture.reset()
+    t = flightlog.ExperimentTracker("packages", base_config)
+    t.finish()
+    agent.stop()
+    start = next(e for e in wal_events(agent.paths.wal_dir) if isinstance(e, RunStart))
+    packages = start.metadata["environment"]["packages"]
+    assert {k: packages[k] for k in LOOKALIKE_PACKAGES} == LOOKALIKE_PACKAGES
+    assert capture.MASK not in packages.values()
+    assert packages == capture.installed_packages()
+
+
 # --- git -------------------------------------------------------------------------------------------------
 
 

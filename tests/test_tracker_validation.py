@@ -125,3 +125,52 @@ def test_values_table_of_the_readme(agent: AgentProcess, base_config: dict) -> N
     time.sleep(0.1)
     points = {(p["key"], p["step"]): p["value"] for p in wait_points(agent.paths, run_id, 4)}
     assert points == {("b", 5): 1.0, ("big", 5): float(2**70), ("b", 3): 0.0, ("big", 3): 1.0}
+
+
+def test_steps_out_of_range_are_one_value_error_on_every_path(agent_paths: AgentPaths, base_config: dict) -> None:
+    """2**64, -2**63-1 and 2**63 give the README's ValueError (never OverflowError) from the owner thread,
+    from another thread (the side channel), from log_text and from the helpers that take a step."""
+    import threading
+
+    t = flightlog.ExperimentTracker("steps-paths", base_config)
+    errors: list[BaseException] = []
+    bad = (2**64, INT64_MIN - 1, 2**63)
+    try:
+        for step in bad:
+            with pytest.raises(ValueError, match="signed 64-bit range") as info:
+                t.log_metrics({"m": 1.0}, step=step)
+            assert not isinstance(info.value, OverflowError)
+            with pytest.raises(ValueError, match="signed 64-bit range"):
+                t.log_text("k", "v", step=step)
+            with pytest.raises(ValueError, match="signed 64-bit range"):
+                t._at(step)  # the step of log_gradient_flow, log_histograms, log_data_distribution
+
+        def other() -> None:
+            for step in bad:
+                try:
+                    t.log_metrics({"m": 1.0}, step=step)
+                except BaseException as exc:  # collected for the assertion below
+                    errors.append(exc)
+
+        th = threading.Thread(target=other)
+        th.start()
+        th.join()
+        assert [type(e) for e in errors] == [ValueError] * 3, errors
+        assert t._step == -1  # nothing refused moved the step
+    finally:
+        t.finish()
+
+
+def test_an_empty_metric_key_is_refused_at_the_call(agent: AgentProcess, base_config: dict) -> None:
+    with flightlog.ExperimentTracker("empty-key", base_config) as t:
+        with pytest.raises(ValueError, match="metric key '' is empty"):
+            t.log_metrics({"": 1.0})
+        with pytest.raises(ValueError, match="metric key '' is empty"):
+            t.log_metrics({"ok": 1.0, "": 2.0}, step=0)
+        with pytest.raises(ValueError, match="empty"):
+            t.log_text("", "text")
+        with pytest.raises(ValueError, match="tag key '' is empty"):
+            t.set_tags({"": "x"})
+        t.log_metrics({"ok": 1.0}, step=1)
+        run_id = t.run_id
+    assert {(p["key"], p["step"]) for p in wait_points(agent.paths, run_id, 1)} == {("ok", 1)}
