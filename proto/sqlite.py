@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,12 +48,29 @@ def connect(path: str | os.PathLike[str], *, readonly: bool = False,
             pass  # there already, or not creatable: sqlite says which
     db = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False, factory=Connection)
     try:
-        db.execute("PRAGMA journal_mode=WAL")
+        _set_wal_mode(db, timeout)
         db.execute("PRAGMA synchronous=NORMAL")
     except BaseException:
         db.close()
         raise
     return db
+
+
+def _set_wal_mode(db: sqlite3.Connection, timeout: float) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another connection holds the file: switching a new
+    database's journal mode can fail with "database is locked" without waiting on the busy timeout (two
+    agent threads opening a fresh store at the same moment did)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 @contextmanager

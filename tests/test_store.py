@@ -371,3 +371,32 @@ def test_a_stored_json_column_reads_as_an_object_or_nothing(tmp_path_factory: py
     store.close()
     assert isinstance(config, dict) and config == metadata
     assert decode_config(config)[0] is not None
+
+
+def test_threads_opening_a_fresh_store_at_once_all_succeed(tmp_path: Path) -> None:
+    """The agent's sink threads open the store together when it does not exist yet: switching a new
+    database to WAL journalling must wait for the other connections, not fail with "database is locked"."""
+    import threading
+
+    from flightlog.proto.sqlite import connect
+
+    for i in range(20):
+        path = tmp_path / f"fresh-{i}.db"
+        barrier = threading.Barrier(6)
+        errors: list[BaseException] = []
+
+        def open_one(p: Path = path, b: threading.Barrier = barrier, errors: list[BaseException] = errors) -> None:
+            b.wait()
+            try:
+                db = connect(p)
+                db.execute("CREATE TABLE IF NOT EXISTS t (x)")
+                db.close()
+            except BaseException as exc:  # collected: a thread's exception would otherwise vanish
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_one) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [], f"attempt {i}: {errors[0]!r}"
