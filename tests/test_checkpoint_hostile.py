@@ -238,7 +238,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.ones(2, 8)).sum().backward()
     opt.step()
-    with ModelCheckpointer(d, monitor=None) as ck:
+    with ModelCheckpointer(d, monitor=None, run_id="hostile") as ck:
         p = ck.save(model, 0, 1, opt)
         p.wait()
     yield d, Path(p)
@@ -246,7 +246,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path
 
 @pytest.fixture(scope="module")
 def loader(saved: tuple[Path, Path]) -> Iterator[ModelCheckpointer]:
-    with ModelCheckpointer(saved[0], monitor=None) as ck:
+    with ModelCheckpointer(saved[0], monitor=None, run_id="hostile") as ck:
         yield ck
 
 
@@ -303,7 +303,7 @@ def test_bad_flightlog_metadata_is_corrupt_and_fallback_moves_past_it(tmp_path: 
     _rewrite(good, bad, edit)
     model = torch.nn.Linear(8, 8)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    ck = ModelCheckpointer(d, monitor=None)
+    ck = ModelCheckpointer(d, monitor=None, run_id="hostile")
     try:
         with pytest.raises(CheckpointCorrupt, match=str(bad).replace(".", r"\.")):
             ck.load(str(bad), model, opt)
@@ -363,9 +363,9 @@ try:
     if what == "load":
         import torch
         from flightlog.checkpoint import ModelCheckpointer
-        with ModelCheckpointer(sys.argv[3], monitor=None) as ck:
+        with ModelCheckpointer(sys.argv[3], monitor=None, run_id="hostile") as ck:
             print("loaded", ck.load(path, torch.nn.Linear(8, 8), fallback=True))
-        with ModelCheckpointer(sys.argv[3], monitor=None) as ck:
+        with ModelCheckpointer(sys.argv[3], monitor=None, run_id="hostile") as ck:
             ck.load(path, torch.nn.Linear(8, 8))
     else:
         from flightlog.proto.checkpoint import CheckpointReader
