@@ -58,7 +58,7 @@ def _run(kind: str, d: Path, run_id: str, cfg: dict[str, Any]) -> Iterator[Model
         return
     with ExperimentTracker("shared-dir", cfg, run_id=run_id) as tracker:
         assert (tracker._client is not None) == (kind == "agent")
-        yield tracker._checkpointer()
+        yield tracker._checkpointer("save_checkpoint")
 
 
 def _eventually(check: Callable[[], bool], seconds: float = 20.0) -> bool:
@@ -220,7 +220,7 @@ def test_the_agent_refuses_to_write_over_another_runs_checkpoint(agent: Any, cfg
         p1 = str(t1.save_checkpoint(_model(1.0), 0, 1).wait().path)
     before = Path(p1).read_bytes()
     with ExperimentTracker("a", cfg, run_id="run2") as t2:
-        ck = t2._checkpointer()
+        ck = t2._checkpointer("save_checkpoint")
         ck._path_for = lambda epoch, step: p1  # an SDK that names files wrongly, or a crafted request
         with pytest.raises(CheckpointError, match="run 'run1' registered that path"):
             t2.save_checkpoint(_model(2.0), 0, 1).wait()
