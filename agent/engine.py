@@ -153,6 +153,7 @@ class DeliveryCore:
         self.urgent = False  # deliver what is pending now (the rest of a split batch)
         self.outbox: list[Quarantined] = []
         self.starts: dict[str, RunStart] = {}
+        self.ignored: set[str] = set()  # runs seen that this sink does not serve (see wanted_any)
         self.stats = SinkStats(cursor=self.cursor)
         self._seen_unknown: set[str] = set()
 
@@ -208,6 +209,15 @@ class DeliveryCore:
         self.attempt = 0
         self.retry_at = 0.0
         return Deliver(self.inflight)
+
+    def wants_any(self, run_ids: Iterable[str]) -> bool:
+        """Whether new events of these runs may be for this sink: a run it serves, or one it has not seen
+        (its RunStart may name this sink). A run that starts again naming this sink after it was seen
+        without it waits for the runner's next look (the safety poll): it is never missed."""
+        if self.all_runs:
+            return True
+        runs, ignored = self.runs, self.ignored
+        return any(rid in runs or rid not in ignored for rid in run_ids)
 
     def wants_wake_at(self) -> int:
         """The WAL's next seq from which a wake-up is worth it: any new event when idle; a full batch when the
@@ -265,6 +275,7 @@ class DeliveryCore:
                 self.runs.add(rid)
                 self.new_runs.add(rid)
         if not self.all_runs and rid not in self.runs:
+            self.ignored.add(rid)
             return False
         if rid in self.quarantined_runs:
             self._quarantine_later(rid, item)

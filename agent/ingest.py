@@ -108,6 +108,8 @@ class Ingestor:
         self._positions = dict(positions or {})
         self.events_total = 0
         self.bad_rings: set[str] = set()
+        # The runs whose events reached the WAL since take_drained_runs (None: unknown, wake every sink).
+        self._drained_runs: set[str] | None = set()
         # Sleep numbers start at random: a producer that rang for a dead agent's sleep rings for ours too.
         self._sleep_no = secrets.randbits(62)
 
@@ -158,6 +160,8 @@ class Ingestor:
         WAL as they are, counted with the rest."""
         self._append(frames, count, producer_id, SRC_INTERNAL, 0, 0)
         self.events_total += count
+        with self._rings_lock:
+            self._drained_runs = None  # a socket batch's runs are not looked at: every sink has a look
 
     @_locked
     def drain(self) -> int:
@@ -175,10 +179,23 @@ class Ingestor:
                 continue
             ring.events += n
             total += n
-            if n == 0:
+            if n:
+                self._note_run(ring.view.run_id)
+            else:
                 total += self._maybe_retire(name, ring)
         self.events_total += total
         return total
+
+    def _note_run(self, run_id: str) -> None:
+        if self._drained_runs is not None:
+            self._drained_runs.add(run_id)
+
+    def take_drained_runs(self) -> set[str] | None:
+        """The runs whose events reached the WAL since the last call (None: not known; any run may have):
+        the agent wakes only the sinks that serve one of them, or may (``SinkRunner.wake``)."""
+        with self._rings_lock:
+            runs, self._drained_runs = self._drained_runs, set()
+        return runs
 
     def _drain_ring(self, ring: _Ring) -> int:
         view = ring.view
@@ -320,6 +337,7 @@ class Ingestor:
     def _end_crashed(self, run_id: str, pid: int, rank: int, dropped: int) -> None:
         """The last ring of a run is drained and its producer died without finish(): the run ends as crashed,
         after every event of it, durably."""
+        self._note_run(run_id)
         error = (f"the trainer (pid {pid}, rank {rank}) exited without finish(): killed by a signal "
                  "(SIGKILL, SIGTERM, the OOM killer) or os._exit; everything it logged was ingested")
         buf = bytearray()

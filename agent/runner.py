@@ -225,10 +225,15 @@ class SinkRunner:
 
     # --- waking (thread-safe) -----------------------------------------------------------------------
 
-    def wake(self, next_seq: int | None = None) -> None:
-        """New events in the WAL (``next_seq``: the WAL's next seq, if known). Callable from any thread; a
-        no-op unless the runner waits for this much data (so a trickle does not wake it per event)."""
+    def wake(self, next_seq: int | None = None, runs: set[str] | None = None) -> None:
+        """New events in the WAL (``next_seq``: the WAL's next seq, if known; ``runs``: the runs they belong
+        to, if known). Callable from any thread; a no-op unless the runner waits for this much data (so a
+        trickle does not wake it per event) and the events may be for its sink (another sink's runs do not
+        wake it: it passes over them on its next look)."""
         if next_seq is not None and next_seq < self._armed:
+            return
+        core = self.core
+        if runs is not None and core is not None and not core.wants_any(runs):
             return
         with self._cond:
             self._woken = True

@@ -334,3 +334,27 @@ def test_unknown_error_traceback_logged_once_at_warning(tmp_path: Path, caplog: 
     assert sum("KeyError" in r.getMessage() for r in caplog.records) == 4
     assert not math.isinf(runner.stats.cursor.seq)
     wal.close()
+
+
+def test_a_sink_is_not_woken_for_runs_it_has_passed_over() -> None:
+    """Events of a run that does not name the sink do not wake it (it reads past them on its next look);
+    its own runs and runs it has not seen yet (their RunStart may name it) do."""
+    c = core(all_runs=False, linger=0.0)
+    evs: list[Event] = [RunStart("mine", "n", 0.0, sinks=["s"]), RunStart("other", "n", 0.0), *metrics("other", 2)]
+    c.on_tail(4)
+    assert c.step(0.0) == Read(WalCursor())
+    c.on_read(window(evs), 0.0)
+    assert c.wants_any({"mine"}) and c.wants_any({"new"}) and c.wants_any({"other", "new"})
+    assert not c.wants_any({"other"})
+    assert core(all_runs=True).wants_any({"anything"})
+
+
+def test_wake_with_the_runs_of_new_events_skips_a_sink_that_does_not_want_them(tmp_path: Path) -> None:
+    runner = SinkRunner(InMemorySink(all_runs=False), WALReader(tmp_path), CursorStore(tmp_path / "db"))
+    runner.core = core(all_runs=False)
+    runner.core.ignored.add("other")
+    runner._armed = 0
+    runner.wake(10, {"other"})
+    assert not runner._woken
+    runner.wake(10, {"other", "mine"})
+    assert runner._woken
