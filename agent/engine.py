@@ -177,9 +177,11 @@ class DeliveryCore:
             return self._take()
         if self.tail > self.read_cursor.seq:
             if self.data_since is None:
-                # Nothing of ours pending: look at once. What this sink does not want (another sink's runs)
-                # then costs one cheap read, not a linger; what it wants starts the linger clock (on_read).
-                return Read(self.read_cursor)
+                if not self.all_runs:
+                    # Nothing of ours pending: look at once. What this sink does not want (another sink's
+                    # runs) then costs one cheap read, not a linger; what it wants starts the linger (on_read).
+                    return Read(self.read_cursor)
+                self.data_since = now  # every event is this sink's: linger first, then one read takes all
             full = self.tail - self.read_cursor.seq + len(self.pending) >= self.batch_size
             if self.flushing or full or now >= self.data_since + self.linger:
                 return Read(self.read_cursor)

@@ -53,7 +53,23 @@ def core(**kw) -> DeliveryCore:  # type: ignore[no-untyped-def]
 
 
 def test_a_trickle_waits_for_the_linger_time_not_per_event() -> None:
-    c = core(linger=0.15)
+    c = core(linger=0.15)  # a sink of every run (the store): linger first, then one read takes it all
+    c.on_tail(3)  # three events arrived at t=10
+    assert c.step(10.0) == Wait(10.15)
+    c.on_tail(5)  # two more: still lingering, same deadline
+    assert c.step(10.1) == Wait(10.15)
+    assert c.step(10.15) == Read(WalCursor())
+    c.on_read(window(metrics("r", 5)), 10.15)
+    act = c.step(10.15)
+    assert isinstance(act, Deliver) and [s for s, _ in act.batch.events] == [0, 1, 2, 3, 4]
+    c.on_ack(Ack(5), 10.2)
+    assert c.step(10.2) == Commit(WalCursor(0, 0, 5), frozenset())
+    c.on_committed(WalCursor(0, 0, 5), (), 10.2)
+    assert c.step(10.2) == Wait(None) and c.caught_up()
+
+
+def test_a_sink_of_some_runs_looks_at_once_and_lingers_for_its_own_events() -> None:
+    c = core(linger=0.15, all_runs=False, runs={"r"})
     c.on_tail(3)  # three events arrived at t=10: look at once (are they this sink's?)
     assert c.step(10.0) == Read(WalCursor())
     c.on_read(window(metrics("r", 3)), 10.0)  # they are: the linger starts
@@ -64,14 +80,10 @@ def test_a_trickle_waits_for_the_linger_time_not_per_event() -> None:
     c.on_read(window(metrics("r", 2, 3), first=3), 10.15)
     act = c.step(10.15)
     assert isinstance(act, Deliver) and [s for s, _ in act.batch.events] == [0, 1, 2, 3, 4]
-    c.on_ack(Ack(5), 10.2)
-    assert c.step(10.2) == Commit(WalCursor(0, 0, 5), frozenset())
-    c.on_committed(WalCursor(0, 0, 5), (), 10.2)
-    assert c.step(10.2) == Wait(None) and c.caught_up()
 
 
 def test_a_lone_event_lingers_without_new_reads() -> None:
-    c = core(linger=0.15)
+    c = core(linger=0.15, all_runs=False, runs={"r"})
     c.on_tail(1)
     assert c.step(0.0) == Read(WalCursor())
     c.on_read(window(metrics("r", 1)), 0.0)

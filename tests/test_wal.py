@@ -433,3 +433,40 @@ def test_options_and_lock(tmp_path: Path) -> None:
     sub = tmp_path / "new"
     WAL(sub).close()
     assert sub.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_live_reader_lists_segments_only_when_the_writer_moved_on(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's sinks read a live WAL every few milliseconds: listing its directory each time was a
+    good part of a read's cost. A reader with the writer's limit lists again only when the writer opened a
+    new segment, or when retention deleted one it still had listed."""
+    from flightlog.agent.wal import log as wal_log
+
+    listings: list[int] = []
+    real = wal_log._list_segments
+    monkeypatch.setattr(wal_log, "_list_segments", lambda d: listings.append(1) or real(d))
+    wal = WAL(tmp_path / "w", segment_bytes=4096, fsync="never")
+    reader = WALReader(tmp_path / "w", limit=wal.end_position)
+    one = bytearray()
+    append_frame(one, b"hello")
+    cursor, got = WalCursor(), []
+    listings.clear()
+    for _ in range(5):  # five records, all in the first segment
+        wal.append(one, 1, "p")
+        items, cursor = reader.read(cursor)
+        got += [seq for seq, _ in items]
+    assert got == list(range(5)) and len(listings) == 1
+    while len(wal.segments()) < 3:  # the writer rolls over twice
+        wal.append(one * 40, 40, "p")
+    listings.clear()
+    items, cursor = reader.read(cursor, max_events=10_000)
+    assert len(listings) == 1 and items[-1][0] == wal.next_seq - 1
+    items, cursor = reader.read(cursor)
+    assert items == [] and len(listings) == 1  # nothing new: no listing
+    # Retention deletes the first two segments; a reader behind them (a start cursor) still reads the rest.
+    deleted = wal.delete_before(wal.segments()[2].first_seq)
+    assert len(deleted) == 2
+    items, _ = reader.read(WalCursor(), max_events=10_000)
+    assert items and items[0][0] == wal.segments()[0].first_seq
+    wal.close()
+    reader.close()

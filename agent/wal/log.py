@@ -397,6 +397,15 @@ class WALReader:
         self.corrupt_records = 0
         self._fd = -1
         self._fd_seg = -1
+        self._segs: list[int] | None = None  # the last listing (a live WAL only grows at its end)
+
+    def _segments(self, limit: tuple[int, int] | None) -> list[int]:
+        """The segments, listed again only when the writer's segment is past the last listing (a live WAL:
+        the agent's sinks read every few milliseconds) or without a writer's limit (a copied WAL)."""
+        segs = self._segs
+        if limit is None or not segs or segs[-1] < limit[0]:
+            segs = self._segs = _list_segments(self.directory)
+        return segs
 
     def _open(self, seg: int) -> int:
         if self._fd_seg != seg:
@@ -443,7 +452,8 @@ class WALReader:
         """
         out: list[tuple[int, memoryview]] = []
         limit = self._limit() if self._limit is not None else None  # before listing: its segment then exists
-        segs = _list_segments(self.directory)
+        cached = self._segs
+        segs = self._segments(limit)
         if not segs or max_events <= 0:
             return out, cursor
         seg, off = self._resolve(cursor, segs)
@@ -451,7 +461,10 @@ class WALReader:
         while limit is None or seg <= limit[0]:
             try:
                 fd = self._open(seg)
-            except FileNotFoundError:  # deleted under us: the next read resolves by seq
+            except FileNotFoundError:  # deleted under us (retention): the next read lists and resolves by seq
+                self._segs = None
+                if not out and segs is cached:  # a stale listing: list again once, now
+                    return self.read(cursor, max_events, max_bytes)
                 break
             i = bisect.bisect_right(segs, seg)
             later = segs[i] if i < len(segs) else None
