@@ -91,7 +91,8 @@ def ingest_only_main(argv: list[str]) -> int:
     ensure_private_dir(paths.ring_dir)
     wal = WAL(paths.wal_dir, fsync="interval")
     ing = Ingestor(wal, paths.ring_dir)
-    loop = IngestLoop(ing, Doorbell(paths.doorbell), paths.wal_dir, lambda: None, fsync_every=0.1)
+    loop = IngestLoop(ing, Doorbell(paths.doorbell), paths.wal_dir, lambda: None, fsync_every=0.1,
+                      on_ingested_threadsafe=True)  # as the agent runs it
 
     async def main() -> None:
         async with anyio.create_task_group() as tg:
