@@ -25,6 +25,7 @@ from flightlog.proto.errors import WALError
 
 from .doorbell import Doorbell
 from .ingest import Ingestor
+from .owned_thread import run_owned_thread
 
 __all__ = ["LINGER_SECONDS", "SCAN_SECONDS", "IngestLoop"]
 
@@ -81,19 +82,11 @@ class IngestLoop:
         """The loop's thread, for as long as the calling task runs (cancel it to stop)."""
         self._token = anyio.lowlevel.current_token()
         self._stop.clear()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._stop_on_cancel)
-            try:
-                await anyio.to_thread.run_sync(self._thread, limiter=anyio.CapacityLimiter(1))
-            finally:
-                tg.cancel_scope.cancel()
+        await run_owned_thread(self._thread, self._stop_thread)
 
-    async def _stop_on_cancel(self) -> None:
-        try:
-            await anyio.sleep_forever()
-        finally:
-            self._stop.set()
-            self.kick()
+    def _stop_thread(self) -> None:
+        self._stop.set()
+        self.kick()
 
     def _thread(self) -> None:
         while not self._stop.is_set():

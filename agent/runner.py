@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import anyio
-
 from flightlog.proto.codec import decode_event
 from flightlog.proto.config import AgentConfig
 from flightlog.proto.errors import FlightlogError, ProtocolError, RetryableBackendError
@@ -34,6 +32,7 @@ from .engine import (
     Wait,
     Window,
 )
+from .owned_thread import run_owned_thread
 from .quarantine import QuarantineBox
 from .retry import CircuitBreaker, RetryPolicy
 from .sinks.base import Sink, SinkCursor
@@ -264,21 +263,13 @@ class SinkRunner:
         """The sink's thread, for as long as the calling task runs (cancel it to stop); raises what stopped
         the sink (``wal replay``: a batch that kept failing)."""
         self._stop.clear()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._stop_on_cancel)
-            try:
-                error = await anyio.to_thread.run_sync(self._thread, limiter=anyio.CapacityLimiter(1))
-            finally:
-                tg.cancel_scope.cancel()
+        error = await run_owned_thread(self._thread, self._stop_thread)
         if error is not None:
             raise error
 
-    async def _stop_on_cancel(self) -> None:
-        try:
-            await anyio.sleep_forever()
-        finally:
-            self._stop.set()
-            self.wake()
+    def _stop_thread(self) -> None:
+        self._stop.set()
+        self.wake()
 
     def _thread(self) -> Exception | None:
         sink = self.sink
