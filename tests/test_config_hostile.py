@@ -101,13 +101,23 @@ def too_big_comment_only(tmp: Path) -> Path:
     return write(tmp / "big.yaml", line * (2 * MAX_CONFIG_BYTES // len(line)))  # 2 MiB of comments
 
 
+#: Deep nesting: flightlog's own check (32 levels), or — PyYAML 6.0.4's libyaml, before flightlog sees the
+#: events — the parser's limit of 1,000 levels; a ConfigError naming the file either way. "|" separates
+#: the accepted wordings.
+NESTED = "nested more than 32 levels|exceeded maximum nesting depth"
+
+
+def says(out: str, words: str) -> bool:
+    return any(w in out for w in words.split("|"))
+
+
 HOSTILE: dict[str, tuple[Callable[[Path], Path], str]] = {
     "billion-laughs": (billion_laughs, "aliases are expanded"),
     "extends-dev-zero": (extends_zero, "/dev/zero is not a regular file"),
     "extends-dev-urandom": (extends_urandom, "/dev/urandom is not a regular file"),
     "extends-fifo": (extends_fifo, "fifo.yaml is not a regular file"),
-    "nested-5000-flow": (nested_5000_flow, "nested more than 32 levels"),
-    "nested-5000-block": (nested_5000_block, "nested more than 32 levels"),
+    "nested-5000-flow": (nested_5000_flow, NESTED),
+    "nested-5000-block": (nested_5000_block, NESTED),
     "self-referential-anchor": (self_referential_anchor, "an anchor that contains itself"),
     "merge-key-chain": (merge_key_chain, "nested more than 32 levels"),
     "200MB-comment-only (2 MiB here)": (too_big_comment_only, "larger than 1048576 bytes (1 MiB), the limit"),
@@ -119,7 +129,7 @@ def test_hostile_file_is_a_config_error_in_bounded_time_and_memory(tmp_path: Pat
     make, words = HOSTILE[case]
     path = make(tmp_path)
     out = load_in_child(path)
-    assert out.startswith("ConfigError: ") and words in out, out
+    assert out.startswith("ConfigError: ") and says(out, words), out
 
 
 def test_diamond_of_extends_loads_each_file_once(tmp_path: Path) -> None:
@@ -153,7 +163,7 @@ def test_a_file_at_the_size_limit_still_loads(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("env", "words"), [
     ({"FLIGHTLOG_TAGS": "&a [*a]"}, "an anchor that contains itself"),
-    ({"FLIGHTLOG_TAGS": "[" * 5000 + "]" * 5000}, "nested more than 32 levels"),
+    ({"FLIGHTLOG_TAGS": "[" * 5000 + "]" * 5000}, NESTED),
     ({"FLIGHTLOG_TRACKING": "&a {x: *a}"}, "an anchor that contains itself"),
     ({"FLIGHTLOG_TAGS": "[" + ", ".join(["x"] * 70000) + "]"}, "more than the 65536 allowed"),
     ({"FLIGHTLOG_WAL__FSYNC_MS": "99999999999999999999999"}, "`wal.fsync_ms`: expected `int` <= "),
@@ -163,7 +173,7 @@ def test_a_file_at_the_size_limit_still_loads(tmp_path: Path) -> None:
 ])
 def test_hostile_environment_value_is_a_config_error(env: dict[str, str], words: str) -> None:
     out = load_in_child("-", env)
-    assert out.startswith("ConfigError: ") and words in out and next(iter(env)) in out, out
+    assert out.startswith("ConfigError: ") and says(out, words) and next(iter(env)) in out, out
 
 
 def test_a_self_referential_dict_is_a_config_error() -> None:
