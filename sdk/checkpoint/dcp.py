@@ -15,8 +15,6 @@ from typing import Any, Literal
 import msgspec
 import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
-from torch.distributed.checkpoint import StorageReader as _DCPReader
-from torch.distributed.checkpoint import StorageWriter as _DCPWriter
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -36,6 +34,8 @@ from torch.distributed.checkpoint.planner import (
     WriteItem,
     WriteItemType,
 )
+from torch.distributed.checkpoint.storage import StorageReader as _DCPReader
+from torch.distributed.checkpoint.storage import StorageWriter as _DCPWriter
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
@@ -175,6 +175,8 @@ class StorageWriter(_DCPWriter):
                 raw = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)
                 blobs.append((0, name, "U8", (len(raw),), item, raw))
                 continue
+            if not isinstance(data, torch.Tensor):
+                raise CheckpointError(f"DCP resolved {item.index.fqn!r} to a {type(data).__name__}, not a tensor")
             t = data.detach().to("cpu").contiguous()
             dtype = TORCH_DTYPES.get(t.dtype)
             if dtype is None:
