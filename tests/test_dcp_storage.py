@@ -16,15 +16,19 @@ import pytest
 torch = pytest.importorskip("torch")
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from torch.distributed.checkpoint.api import CheckpointException  # noqa: E402
+from torch.distributed.checkpoint.metadata import Metadata  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict  # noqa: E402
 
 from flightlog.checkpoint import StorageReader, StorageWriter  # noqa: E402
-from flightlog.checkpoint.dcp import METADATA_NAME  # noqa: E402
+from flightlog.checkpoint.dcp import METADATA_NAME, decode_metadata  # noqa: E402
 from flightlog.proto.errors import CheckpointCorrupt, CheckpointIncomplete  # noqa: E402
 
 # DCP warns on every no_dist call that it assumes a single process: that is the point here.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+_VALID: bytes | None = None
 
 
 def _model(seed: int) -> tuple[Any, Any]:
@@ -133,9 +137,50 @@ def test_missing_metadata_is_incomplete(tmp_path: Path) -> None:
     (tmp_path / "ck" / METADATA_NAME).unlink()  # what a save that died before finish() leaves
     with pytest.raises(CheckpointIncomplete, match="not a complete"):
         StorageReader(tmp_path / "ck")
-    with pytest.raises(CheckpointIncomplete, match="no such directory"):
-        dcp.load(_state(m, o, 0), storage_reader=StorageReader.__new__(StorageReader), checkpoint_id=tmp_path / "nope",
+    dcp.save(_state(m, o, 1), storage_writer=StorageWriter(tmp_path / "ok"), no_dist=True)
+    with pytest.raises(CheckpointIncomplete, match="no such directory"):  # dcp.load's checkpoint_id: reset()
+        dcp.load(_state(m, o, 0), storage_reader=StorageReader(tmp_path / "ok"), checkpoint_id=tmp_path / "nope",
                  no_dist=True)
+
+
+def test_failed_resave_leaves_no_loadable_mix(tmp_path: Path) -> None:
+    """The old metadata goes before any rank writes: a re-save that fails half-way never loads as the old
+    checkpoint over some of the new files."""
+    m, o = _model(0)
+    dcp.save(_state(m, o, 1), storage_writer=StorageWriter(tmp_path / "ck"), no_dist=True)
+    StorageReader(tmp_path / "ck")  # complete
+    bad = {**_state(m, o, 2), "z": torch.zeros(3, dtype=torch.complex64)}  # safetensors holds no complex
+    with pytest.raises(CheckpointException, match="complex64"):
+        dcp.save(bad, storage_writer=StorageWriter(tmp_path / "ck"), no_dist=True)
+    with pytest.raises(CheckpointIncomplete):
+        StorageReader(tmp_path / "ck")
+    assert not [p for p in (tmp_path / "ck").iterdir() if ".tmp-" in p.name]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_metadata_parser_fuzz(tmp_path: Path, data: st.DataObject) -> None:
+    """Any bytes in the metadata file: a Metadata or CheckpointCorrupt, nothing else."""
+    global _VALID
+    if _VALID is None:
+        m, o = _model(0)
+        dcp.save(_state(m, o, 1), storage_writer=StorageWriter(tmp_path / "ck"), no_dist=True)
+        _VALID = (tmp_path / "ck" / METADATA_NAME).read_bytes()
+    raw = bytearray(_VALID)
+    kind = data.draw(st.sampled_from(["flip", "cut", "splice", "random"]))
+    if kind == "random":
+        raw = bytearray(data.draw(st.binary(max_size=512)))
+    elif kind == "cut":
+        del raw[data.draw(st.integers(0, len(raw))):]
+    else:
+        for _ in range(data.draw(st.integers(1, 8))):
+            i = data.draw(st.integers(0, len(raw) - 1))
+            raw[i] = data.draw(st.sampled_from(b'0-9e[]{}",:aZ ')) if kind == "splice" else raw[i] ^ (1 << data.draw(st.integers(0, 7)))
+    try:
+        md = decode_metadata(bytes(raw), "fuzz")
+    except CheckpointCorrupt:
+        return
+    assert isinstance(md, Metadata)
 
 
 def test_crafted_metadata_is_corrupt(tmp_path: Path) -> None:
