@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.metadata import Metadata  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict  # noqa: E402
 
 from flightlog.checkpoint import StorageReader, StorageWriter  # noqa: E402
-from flightlog.checkpoint.dcp import METADATA_NAME, decode_metadata  # noqa: E402
+from flightlog.checkpoint.dcp import METADATA_NAME, decode_metadata, seal  # noqa: E402
 from flightlog.proto.errors import CheckpointCorrupt, CheckpointIncomplete  # noqa: E402
 
 # DCP warns on every no_dist call that it assumes a single process: that is the point here.
@@ -160,13 +160,17 @@ def test_failed_resave_leaves_no_loadable_mix(tmp_path: Path) -> None:
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_metadata_parser_fuzz(tmp_path: Path, data: st.DataObject) -> None:
-    """Any bytes in the metadata file: a Metadata or CheckpointCorrupt, nothing else."""
+    """Any bytes in the metadata file: a Metadata or CheckpointCorrupt, nothing else; damage is caught by the
+    checksum line, and with the checksum recomputed (``reseal``) the JSON schema checks see it."""
     global _VALID
     if _VALID is None:
         m, o = _model(0)
         dcp.save(_state(m, o, 1), storage_writer=StorageWriter(tmp_path / "ck"), no_dist=True)
         _VALID = (tmp_path / "ck" / METADATA_NAME).read_bytes()
     raw = bytearray(_VALID)
+    reseal = data.draw(st.booleans())
+    if reseal:
+        raw = bytearray(_VALID.rstrip(b"\n").rpartition(b"\n")[0])
     kind = data.draw(st.sampled_from(["flip", "cut", "splice", "random"]))
     if kind == "random":
         raw = bytearray(data.draw(st.binary(max_size=512)))
@@ -177,17 +181,22 @@ def test_metadata_parser_fuzz(tmp_path: Path, data: st.DataObject) -> None:
             i = data.draw(st.integers(0, len(raw) - 1))
             raw[i] = data.draw(st.sampled_from(b'0-9e[]{}",:aZ ')) if kind == "splice" else raw[i] ^ (1 << data.draw(st.integers(0, 7)))
     try:
-        md = decode_metadata(bytes(raw), "fuzz")
+        md = decode_metadata(seal(bytes(raw)) if reseal else bytes(raw), "fuzz")
     except CheckpointCorrupt:
         return
     assert isinstance(md, Metadata)
+    assert reseal or raw == _VALID  # without a new checksum, only the intact file decodes
 
 
 def test_crafted_metadata_is_corrupt(tmp_path: Path) -> None:
     m, o = _model(0)
     dcp.save(_state(m, o, 1), storage_writer=StorageWriter(tmp_path / "ck"), no_dist=True)
     meta = tmp_path / "ck" / METADATA_NAME
-    meta.write_text(meta.read_text().replace("rank00000.safetensors.zst", "../../etc/passwd"))
+    body = meta.read_bytes().rstrip(b"\n").rpartition(b"\n")[0]
+    meta.write_bytes(body.replace(b"rank00000.safetensors.zst", b"../../etc/passwd"))
+    with pytest.raises(CheckpointException, match="fails its checksum"):
+        dcp.load(_state(m, o, 0), storage_reader=StorageReader(tmp_path / "ck"), no_dist=True)
+    meta.write_bytes(seal(body.replace(b"rank00000.safetensors.zst", b"../../etc/passwd")))
     with pytest.raises(CheckpointException) as info:
         dcp.load(_state(m, o, 0), storage_reader=StorageReader(tmp_path / "ck"), no_dist=True)
     assert "not a rank file name" in str(info.value)

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import msgspec
 import torch
+import xxhash
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
 from torch.distributed.checkpoint.metadata import (
@@ -41,13 +42,13 @@ from torch.futures import Future
 
 from flightlog.checkpoint.state import DTYPES_BY_NAME, TORCH_DTYPES
 from flightlog.proto.checkpoint.codecs import check_level
-from flightlog.proto.checkpoint.format import CODECS, EXTENSIONS, TensorInfo
+from flightlog.proto.checkpoint.format import CODECS, EXTENSIONS, TensorInfo, checksum_text
 from flightlog.proto.checkpoint.reader import CheckpointReader
 from flightlog.proto.checkpoint.writer import TMP_MARK, DirectFile, write_container
 from flightlog.proto.errors import CheckpointCorrupt, CheckpointError, CheckpointIncomplete
 from flightlog.proto.osutil import PRIVATE_FILE_MODE, fsync_dir, make_dirs
 
-__all__ = ["StorageWriter", "StorageReader", "METADATA_NAME", "FORMAT"]
+__all__ = ["StorageWriter", "StorageReader", "METADATA_NAME", "FORMAT", "encode_metadata", "decode_metadata", "seal"]
 
 METADATA_NAME = "flightlog-dcp.json"
 FORMAT = "flightlog-dcp/1"
@@ -154,7 +155,7 @@ class StorageWriter(_DCPWriter):
             tmp.unlink(missing_ok=True)
             raise
         fsync_dir(self.path)
-        checksum = "xxh3_128:" + digest.hex()
+        checksum = checksum_text(digest)
         results = [WriteResult(index=item.index, size_in_bytes=size,
                                storage_data=_Location(target.file, name, checksum))
                    for item, name, size in names]
@@ -374,7 +375,12 @@ def encode_metadata(md: Metadata) -> bytes:
     doc = {"format": FORMAT, "version": md.version, "state": state, "storage": storage,
            "planner_data": None if planner is None else {k: list(v) for k, v in planner.items()},
            "checkpoint_id": str(sm.checkpoint_id or "") if sm else "", "save_id": sm.save_id if sm else ""}
-    return json.dumps(doc, separators=(",", ":")).encode()
+    return seal(json.dumps(doc, separators=(",", ":")).encode())
+
+
+def seal(body: bytes) -> bytes:
+    """``body`` then a last line with its xxh3-128: a flipped bit in the metadata is caught, not obeyed."""
+    return body + b"\n" + checksum_text(xxhash.xxh3_128_digest(body)).encode() + b"\n"
 
 
 def _torch_attr(name: str, kind: type, where: str) -> Any:
@@ -388,8 +394,11 @@ def decode_metadata(raw: bytes, where: str) -> Metadata:
     """The metadata file back into DCP's Metadata; anything malformed is CheckpointCorrupt naming the file."""
     if len(raw) > _MAX_METADATA:
         raise CheckpointCorrupt(f"{where}: the metadata is larger than {_MAX_METADATA} bytes")
+    body, _, tail = raw.removesuffix(b"\n").rpartition(b"\n")
+    if tail != checksum_text(xxhash.xxh3_128_digest(body)).encode():
+        raise CheckpointCorrupt(f"{where}: the checkpoint metadata fails its checksum (damaged or truncated)")
     try:
-        doc = msgspec.json.decode(raw, type=_Doc)
+        doc = msgspec.json.decode(body, type=_Doc)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise CheckpointCorrupt(f"{where}: the checkpoint metadata is malformed: {exc}") from exc
     if doc.format != FORMAT:
