@@ -279,3 +279,14 @@ def test_torchrun_two_ranks_then_one_process(tmp_path: Path) -> None:
     assert sd["extra"] == {"step": 3}
     _assert_same(ref[0], got[0])
     _assert_same(ref[1]["state"], got[1]["state"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_state_round_trip(tmp_path: Path) -> None:
+    """CUDA tensors are copied to the host for writing, and dcp.load fills CUDA tensors in place."""
+    saved = {"w": torch.randn(64, 32, device="cuda"), "h": torch.arange(10, device="cuda", dtype=torch.bfloat16)}
+    dcp.async_save(saved, storage_writer=StorageWriter(tmp_path / "ck"), no_dist=True).result()
+    target = {k: torch.zeros_like(v) for k, v in saved.items()}
+    dcp.load(target, storage_reader=StorageReader(tmp_path / "ck"), no_dist=True)
+    assert all(target[k].is_cuda for k in target)
+    _assert_same({k: v.cpu() for k, v in saved.items()}, {k: v.cpu() for k, v in target.items()})
