@@ -16,6 +16,7 @@ __all__ = [
     "PermanentBackendError",
     "CheckpointError",
     "CheckpointCorrupt",
+    "CheckpointIncomplete",
     "TrackerFinished",
 ]
 
@@ -79,6 +80,10 @@ class CheckpointError(FlightlogError):
 
 class CheckpointCorrupt(CheckpointError):
     """A checkpoint file failed its checksum or bounds checks."""
+
+
+class CheckpointIncomplete(CheckpointError):
+    """A distributed checkpoint has no committed metadata: its save did not finish (or it is no checkpoint)."""
 
 
 class TrackerFinished(FlightlogError, RuntimeError):
