@@ -7,22 +7,26 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import AgentProcess
+from conftest_backends import MlflowServer, mlflow_server, read_wandb_log, tb_accumulator, wandb_logs  # noqa: F401
 from test_crashed import wait_status
 
 from flightlog.agent.sinks._common import RankView, RunRegistry
+from flightlog.agent.sinks.wandb_sink import wandb_run_id
 from flightlog.agent.store import RankEnd, Store, combine_rank_ends
 from flightlog.distributed import job_identity
 from flightlog.proto.events import Metrics, RunEnd, RunStart
 from flightlog.proto.names import check_run_id
 
 pytest.importorskip("torch.distributed")
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(240),
+              pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")]
 
 N = 50
 
@@ -117,6 +121,77 @@ def test_a_rank_killed_ends_the_run_crashed_naming_it_with_every_point(agent: Ag
     points = [p for p in exported(run_id) if p["key"] == "loss"]
     assert Counter(p["rank"] for p in points) == {0: N, 1: N}  # the dead rank's too: its ring was drained
     assert [r["run_id"] for r in json.loads(cli("runs", "ls", "--json"))] == [run_id]
+
+
+def _tb_ended(tb: Path) -> Path:
+    deadline = time.monotonic() + 90
+    while True:
+        ended = [p.parent for p in tb.glob("*/.flightlog-tb.json") if json.loads(p.read_text()).get("ended")]
+        if ended:
+            return ended[0]
+        assert time.monotonic() < deadline, "TensorBoard never ended the run"
+        time.sleep(0.2)
+
+
+def test_every_backend_gets_rank_zeros_points_and_the_crashed_end_once(agent: AgentProcess,  # noqa: F811
+                                                                       mlflow_server: MlflowServer,
+                                                                       tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    wb, tb = tmp_path / "wandb", tmp_path / "tb"
+    config = {
+        "tracking": {"use_tensorboard": True, "tensorboard_log_dir": str(tb),
+                     "use_mlflow": True, "mlflow_tracking_uri": mlflow_server.uri, "mlflow_experiment_name": "ddp",
+                     "use_wandb": True, "wandb_mode": "offline", "wandb_dir": str(wb), "wandb_project": "ddp"},
+        "checkpointing": {"checkpoint_dir": str(tmp_path / "ckpt")},
+        "agent": {"autostart": False},
+    }
+    run_id = job_run(torchrun(tmp_path, config, "kill"))
+    wait_status(agent.paths, run_id, "crashed")
+
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    deadline = time.monotonic() + 120
+    while True:
+        exp = client.get_experiment_by_name("ddp")
+        runs = client.search_runs([exp.experiment_id], f"tags.`flightlog.run_id` = '{run_id}'") if exp else []
+        if runs and runs[0].info.status != "RUNNING":
+            break
+        assert time.monotonic() < deadline, "MLflow run never ended"
+        time.sleep(0.3)
+    assert len(runs) == 1
+    ml = runs[0]
+    assert ml.info.status == "FAILED" and ml.data.tags["flightlog.status"] == "crashed"
+    assert ml.data.tags["flightlog.error"].startswith("rank 1 crashed")
+    assert sorted(m.value for m in client.get_metric_history(ml.info.run_id, "loss")) == [float(i) for i in range(N)]
+
+    deadline = time.monotonic() + 120
+    exits: list[int] = []
+    while not exits:
+        exits = [r.exit.exit_code for p in wandb_logs(wb, wandb_run_id(run_id)) for r in read_wandb_log(p)
+                 if r.WhichOneof("record_type") == "exit"]
+        assert time.monotonic() < deadline, "W&B run never finished"
+        time.sleep(0.3)
+    assert exits == [1]
+
+    acc = tb_accumulator(_tb_ended(tb))
+    [status_tag] = [t for t in acc.Tags()["tensors"] if t.startswith("flightlog/status")]
+    statuses = [e.tensor_proto.string_val[0].decode() for e in acc.Tensors(status_tag)]
+    assert len(statuses) == 1 and "crashed" in statuses[0] and "rank 1" in statuses[0]
+    assert sorted(e.value for e in acc.Scalars("loss")) == [float(i) for i in range(N)]  # rank 0's only
+
+
+def test_log_ranks_all_gives_tensorboard_a_directory_per_rank(agent: AgentProcess, base_config: dict,
+                                                              tmp_path: Path) -> None:
+    tb = tmp_path / "tb"
+    config = {**base_config, "tracking": {"use_tensorboard": True, "tensorboard_log_dir": str(tb)},
+              "distributed": {"log_ranks": "all"}}
+    run_id = job_run(torchrun(tmp_path, config, "ok"))
+    wait_status(agent.paths, run_id, "completed")
+    run_dir = _tb_ended(tb)
+    for rank in (0, 1):
+        acc = tb_accumulator(run_dir / f"rank{rank}")
+        assert sorted(e.value for e in acc.Scalars("loss")) == pytest.approx([i + rank / 10 for i in range(N)])
+    assert "loss" not in tb_accumulator(run_dir).Tags()["scalars"]
 
 
 # --- the parts, in this process ---------------------------------------------------------------------
