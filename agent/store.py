@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS runs (
     tags TEXT, sinks TEXT, metadata TEXT, dropped INTEGER DEFAULT 0);
 CREATE TABLE IF NOT EXISTS params (run_id TEXT, key TEXT, value TEXT, PRIMARY KEY (run_id, key));
 CREATE TABLE IF NOT EXISTS tags (run_id TEXT, key TEXT, value TEXT, PRIMARY KEY (run_id, key));
-CREATE TABLE IF NOT EXISTS metrics (run_id TEXT, key TEXT, step INTEGER, ts REAL, value REAL);
+CREATE TABLE IF NOT EXISTS metrics (run_id TEXT, key TEXT, step INTEGER, ts REAL, value REAL,
+    rank INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS metrics_run_key_step ON metrics (run_id, key, step);
 CREATE TABLE IF NOT EXISTS texts (run_id TEXT, key TEXT, step INTEGER, ts REAL, text TEXT);
 CREATE TABLE IF NOT EXISTS checkpoints_seen (run_id TEXT, path TEXT, epoch INTEGER, step INTEGER, ts REAL,
@@ -160,7 +161,11 @@ class Store:
     def _add_rank_column(self) -> None:
         """A store made before metric points carried their rank gets the column (0: rank 0's, as they were)."""
         if not self._has_rank_column():
-            self.db.execute("ALTER TABLE metrics ADD COLUMN rank INTEGER NOT NULL DEFAULT 0")
+            try:
+                self.db.execute("ALTER TABLE metrics ADD COLUMN rank INTEGER NOT NULL DEFAULT 0")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):  # another connection of the agent added it just now
+                    raise
 
     def _has_rank_column(self) -> bool:
         return any(row[1] == "rank" for row in self.db.execute("PRAGMA table_info(metrics)"))

@@ -251,3 +251,17 @@ def test_store_keeps_rank_zeros_start_and_ends_the_run_after_its_last_rank(tmp_p
             store.apply([RunEnd("r", "crashed", 3.0, "killed", rank=1), RunEnd("r", "completed", 4.0, rank=1)])
         row = store.run("r")
         assert (row["status"], row["error"], row["rank"]) == ("crashed", "rank 1 crashed: killed", 0)
+
+
+def test_a_store_from_before_ranks_gets_the_column_and_exports_rank_zero(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "old.db")
+    db.execute("CREATE TABLE metrics (run_id TEXT, key TEXT, step INTEGER, ts REAL, value REAL)")
+    db.execute("INSERT INTO metrics VALUES ('r', 'loss', 0, 1.0, 0.5)")
+    db.commit()
+    db.close()
+    with Store(tmp_path / "old.db") as store:
+        with store.transaction():
+            store.apply([Metrics("r", 1, 2.0, {"loss": 0.25}, 3)])
+        assert [(p["step"], p["rank"]) for p in store.metric_points("r")] == [(0, 0), (1, 3)]
