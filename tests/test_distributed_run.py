@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from conftest import AgentProcess
 from conftest_backends import MlflowServer, mlflow_server, read_wandb_log, tb_accumulator, wandb_logs  # noqa: F401
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_crashed import wait_status
 
 from flightlog.agent.sinks._common import RankView, RunRegistry
@@ -265,3 +267,13 @@ def test_a_store_from_before_ranks_gets_the_column_and_exports_rank_zero(tmp_pat
         with store.transaction():
             store.apply([Metrics("r", 1, 2.0, {"loss": 0.25}, 3)])
         assert [(p["step"], p["rank"]) for p in store.metric_points("r")] == [(0, 0), (1, 3)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300), st.text(max_size=40), st.text(max_size=40))
+def test_any_launcher_id_gives_a_valid_run_id_the_same_on_every_rank(elastic: str, job: str, step: str) -> None:
+    for env in ({"TORCHELASTIC_RUN_ID": elastic}, {"SLURM_JOB_ID": job, "SLURM_STEP_ID": step, "RANK": step}):
+        first = job_identity(env)
+        assert first == job_identity(dict(env))
+        if first.run_id is not None:
+            assert check_run_id(first.run_id) == first.run_id
