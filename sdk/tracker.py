@@ -68,6 +68,8 @@ class ExperimentTracker:
         cfg = self.config
         self.rank = job.rank if rank is None else rank
         self.local_rank = job.local_rank
+        #: Another rank's tracker of a distributed run: it logs metrics, rank 0 the run's description.
+        self._joined = self.world_size > 1 and self.rank != 0
         self.metadata, git_diff = new_metadata(self.run_id, name, cfg, self.rank, description, tags)
         self.paths = resolve_paths(cfg.agent.data_dir, cfg.agent.socket)
         self._finished = False
@@ -151,13 +153,16 @@ class ExperimentTracker:
         except TypeError as exc:
             raise TypeError(f"hyper-parameters must be plain data (numbers, strings, lists, dicts): {exc}") from exc
         self._rules.params(clean)
+        if self._joined:
+            return  # rank 0 owns the run's hyper-parameters (a backend keeps one value per key)
         self._emit(HyperParams(self.run_id, clean, time.time()))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self._alive("set_tags")
         clean = capture.redact({str(k): str(v) for k, v in tags.items()})
         self._rules.check(clean, "tag key")
-        self._emit(Tags(self.run_id, clean, time.time()))
+        if not self._joined:  # rank 0 owns the run's tags
+            self._emit(Tags(self.run_id, clean, time.time()))
 
     def log_text(self, key: str, text: str, step: int | None = None) -> None:
         self._alive("log_text")
@@ -297,6 +302,8 @@ class ExperimentTracker:
         if self._finished:
             return
         self.metadata.seed = info
+        if self._joined:
+            return  # each rank's seed differs; the run keeps rank 0's
         self._emit(HyperParams(self.run_id, {"seed": info["seed"], "deterministic": info["deterministic"]},
                                time.time()))
 

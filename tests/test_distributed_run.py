@@ -44,7 +44,7 @@ SCRIPT = """
     rank = dist.get_rank()
     with flightlog.experiment_tracking("ddp-job", config) as tracker:
         print("RUN", rank, tracker.run_id, flush=True)
-        tracker.log_hyperparameters({"lr": 0.1})
+        tracker.log_hyperparameters({"lr": 0.1 + rank})  # rank 0's is the run's (a backend keeps one)
         for i in range(n):
             tracker.log_metrics({"loss": i + rank / 10}, step=i)
         if rank == 1 and how == "raise":
@@ -164,6 +164,7 @@ def test_every_backend_gets_rank_zeros_points_and_the_crashed_end_once(agent: Ag
     ml = runs[0]
     assert ml.info.status == "FAILED" and ml.data.tags["flightlog.status"] == "crashed"
     assert ml.data.tags["flightlog.error"].startswith("rank 1 crashed")
+    assert ml.data.params["lr"] == "0.1"  # rank 0's
     assert sorted(m.value for m in client.get_metric_history(ml.info.run_id, "loss")) == [float(i) for i in range(N)]
 
     deadline = time.monotonic() + 120
