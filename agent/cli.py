@@ -270,6 +270,7 @@ def _runs_export(args: argparse.Namespace) -> int:
                     out.write(json.dumps(point) + "\n")
             else:  # the run and its points (of --key, or all): one document
                 run = store.run(run_id)
+                run["ranks"] = store.rank_table(run_id)
                 run["metrics"] = list(store.metric_points(run_id, args.key))
                 out.write(json.dumps(run, indent=2, default=str) + "\n")
         finally:

@@ -318,21 +318,26 @@ class Ingestor:
             return 0
         log.warning("producer %s (pid %d) exited without finish(); its %d events are ingested", producer, pid,
                     ring.events)
-        if holders:
-            # A live producer, or a ring of the dead one not drained yet: the last ring of the run ends it.
+        # Another rank's ring: this rank's end goes now (the sinks combine the ranks' ends into the run's).
+        other_rank = any(r != rank for r in self._holder_ranks(run_id, name))
+        if holders and not other_rank:
+            # A ring of the dead one not drained yet: the last ring of the run ends it.
             log.info("run %s stays running: %s still hold it", run_id, ", ".join(holders))
         else:
             self._end_crashed(run_id, pid, rank, dropped)
         # Removed after the RunEnd is durable: an agent killed in between finds the ring again and ends the
         # run again, which every sink takes (the same status).
         (self.ring_dir / name).unlink(missing_ok=True)
-        return 0 if holders else 1
+        return 0 if holders and not other_rank else 1
 
     def _holders(self, run_id: str, name: str) -> list[str]:
         """Producers of other rings of the run (``name`` excluded), after a scan for rings created since the
         last one."""
         self.scan()
         return [r.view.producer_id for n, r in self.rings.items() if n != name and r.view.run_id == run_id]
+
+    def _holder_ranks(self, run_id: str, name: str) -> set[int]:
+        return {r.view.rank for n, r in self.rings.items() if n != name and r.view.run_id == run_id}
 
     def _end_crashed(self, run_id: str, pid: int, rank: int, dropped: int) -> None:
         """The last ring of a run is drained and its producer died without finish(): the run ends as crashed,
@@ -341,7 +346,7 @@ class Ingestor:
         error = (f"the trainer (pid {pid}, rank {rank}) exited without finish(): killed by a signal "
                  "(SIGKILL, SIGTERM, the OOM killer) or os._exit; everything it logged was ingested")
         buf = bytearray()
-        append_frame(buf, encode_event(RunEnd(run_id, CRASHED, time.time(), error, dropped)))
+        append_frame(buf, encode_event(RunEnd(run_id, CRASHED, time.time(), error, dropped, rank)))
         with self._lock:
             self.wal.append(buf, 1, "agent", SRC_INTERNAL, 0, 0)
             self.wal.sync()  # before the ring goes: a power loss must not lose the run's end with it

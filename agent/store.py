@@ -31,7 +31,7 @@ from flightlog.proto.events import (
     Text,
 )
 
-__all__ = ["Store", "RunState", "SCHEMA"]
+__all__ = ["Store", "RunState", "SCHEMA", "RankEnd", "combine_rank_ends"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS runs (
     tags TEXT, sinks TEXT, metadata TEXT, dropped INTEGER DEFAULT 0);
 CREATE TABLE IF NOT EXISTS params (run_id TEXT, key TEXT, value TEXT, PRIMARY KEY (run_id, key));
 CREATE TABLE IF NOT EXISTS tags (run_id TEXT, key TEXT, value TEXT, PRIMARY KEY (run_id, key));
-CREATE TABLE IF NOT EXISTS metrics (run_id TEXT, key TEXT, step INTEGER, ts REAL, value REAL);
+CREATE TABLE IF NOT EXISTS metrics (run_id TEXT, key TEXT, step INTEGER, ts REAL, value REAL,
+    rank INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS metrics_run_key_step ON metrics (run_id, key, step);
 CREATE TABLE IF NOT EXISTS texts (run_id TEXT, key TEXT, step INTEGER, ts REAL, text TEXT);
 CREATE TABLE IF NOT EXISTS checkpoints_seen (run_id TEXT, path TEXT, epoch INTEGER, step INTEGER, ts REAL,
@@ -57,7 +58,34 @@ CREATE TABLE IF NOT EXISTS sink_runs (sink TEXT, run_id TEXT, PRIMARY KEY (sink,
 CREATE TABLE IF NOT EXISTS quarantine (sink TEXT NOT NULL, run_id TEXT NOT NULL, scope TEXT NOT NULL,
     seq INTEGER, events INTEGER, reason TEXT, location TEXT, ts REAL);
 CREATE INDEX IF NOT EXISTS quarantine_sink_run ON quarantine (sink, run_id);
+CREATE TABLE IF NOT EXISTS run_ranks (run_id TEXT, rank INTEGER, world_size INTEGER, status TEXT, error TEXT,
+    ended_at REAL, dropped INTEGER DEFAULT 0, PRIMARY KEY (run_id, rank));
 """
+
+#: Which rank's end names a distributed run's status, first first: a rank's failure (its traceback) is
+#: the cause when the launcher then kills the others.
+_END_PRECEDENCE = ("failed", "crashed", "killed")
+
+
+class RankEnd(NamedTuple):
+    status: str
+    error: str
+    timestamp: float
+    dropped: int
+
+
+def combine_rank_ends(run_id: str, world_size: int, ends: dict[int, RankEnd]) -> RunEnd | None:
+    """A distributed run's end once every rank of its world ended (None before): ``failed`` if a rank
+    failed, else ``crashed`` if one died without finish(), else ``killed``, else ``completed``; the error
+    names each rank that did not complete."""
+    if len(ends) < world_size:
+        return None
+    status = next((s for s in _END_PRECEDENCE if any(e.status == s for e in ends.values())), "completed")
+    bad = sorted(r for r, e in ends.items() if e.status != "completed")
+    error = "\n".join(f"rank {r} {ends[r].status}" + (f": {ends[r].error}" if ends[r].error else "") for r in bad)
+    first = next((r for r in bad if ends[r].status == status), 0)
+    return RunEnd(run_id, status, max(e.timestamp for e in ends.values()), error,
+                  sum(e.dropped for e in ends.values()), first)
 
 
 def _finite_or_none(v: float) -> float | None:
@@ -126,8 +154,21 @@ class Store:
                 self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 self.db = _sqlite.connect(self.path)
                 self.db.executescript(SCHEMA)
+                self._add_rank_column()
         except sqlite3.DatabaseError as exc:
             raise FlightlogError(f"cannot open the flightlog store {self.path}: {exc}") from exc
+
+    def _add_rank_column(self) -> None:
+        """A store made before metric points carried their rank gets the column (0: rank 0's, as they were)."""
+        if not self._has_rank_column():
+            try:
+                self.db.execute("ALTER TABLE metrics ADD COLUMN rank INTEGER NOT NULL DEFAULT 0")
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" not in str(exc):  # another connection of the agent added it just now
+                    raise
+
+    def _has_rank_column(self) -> bool:
+        return any(row[1] == "rank" for row in self.db.execute("PRAGMA table_info(metrics)"))
 
     def close(self) -> None:
         with self._lock:
@@ -151,29 +192,20 @@ class Store:
     @_locked
     def apply(self, events: Iterable[Event]) -> int:
         """Write events (inside the caller's transaction). Returns the number of metric points written."""
-        points: list[tuple[str, str, int, float, float | None]] = []
+        points: list[tuple[str, str, int, float, float | None, int]] = []
         db = self.db
         for ev in events:
             # isinstance, not a lookup of type(ev): as fast here, and a type checker follows it
             if isinstance(ev, Metrics):
-                run, step, ts = ev.run_id, ev.step, ev.timestamp
-                points.extend((run, k, step, ts, _finite_or_none(v)) for k, v in ev.values.items())
+                run, step, ts, rank = ev.run_id, ev.step, ev.timestamp, ev.rank
+                points.extend((run, k, step, ts, _finite_or_none(v), rank) for k, v in ev.values.items())
             elif isinstance(ev, SystemStats):
-                points.extend((ev.run_id, k, ev.step, ev.timestamp, _finite_or_none(v)) for k, v in ev.values.items())
+                points.extend((ev.run_id, k, ev.step, ev.timestamp, _finite_or_none(v), 0)
+                              for k, v in ev.values.items())
             elif isinstance(ev, RunStart):
-                db.execute(
-                    "INSERT INTO runs (run_id, name, description, status, created_at, config, config_hash, host,"
-                    " pid, rank, tags, sinks, metadata) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
-                    " ON CONFLICT(run_id) DO NOTHING",
-                    (ev.run_id, ev.name, ev.description, "running", ev.timestamp, json.dumps(ev.config),
-                     ev.config_hash, ev.host, ev.pid, ev.rank, json.dumps(ev.tags), json.dumps(ev.sinks),
-                     json.dumps(ev.metadata)),
-                )
+                self._run_start(ev)
             elif isinstance(ev, RunEnd):
-                db.execute(
-                    "UPDATE runs SET status=?, ended_at=?, error=?, dropped=? WHERE run_id=?",
-                    (ev.status, ev.timestamp, ev.error, ev.dropped, ev.run_id),
-                )
+                self._run_end(ev)
             elif isinstance(ev, HyperParams):
                 db.executemany(
                     "INSERT OR REPLACE INTO params VALUES (?,?,?)",
@@ -197,8 +229,60 @@ class Store:
                     (ev.run_id, ev.name, ev.path, ev.timestamp, ev.kind, ev.checksum, ev.size),
                 )
         if points:
-            db.executemany("INSERT INTO metrics VALUES (?,?,?,?,?)", points)
+            db.executemany("INSERT INTO metrics (run_id, key, step, ts, value, rank) VALUES (?,?,?,?,?,?)", points)
         return len(points)
+
+    def _run_start(self, ev: RunStart) -> None:
+        """A run's row; rank 0's RunStart describes the run even when another rank's came first (other ranks
+        join: their RunStart only adds them to the run's rank table)."""
+        conflict = "DO NOTHING" if ev.rank else (
+            "DO UPDATE SET name=excluded.name, description=excluded.description, created_at=excluded.created_at,"
+            " config=excluded.config, config_hash=excluded.config_hash, host=excluded.host, pid=excluded.pid,"
+            " rank=excluded.rank, tags=excluded.tags, sinks=excluded.sinks, metadata=excluded.metadata")
+        self.db.execute(
+            "INSERT INTO runs (run_id, name, description, status, created_at, config, config_hash, host,"
+            " pid, rank, tags, sinks, metadata) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            f" ON CONFLICT(run_id) {conflict}",
+            (ev.run_id, ev.name, ev.description, "running", ev.timestamp, json.dumps(ev.config),
+             ev.config_hash, ev.host, ev.pid, ev.rank, json.dumps(ev.tags), json.dumps(ev.sinks),
+             json.dumps(ev.metadata)),
+        )
+        if ev.world_size > 1:
+            self.db.execute("INSERT OR IGNORE INTO run_ranks (run_id, rank, world_size, status) VALUES (?,?,?,?)",
+                            (ev.run_id, ev.rank, ev.world_size, "running"))
+
+    def _run_end(self, ev: RunEnd) -> None:
+        """A run's end; of a distributed run, one rank's end (its first end counts), and the run's own once
+        every rank of its world ended (``combine_rank_ends``)."""
+        db = self.db
+        row = db.execute("SELECT MAX(world_size) FROM run_ranks WHERE run_id=?", (ev.run_id,)).fetchone()
+        world = int(row[0] or 0)
+        final: RunEnd | None = ev
+        if world > 1:
+            db.execute(
+                "INSERT INTO run_ranks (run_id, rank, world_size, status, error, ended_at, dropped)"
+                " VALUES (?,?,?,?,?,?,?) ON CONFLICT(run_id, rank) DO UPDATE SET status=excluded.status,"
+                " error=excluded.error, ended_at=excluded.ended_at, dropped=excluded.dropped"
+                " WHERE run_ranks.status='running'",
+                (ev.run_id, ev.rank, world, ev.status, ev.error, ev.timestamp, ev.dropped),
+            )
+            ends = {int(r): RankEnd(st, err or "", float(ts or 0), int(d or 0)) for r, st, err, ts, d in db.execute(
+                "SELECT rank, status, error, ended_at, dropped FROM run_ranks WHERE run_id=? AND status!='running'",
+                (ev.run_id,))}
+            final = combine_rank_ends(ev.run_id, world, ends)
+        if final is not None:
+            db.execute("UPDATE runs SET status=?, ended_at=?, error=?, dropped=? WHERE run_id=?",
+                       (final.status, final.timestamp, final.error, final.dropped, final.run_id))
+
+    @_locked
+    def rank_table(self, run_id: str) -> list[dict[str, Any]]:
+        """The ranks of a distributed run ([] for a run of one process): rank, status, error, ended_at."""
+        keys = ("rank", "world_size", "status", "error", "ended_at")
+        try:
+            cur = self.db.execute(f"SELECT {', '.join(keys)} FROM run_ranks WHERE run_id=? ORDER BY rank", (run_id,))
+        except sqlite3.OperationalError:  # a read-only store of an older version: no such table
+            return []
+        return [dict(zip(keys, row)) for row in cur]
 
     @_locked
     def save_cursor(self, sink: str, segment: int, offset: int, seq: int) -> None:
@@ -315,7 +399,9 @@ class Store:
     def metric_points(self, run_id: str, key: str | None = None) -> Iterator[dict[str, Any]]:
         """A run's points (of one key, or all) for export. Read in chunks, each under the lock, so a long
         export never holds the store for the whole run."""
-        sql = "SELECT key, step, ts, value FROM metrics WHERE run_id=?"
+        with self._lock:
+            rank = "rank" if self._has_rank_column() else "0"  # a read-only store of an older version
+        sql = f"SELECT key, step, ts, value, {rank} FROM metrics WHERE run_id=?"
         args: tuple[Any, ...] = (run_id,)
         if key is not None:
             sql += " AND key=?"
@@ -327,8 +413,9 @@ class Store:
                 rows = cur.fetchmany(_EXPORT_CHUNK)
             if not rows:
                 return
-            for k, step, ts, value in rows:
-                yield {"run": run_id, "key": k, "step": step, "timestamp": ts, "value": _json_number(value)}
+            for k, step, ts, value, r in rows:
+                yield {"run": run_id, "key": k, "step": step, "timestamp": ts, "value": _json_number(value),
+                       "rank": r}
 
     # --- quarantine (written by the delivery engine, agent/runner.py) ---
 

@@ -26,6 +26,7 @@ __all__ = [
     "MonitoringConfig",
     "AgentConfig",
     "WalConfig",
+    "DistributedConfig",
     "Config",
     "load_config",
     "config_hash",
@@ -118,6 +119,12 @@ class WalConfig(_Section):
     max_bytes: _NonNegInt = 0  # 0: no cap
 
 
+class DistributedConfig(_Section):
+    #: "zero": backends get rank 0's metrics (every rank's stay in the local store); "all": every rank's,
+    #: under ``rank<k>/<key>``.
+    log_ranks: Literal["zero", "all"] = "zero"
+
+
 class Config(_Section):
     description: str = ""
     tags: list[str] = msgspec.field(default_factory=list)
@@ -126,6 +133,7 @@ class Config(_Section):
     monitoring: MonitoringConfig = msgspec.field(default_factory=MonitoringConfig)
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
     wal: WalConfig = msgspec.field(default_factory=WalConfig)
+    distributed: DistributedConfig = msgspec.field(default_factory=DistributedConfig)
 
 
 _Source = Union[str, os.PathLike[str], Mapping[str, Any], Config, None]

@@ -60,6 +60,7 @@ class RunStart(msgspec.Struct, tag="rs", array_like=True):
     rank: int = 0
     host: str = ""
     metadata: dict[str, Any] = {}
+    world_size: int = 1  # > 1: one rank of a distributed job; its run ends when every rank ended
 
 
 #: A run's end status set by the agent, not the SDK: its producer died without finish() (SIGKILL, SIGTERM,
@@ -75,6 +76,7 @@ class RunEnd(msgspec.Struct, tag="re", array_like=True):
     timestamp: float
     error: str = ""
     dropped: int = 0
+    rank: int = 0  # whose end it is (of a distributed run: one rank's end, combined by the sinks)
 
 
 class HyperParams(msgspec.Struct, tag="hp", array_like=True):
@@ -88,6 +90,7 @@ class Metrics(msgspec.Struct, tag="m", array_like=True):
     step: int
     timestamp: float
     values: dict[str, float]
+    rank: int = 0
 
 
 class Tags(msgspec.Struct, tag="tg", array_like=True):

@@ -33,8 +33,9 @@ class MetricsPath:
     """
 
     def __init__(self, run_id: str, transport: Transport, rules: KeyRules,
-                 tick: Callable[[int], int]) -> None:
+                 tick: Callable[[int], int], rank: int = 0) -> None:
         self.run_id = run_id
+        self.rank = rank  # appended to each point when not 0 (rank 0's points encode as they always did)
         self._transport = transport
         self._rules = rules
         self._tick = tick
@@ -68,7 +69,7 @@ class MetricsPath:
 
     def _build(self) -> tuple[Callable[..., None], Callable[[], tuple[int, int]], Callable[..., None]]:
         transport, rules, tick = self._transport, self._rules, self._tick
-        run_id, tag = self.run_id, _TAG
+        run_id, tag, rank = self.run_id, _TAG, self.rank
         known = rules.known
         owner = transport.owner
         ring = getattr(transport, "ring", None)
@@ -98,9 +99,12 @@ class MetricsPath:
                 step = resolve(step, last)
             last = step
             try:
-                encode_into((tag, run_id, step, now(), metrics), buf, 0)
+                if rank:
+                    encode_into((tag, run_id, step, now(), metrics, rank), buf, 0)
+                else:
+                    encode_into((tag, run_id, step, now(), metrics), buf, 0)
             except OverflowError:  # an int value beyond 64 bits: it goes as a float
-                encode_into((tag, run_id, step, now(), coerce_metrics(metrics)), buf, 0)
+                encode_into((tag, run_id, step, now(), coerce_metrics(metrics), rank), buf, 0)
             write(buf)  # type: ignore[misc]  # the socket transport has no owner: never reached
             if step >= progress_next:  # progress off: never true; on: about every 0.5 s
                 progress_next = tick(step)
@@ -115,7 +119,7 @@ class MetricsPath:
                 if _type(step) is not _int or not last <= step <= _max:
                     step = resolve(step, last)
                 last = step
-                transport.emit_side(Metrics(run_id, step, now(), values))
+                transport.emit_side(Metrics(run_id, step, now(), values, rank))
                 if step >= progress_next:
                     progress_next = tick(step)
 

@@ -18,8 +18,9 @@ from typing import Any
 import msgspec
 
 from flightlog import artifacts, capture
+from flightlog.distributed import job_identity
 from flightlog.link import AgentLink
-from flightlog.metadata import ExperimentMetadata, absolute_paths, default_rank, new_metadata, run_metadata, sinks_of
+from flightlog.metadata import ExperimentMetadata, absolute_paths, new_metadata, run_metadata, sinks_of
 from flightlog.metrics import MetricsPath
 from flightlog.progress import RunProgress
 from flightlog.proto.config import Config, config_to_dict, load_config
@@ -57,10 +58,18 @@ class ExperimentTracker:
         total_steps: int | None = None,
     ) -> None:
         check_experiment_name(name)
-        self.run_id = check_run_id(run_id) if run_id else uuid.uuid4().hex[:16]
+        job = job_identity()
+        # One job, one run: the launcher's job identity names the run every rank joins (run_id= and
+        # FLIGHTLOG_RUN_ID override it); a process no launcher started is its own run, a world of one.
+        chosen = run_id or job.run_id
+        self.run_id = check_run_id(chosen) if chosen else uuid.uuid4().hex[:16]
+        self.world_size = job.world_size if chosen else 1
         self.config: Config = load_config(config)
         cfg = self.config
-        self.rank = default_rank() if rank is None else rank
+        self.rank = job.rank if rank is None else rank
+        self.local_rank = job.local_rank
+        #: Another rank's tracker of a distributed run: it logs metrics, rank 0 the run's description.
+        self._joined = self.world_size > 1 and self.rank != 0
         self.metadata, git_diff = new_metadata(self.run_id, name, cfg, self.rank, description, tags)
         self.paths = resolve_paths(cfg.agent.data_dir, cfg.agent.socket)
         self._finished = False
@@ -76,7 +85,8 @@ class ExperimentTracker:
         self.producer_id = self._transport.producer_id
         self._rules = KeyRules(mlflow=cfg.tracking.use_mlflow)
         self._progress = RunProgress(self._emit_progress)
-        self._metrics = MetricsPath(self.run_id, self._transport, self._rules, self._progress.tick)
+        self._metrics = MetricsPath(self.run_id, self._transport, self._rules, self._progress.tick,
+                                    self.rank if self.world_size > 1 else 0)
         self.__dict__["log_metrics"] = self._metrics.log_metrics  # the closure: no bound-method hop per call
         self._connect()
         start = RunStart(
@@ -84,11 +94,11 @@ class ExperimentTracker:
             description=self.metadata.description, tags=self.metadata.tags,
             config=absolute_paths(self.metadata.config), config_hash=self.metadata.config_hash,
             sinks=sinks_of(cfg), pid=os.getpid(), rank=self.rank, host=self.metadata.host,
-            metadata=run_metadata(self.metadata),
+            metadata=run_metadata(self.metadata), world_size=self.world_size,
         )
         self._emit(start)
         self._transport.mark_start(start)
-        if git_diff:
+        if git_diff and self.rank == 0:  # rank 0 owns the run's capture
             saved = artifacts.save_git_diff(self.run_id, self.run_dir, git_diff)
             if saved is not None:
                 self.metadata.git["diff_artifact"] = str(saved[0])
@@ -143,13 +153,16 @@ class ExperimentTracker:
         except TypeError as exc:
             raise TypeError(f"hyper-parameters must be plain data (numbers, strings, lists, dicts): {exc}") from exc
         self._rules.params(clean)
+        if self._joined:
+            return  # rank 0 owns the run's hyper-parameters (a backend keeps one value per key)
         self._emit(HyperParams(self.run_id, clean, time.time()))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self._alive("set_tags")
         clean = capture.redact({str(k): str(v) for k, v in tags.items()})
         self._rules.check(clean, "tag key")
-        self._emit(Tags(self.run_id, clean, time.time()))
+        if not self._joined:  # rank 0 owns the run's tags
+            self._emit(Tags(self.run_id, clean, time.time()))
 
     def log_text(self, key: str, text: str, step: int | None = None) -> None:
         self._alive("log_text")
@@ -173,7 +186,7 @@ class ExperimentTracker:
         self._transport.emit(event)
 
     def _emit_progress(self, step: int, metrics: dict[str, float]) -> None:
-        self._emit(Metrics(self.run_id, step, time.time(), metrics))
+        self._emit(Metrics(self.run_id, step, time.time(), metrics, self._metrics.rank))
 
     def _at(self, step: int | None) -> int:
         return max(self._metrics.step, 0) if step is None else check_step(int(step))
@@ -241,7 +254,7 @@ class ExperimentTracker:
         if not self._link.connected:
             self._connect_quietly()  # an agent may have come up since (or autostart starts one now)
         self._transport.fence_before_end()
-        self._emit(RunEnd(self.run_id, status, md.ended_at, error, dropped))
+        self._emit(RunEnd(self.run_id, status, md.ended_at, error, dropped, self.rank))
         try:
             if self._link.connected:
                 self._flush(60.0)
@@ -289,6 +302,8 @@ class ExperimentTracker:
         if self._finished:
             return
         self.metadata.seed = info
+        if self._joined:
+            return  # each rank's seed differs; the run keeps rank 0's
         self._emit(HyperParams(self.run_id, {"seed": info["seed"], "deterministic": info["deterministic"]},
                                time.time()))
 
@@ -360,7 +375,7 @@ class ExperimentTracker:
 
         out = viz.cuda_memory_stats()
         if log and out:
-            self._emit_checked([Metrics(self.run_id, self._at(None), time.time(), out)])
+            self._emit_checked([Metrics(self.run_id, self._at(None), time.time(), out, self._metrics.rank)])
         return out
 
     def _emit_checked(self, events: list[Any]) -> None:

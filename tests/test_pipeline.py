@@ -83,7 +83,7 @@ def test_log_flush_and_export(agent: AgentProcess, base_config: dict) -> None:
     ).stdout.splitlines()
     rows = [r for r in map(json.loads, out) if not r["key"].startswith("system/")]
     assert len(rows) == 4000
-    assert set(rows[0]) == {"run", "key", "step", "timestamp", "value"}
+    assert set(rows[0]) == {"run", "key", "step", "timestamp", "value", "rank"} and rows[0]["rank"] == 0
     by_key = {(r["key"], r["step"]): r["value"] for r in rows}
     assert by_key[("loss", 9)] == pytest.approx(0.1)
     assert by_key[("nan", 3)] == "NaN" and by_key[("inf", 3)] == "Infinity"

@@ -109,11 +109,14 @@ def test_mlflow_key_problem(key: str, problem: str) -> None:
        st.dictionaries(st.text(max_size=20), st.floats(allow_nan=False) | st.integers(INT64_MIN, INT64_MAX),
                        max_size=8))
 def test_the_hot_path_tuple_is_the_metrics_event(run_id: str, step: int, ts: float, values: dict) -> None:
-    """log_metrics encodes a tuple; on the wire it must be exactly the Metrics Struct."""
+    """log_metrics encodes a tuple; on the wire it must be exactly the Metrics Struct (a rank's point: with
+    its rank; rank 0's: without the appended field, which decodes to its default, 0)."""
+    ranked = event_encoder.encode((_TAG, run_id, step, ts, values, 3))
+    assert ranked == event_encoder.encode(Metrics(run_id, step, ts, values, 3))
     raw = event_encoder.encode((_TAG, run_id, step, ts, values))
-    assert raw == event_encoder.encode(Metrics(run_id, step, ts, values))
+    assert raw == event_encoder.encode((_TAG, run_id, step, ts, values, 3))[:-1].replace(b"\x96", b"\x95", 1)
     decoded = msgspec.msgpack.decode(raw, type=Metrics)
-    assert decoded == Metrics(run_id, step, ts, {k: float(v) for k, v in values.items()})
+    assert decoded == Metrics(run_id, step, ts, {k: float(v) for k, v in values.items()}, 0)
 
 
 def test_values_table_of_the_readme(agent: AgentProcess, base_config: dict) -> None:

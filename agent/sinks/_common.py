@@ -15,15 +15,16 @@ from typing import Any
 
 import msgspec
 
+from flightlog.agent.store import RankEnd, combine_rank_ends
 from flightlog.proto.config import TrackingConfig
 from flightlog.proto.errors import PermanentBackendError
-from flightlog.proto.events import Event, Image, RunStart
+from flightlog.proto.events import Event, Image, Metrics, RunEnd, RunStart
 from flightlog.proto.names import safe_component
 from flightlog.proto.osutil import make_dirs, restrict_umask
 
 from .base import Ack, Batch, SinkCursor
 
-__all__ = ["RunRegistry", "RunSinkBase", "atomic_write_json", "group_by_run", "flatten", "safe_name",
+__all__ = ["RunRegistry", "RunSinkBase", "RankView", "atomic_write_json", "group_by_run", "flatten", "safe_name",
            "tracking_config"]
 
 log = logging.getLogger("flightlog.agent.sinks")
@@ -152,6 +153,63 @@ class RunRegistry:
         self._cache.pop(run_id, None)
 
 
+class RankView:
+    """What a backend sees of a distributed run (RunStart.world_size > 1): rank 0's RunStart; metric points of
+    rank 0 (``distributed.log_ranks: zero``) or of every rank under ``rank<k>/<key>`` (``all``); and one RunEnd,
+    the ranks' ends combined once every rank ended. Its state (world size, the ranks' ends) is kept in the
+    run's registry entry, so a restarted agent still ends the run."""
+
+    def __init__(self, registry: RunRegistry) -> None:
+        self.registry = registry
+
+    def filter(self, run_id: str, events: list[tuple[int, Event]]) -> tuple[list[tuple[int, Event]], dict[str, Any] | None]:
+        """The events the backend gets, and the run's new rank state (None: unchanged), to ``save`` once the
+        backend took them (a batch sent again then ends the run again)."""
+        entry = self.registry.get(run_id) or {}
+        ranks: dict[str, Any] = dict(entry.get("ranks") or {})
+        before = dict(ranks)
+        out: list[tuple[int, Event]] = []
+        for seq, ev in events:
+            kept = self._one(run_id, ranks, ev)
+            if kept is not None:
+                out.append((seq, kept))
+        return out, (ranks if ranks != before else None)
+
+    def save(self, run_id: str, ranks: dict[str, Any] | None) -> None:
+        if ranks is not None:
+            self.registry.put(run_id, {**(self.registry.get(run_id) or {"state": {}}), "ranks": ranks})
+
+    @staticmethod
+    def _one(run_id: str, ranks: dict[str, Any], ev: Event) -> Event | None:
+        if type(ev) is RunStart:
+            if ev.world_size > 1:
+                tracking = ev.config.get("distributed") if isinstance(ev.config, dict) else None
+                log_ranks = tracking.get("log_ranks") if isinstance(tracking, dict) else None
+                ranks.update(world=max(int(ranks.get("world", 0)), ev.world_size),
+                             log_ranks=ranks.get("log_ranks") if ev.rank else (log_ranks or "zero"))
+                ranks.setdefault("log_ranks", log_ranks or "zero")
+            return ev if ev.rank == 0 else None  # the other ranks join rank 0's run
+        world = int(ranks.get("world", 0))
+        if world <= 1:
+            return ev
+        if type(ev) is Metrics:
+            if ranks.get("log_ranks") == "all":
+                return Metrics(ev.run_id, ev.step, ev.timestamp,
+                               {f"rank{ev.rank}/{k}": v for k, v in ev.values.items()}, ev.rank)
+            return ev if ev.rank == 0 else None
+        if type(ev) is RunEnd:
+            ends: dict[str, list[Any]] = dict(ranks.get("ends") or {})
+            ends.setdefault(str(ev.rank), [ev.status, ev.error, ev.timestamp, ev.dropped])  # its first end counts
+            ranks["ends"] = ends
+            if ranks.get("done"):
+                return None
+            final = combine_rank_ends(run_id, world, {int(r): RankEnd(*e) for r, e in ends.items()})
+            if final is not None:
+                ranks["done"] = True
+            return final
+        return ev
+
+
 class RunSinkBase:
     """A sink that serves the runs whose RunStart names it, each with its own backend run and settings.
 
@@ -175,6 +233,7 @@ class RunSinkBase:
             state_dir = resolve_paths().data_dir / "sinks"
         self.state_dir = Path(state_dir) / self.name
         self.registry = RunRegistry(self.state_dir / "runs")
+        self.ranks = RankView(self.registry)
         self.defaults = dict(defaults or {})
         self.overrides = dict(overrides or {})
         # wal replay: every run in the WAL goes to this backend, whatever its RunStart asked for.
@@ -230,8 +289,11 @@ class RunSinkBase:
         delivered = 0
         for run_id, events in group_by_run(batch.events).items():
             try:
-                start = self._start_for(run_id, events)
-                self._write_run(run_id, start, events)
+                shown, ranks = self.ranks.filter(run_id, events)
+                if shown:
+                    start = self._start_for(run_id, shown)
+                    self._write_run(run_id, start, shown)
+                self.ranks.save(run_id, ranks)
             except PermanentBackendError as exc:
                 refused[run_id] = str(exc)
                 self._forget_run(run_id)

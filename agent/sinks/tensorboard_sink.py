@@ -140,7 +140,11 @@ class TensorBoardTracker(RunSinkBase):
         run = self._runs.get(run_id)
         if run is not None:
             return run
-        d = self.run_dir(start)
+        run = self._open_dir(run_id, self.run_dir(start))
+        self._runs[run_id] = run
+        return run
+
+    def _open_dir(self, run_id: str, d: Path) -> _TbRun:
         try:
             make_dirs(d)
             if not d.is_dir():
@@ -156,7 +160,6 @@ class TensorBoardTracker(RunSinkBase):
         state.setdefault("last", {})
         run = _TbRun(d, state)
         self._recover(run)
-        self._runs[run_id] = run
         return run
 
     def _recover(self, run: _TbRun) -> None:
@@ -210,6 +213,39 @@ class TensorBoardTracker(RunSinkBase):
             raise err from exc
 
     def _write_events(self, run_id: str, start: RunStart, events: list[tuple[int, Event]]) -> None:
+        by_rank: dict[int, list[tuple[int, Event]]] = {}
+        rest: list[tuple[int, Event]] = []
+        for seq, ev in events:
+            # distributed.log_ranks: all: rank k's points (keys rank<k>/...) go to the sub-directory rank<k>,
+            # under their own keys, so TensorBoard draws the ranks as runs side by side.
+            if isinstance(ev, Metrics) and ev.values and all(k.startswith(f"rank{ev.rank}/") for k in ev.values):
+                cut = len(f"rank{ev.rank}/")
+                by_rank.setdefault(ev.rank, []).append(
+                    (seq, Metrics(ev.run_id, ev.step, ev.timestamp, {k[cut:]: v for k, v in ev.values.items()},
+                                  ev.rank)))
+            else:
+                rest.append((seq, ev))
+        last = max((seq for seq, _ in events), default=-1)
+        for rank, rank_events in sorted(by_rank.items()):
+            self._write_rank(run_id, start, rank, rank_events, last)
+        self._write_main(run_id, start, rest)
+
+    def _write_rank(self, run_id: str, start: RunStart, rank: int, events: list[tuple[int, Event]],
+                    last: int) -> None:
+        """One rank's points into ``<run dir>/rank<k>``, exactly once (its own committed seq)."""
+        key = f"{run_id}\0rank{rank}"
+        run = self._runs.get(key)
+        if run is None:
+            run = self._open_dir(run_id, self.run_dir(start) / f"rank{rank}")
+            self._runs[key] = run
+        done = run.state["seq"]
+        enc = self._enc.encode
+        payloads = [enc(ev.timestamp, ev.step, ev.values) for seq, ev in events
+                    if seq > done and isinstance(ev, Metrics)]
+        if last > done:
+            self._commit(run, payloads, last)
+
+    def _write_main(self, run_id: str, start: RunStart, events: list[tuple[int, Event]]) -> None:
         run = self._open_run(run_id, start)
         done = run.state["seq"]
         payloads: list[bytes] = []
@@ -307,6 +343,8 @@ class TensorBoardTracker(RunSinkBase):
         run.state["ended"] = True
         atomic_write_json(run.directory / STATE_FILE, run.state)
         self._drop(run)
+        for key in [k for k in self._runs if k.startswith(f"{run_id}\0")]:
+            self._drop(self._runs[key])  # its ranks' files
 
     def _forget_run(self, run_id: str) -> None:
         run = self._runs.get(run_id)
