@@ -232,6 +232,30 @@ def wandb_logs(root: Path, wandb_id: str) -> list[Path]:
     return sorted(root.rglob(f"run-{wandb_id}.wandb"))
 
 
+def ended_mlflow_runs(client: Any, experiment: str, run_id: str, timeout: float = 120.0) -> list[Any]:
+    """The MLflow runs tagged with flightlog's ``run_id`` in ``experiment``, once the first has ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        exp = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([exp.experiment_id], f"tags.`flightlog.run_id` = '{run_id}'") if exp else []
+        if runs and runs[0].info.status != "RUNNING":
+            return list(runs)
+        assert time.monotonic() < deadline, "MLflow run never ended"
+        time.sleep(0.3)
+
+
+def wandb_exit_codes(root: Path, wandb_id: str, timeout: float = 120.0) -> list[int]:
+    """The exit codes in the run's .wandb files under ``root``, once there is one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        exits = [r.exit.exit_code for p in wandb_logs(root, wandb_id) for r in read_wandb_log(p)
+                 if r.WhichOneof("record_type") == "exit"]
+        if exits:
+            return exits
+        assert time.monotonic() < deadline, "W&B run never finished"
+        time.sleep(0.3)
+
+
 def wandb_history(root: Path, wandb_id: str) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     """(history rows, config, summary) across every .wandb file of the run (a resume writes a new one)."""
     import json

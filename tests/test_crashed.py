@@ -16,7 +16,15 @@ from typing import Any
 
 import pytest
 from conftest import AgentProcess, new_id
-from conftest_backends import MlflowServer, mlflow_server, read_wandb_log, tb_accumulator, wandb_logs  # noqa: F401
+from conftest_backends import (  # noqa: F401
+    MlflowServer,
+    ended_mlflow_runs,
+    mlflow_server,
+    read_wandb_log,
+    tb_accumulator,
+    wandb_exit_codes,
+    wandb_logs,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -350,27 +358,13 @@ def test_crashed_run_in_mlflow_wandb_and_tensorboard(agent: AgentProcess, mlflow
     wait_status(agent.paths, run_id, "crashed")
 
     client = MlflowClient(tracking_uri=mlflow_server.uri)
-    deadline = time.monotonic() + 120
-    while True:
-        exp = client.get_experiment_by_name("crashes")
-        runs = client.search_runs([exp.experiment_id], f"tags.`flightlog.run_id` = '{run_id}'") if exp else []
-        if runs and runs[0].info.status != "RUNNING":
-            break
-        assert time.monotonic() < deadline, "MLflow run never ended"
-        time.sleep(0.3)
+    runs = ended_mlflow_runs(client, "crashes", run_id)
     ml = runs[0]
     assert ml.info.status == "FAILED"
     assert ml.data.tags["flightlog.status"] == "crashed" and "without finish()" in ml.data.tags["flightlog.error"]
     assert len(client.get_metric_history(ml.info.run_id, "loss")) == 200
 
-    deadline = time.monotonic() + 120
-    exits: list[int] = []
-    while not exits:
-        exits = [r.exit.exit_code for p in wandb_logs(wb, wandb_run_id(run_id)) for r in read_wandb_log(p)
-                 if r.WhichOneof("record_type") == "exit"]
-        assert time.monotonic() < deadline, "W&B run never finished"
-        time.sleep(0.3)
-    assert exits == [1]
+    assert wandb_exit_codes(wb, wandb_run_id(run_id)) == [1]
     summary = {item.key: json.loads(item.value_json) for p in wandb_logs(wb, wandb_run_id(run_id))
                for r in read_wandb_log(p) if r.WhichOneof("record_type") == "summary" for item in r.summary.update}
     assert summary["flightlog/status"] == "crashed"

@@ -14,7 +14,15 @@ from typing import Any
 
 import pytest
 from conftest import AgentProcess
-from conftest_backends import MlflowServer, mlflow_server, read_wandb_log, tb_accumulator, wandb_logs  # noqa: F401
+from conftest_backends import (  # noqa: F401
+    MlflowServer,
+    ended_mlflow_runs,
+    mlflow_server,
+    read_wandb_log,
+    tb_accumulator,
+    wandb_exit_codes,
+    wandb_logs,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_crashed import wait_status
@@ -152,14 +160,7 @@ def test_every_backend_gets_rank_zeros_points_and_the_crashed_end_once(agent: Ag
     wait_status(agent.paths, run_id, "crashed")
 
     client = MlflowClient(tracking_uri=mlflow_server.uri)
-    deadline = time.monotonic() + 120
-    while True:
-        exp = client.get_experiment_by_name("ddp")
-        runs = client.search_runs([exp.experiment_id], f"tags.`flightlog.run_id` = '{run_id}'") if exp else []
-        if runs and runs[0].info.status != "RUNNING":
-            break
-        assert time.monotonic() < deadline, "MLflow run never ended"
-        time.sleep(0.3)
+    runs = ended_mlflow_runs(client, "ddp", run_id)
     assert len(runs) == 1
     ml = runs[0]
     assert ml.info.status == "FAILED" and ml.data.tags["flightlog.status"] == "crashed"
@@ -167,14 +168,7 @@ def test_every_backend_gets_rank_zeros_points_and_the_crashed_end_once(agent: Ag
     assert ml.data.params["lr"] == "0.1"  # rank 0's
     assert sorted(m.value for m in client.get_metric_history(ml.info.run_id, "loss")) == [float(i) for i in range(N)]
 
-    deadline = time.monotonic() + 120
-    exits: list[int] = []
-    while not exits:
-        exits = [r.exit.exit_code for p in wandb_logs(wb, wandb_run_id(run_id)) for r in read_wandb_log(p)
-                 if r.WhichOneof("record_type") == "exit"]
-        assert time.monotonic() < deadline, "W&B run never finished"
-        time.sleep(0.3)
-    assert exits == [1]
+    assert wandb_exit_codes(wb, wandb_run_id(run_id)) == [1]
 
     acc = tb_accumulator(_tb_ended(tb))
     [status_tag] = [t for t in acc.Tags()["tensors"] if t.startswith("flightlog/status")]
