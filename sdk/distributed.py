@@ -28,7 +28,7 @@ class JobIdentity(NamedTuple):
 def _int(env: Mapping[str, str], *names: str, default: int) -> int:
     for name in names:
         value = env.get(name, "")
-        if value.isdigit():
+        if value.isascii() and value.isdigit():  # str.isdigit() is also true for '²', which int() refuses
             return int(value)
     return default
 

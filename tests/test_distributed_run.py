@@ -272,3 +272,8 @@ def test_any_launcher_id_gives_a_valid_run_id_the_same_on_every_rank(elastic: st
         assert first == job_identity(dict(env))
         if first.run_id is not None:
             assert check_run_id(first.run_id) == first.run_id
+
+
+def test_a_rank_variable_of_non_ascii_digits_is_not_a_rank() -> None:
+    """Found by the launcher-id property test: '²' is a digit to str.isdigit() but not to int()."""
+    assert job_identity({"RANK": "²", "TORCHELASTIC_RUN_ID": "j1"}).rank == 0
