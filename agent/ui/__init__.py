@@ -1,0 +1,3 @@
+"""The web interface (`flightlog ui`): a Streamlit app reading the local store."""
+
+__all__: list[str] = []
