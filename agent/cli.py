@@ -281,6 +281,17 @@ def _runs_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _runs_show(args: argparse.Namespace) -> int:
+    from flightlog.agent.runs_show import show_run
+
+    store = _store(args)
+    try:
+        print(show_run(store, store.resolve_run(args.run), as_json=args.json))
+    finally:
+        store.close()
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -351,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("--key", help="only this metric")
     re_.add_argument("--out", help="file to write (default: stdout)")
     re_.set_defaults(func=_runs_export)
+    rs = rsub.add_parser("show", help="one run: status, config hash, git, command line, environment, params")
+    common(rs)
+    rs.add_argument("run", help="run id, id prefix or name")
+    rs.add_argument("--json", action="store_true")
+    rs.set_defaults(func=_runs_show)
 
     pl = sub.add_parser("plot", help="render a run's plots (loss, accuracy, log scale, overfitting) as PNGs")
     common(pl)

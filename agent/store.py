@@ -211,6 +211,8 @@ class Store:
                     "INSERT OR REPLACE INTO params VALUES (?,?,?)",
                     [(ev.run_id, k, json.dumps(v)) for k, v in ev.params.items()],
                 )
+                if ev.config_hash:  # the run's hash covers its logged hyper-parameters
+                    db.execute("UPDATE runs SET config_hash=? WHERE run_id=?", (ev.config_hash, ev.run_id))
             elif isinstance(ev, Tags):
                 db.executemany(
                     "INSERT OR REPLACE INTO tags VALUES (?,?,?)", [(ev.run_id, k, v) for k, v in ev.tags.items()]

@@ -70,7 +70,7 @@ class CheckpointConfig(_Section):
     save_frequency: _NonNegInt = 0  # 0: only explicit saves
     compression: Literal["zstd", "gzip", "none", "zstd-bytegroup"] = "zstd"
     compression_level: Annotated[int, Meta(ge=-(2**31), le=2**31 - 1)] = 1  # zstd 1 packs tensors as well as 3, at 1.6x the speed; range checked by the writer
-    monitor: str | None = None
+    monitor: str | None = "val_loss"  # the metric that picks the best checkpoint (null: only is_best=)
     mode: Literal["min", "max"] = "min"
     keep_every_n_steps: _NonNegInt = 0
     upload: Literal["none", "best", "all"] = "none"
@@ -128,6 +128,10 @@ class DistributedConfig(_Section):
 class Config(_Section):
     description: str = ""
     tags: list[str] = msgspec.field(default_factory=list)
+    #: The user's own sections of the experiment config (``model:``, ``training:``, ``data:`` ...): every
+    #: top-level key flightlog does not own lands here, kept as written; logged as the run's
+    #: hyper-parameters and covered by ``config_hash``.
+    experiment: dict[str, Any] = msgspec.field(default_factory=dict)
     tracking: TrackingConfig = msgspec.field(default_factory=TrackingConfig)
     checkpointing: CheckpointConfig = msgspec.field(default_factory=CheckpointConfig)
     monitoring: MonitoringConfig = msgspec.field(default_factory=MonitoringConfig)
@@ -185,8 +189,11 @@ def load_config(source: _Source = None, *, env: Mapping[str, str] | None = None)
         raise _translate(str(exc), origins, default_src) from exc
 
 
-def config_hash(config: Config | Mapping[str, Any] | str | os.PathLike[str]) -> str:
-    """sha256 hex of the resolved config's canonical JSON, without the node-local ``agent`` section."""
+def config_hash(config: Config | Mapping[str, Any] | str | os.PathLike[str],
+                params: Mapping[str, Any] | None = None) -> str:
+    """sha256 hex of the resolved config's canonical JSON, without the node-local ``agent`` section; with
+    ``params`` (the hyper-parameters a run logged), of both: two runs that differ only in a logged learning
+    rate differ in hash. No params or ``{}``: the config's hash alone."""
     if isinstance(config, Config):
         # Re-validate so a hand-built Config (an int where a float is due) hashes like its loaded twin.
         try:
@@ -197,6 +204,8 @@ def config_hash(config: Config | Mapping[str, Any] | str | os.PathLike[str]) -> 
         cfg = load_config(config, env={})  # env={}: the identity must not depend on the shell
     data = msgspec.to_builtins(cfg)
     del data["agent"]
+    if params:
+        data = {"config": data, "params": msgspec.to_builtins(params, enc_hook=repr)}
     return hashlib.sha256(msgspec.json.encode(data, order="sorted")).hexdigest()
 
 
@@ -433,7 +442,7 @@ def _resolve(raw: Any, src: str, base_dir: Path, stack: list[Path],
         raise ConfigError(f"{src}: the top level must be a mapping of keys to values, got {type(raw).__name__}")
     data = dict(raw)
     extends = data.pop("extends", None)
-    data = _normalise(data, src)
+    data = _user_sections(_normalise(data, src), src)
     merged: dict[str, Any] = {}
     origins: _Origins = {}
     for base in _as_paths(extends, src):
@@ -473,6 +482,37 @@ def _normalise(data: dict[str, Any], src: str) -> dict[str, Any]:
                 )
             section[key] = value
         data["checkpointing"] = section
+    return data
+
+
+#: Keys a top-level key of the user's may not resemble (it would be a typo of flightlog's, silently kept).
+_OWN_KEYS = (*(f for f in _fields(Config) if f != "experiment"), *_FLAT_KEYS, "extends")
+
+
+def _user_sections(data: dict[str, Any], src: str) -> dict[str, Any]:
+    """Move the top-level keys flightlog does not own into ``experiment`` (the user's sections). A key that
+    looks like a misspelt flightlog key (``trackng:``) is refused instead: kept, it would silently leave
+    that section at its defaults."""
+    import difflib
+
+    own = _fields(Config)
+    if "experiment" in data and data["experiment"] is None:
+        data["experiment"] = {}  # an empty `experiment:` section, as for flightlog's own
+    user: dict[str, Any] = {}
+    for key in [k for k in data if k not in own and k not in _FLAT_KEYS]:  # a flat key left: bad checkpointing
+        if not isinstance(key, str):
+            raise ConfigError(f"{src}: top-level key {key!r} is not a string; quote it")
+        near = difflib.get_close_matches(key, _OWN_KEYS, n=1, cutoff=0.8)
+        if near:
+            raise ConfigError(
+                f"{src}: unknown key `{key}`: did you mean flightlog's `{near[0]}`? Fix its spelling; a section of"
+                f" your own with this name goes under `experiment:` (`experiment: {{{key}: ...}}`)")
+        user[key] = data.pop(key)
+    if user:
+        mine = data.get("experiment")
+        if mine is not None and not isinstance(mine, Mapping):
+            return data  # validation names the malformed `experiment`
+        data["experiment"] = _merge(mine or {}, user)
     return data
 
 

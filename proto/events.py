@@ -83,6 +83,9 @@ class HyperParams(msgspec.Struct, tag="hp", array_like=True):
     run_id: str
     params: dict[str, Any]
     timestamp: float = 0.0
+    #: The run's config hash now that these are logged too (it covers the config and every logged value);
+    #: "" from an older SDK: the hash stays as RunStart gave it.
+    config_hash: str = ""
 
 
 class Metrics(msgspec.Struct, tag="m", array_like=True):

@@ -15,17 +15,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from flightlog import artifacts, capture
 from flightlog.distributed import job_identity
+from flightlog.hparams import RunParams
 from flightlog.link import AgentLink
 from flightlog.metadata import ExperimentMetadata, absolute_paths, new_metadata, run_metadata, sinks_of
 from flightlog.metrics import MetricsPath
 from flightlog.progress import RunProgress
 from flightlog.proto.config import Config, config_to_dict, load_config
 from flightlog.proto.errors import AgentUnavailable, FlightlogError, TrackerFinished
-from flightlog.proto.events import Event, HyperParams, Metrics, RunEnd, RunStart, Tags, Text, Unregister
+from flightlog.proto.events import Event, HyperParams, Image, Metrics, RunEnd, RunStart, Tags, Text, Unregister
 from flightlog.proto.paths import resolve_paths
 from flightlog.ring import RingProducer, ring_supported
 from flightlog.transport import Transport, open_transport
@@ -84,6 +83,8 @@ class ExperimentTracker:
                                                     ring_supported())
         self.producer_id = self._transport.producer_id
         self._rules = KeyRules(mlflow=cfg.tracking.use_mlflow)
+        self._params = RunParams(cfg, self._rules, self.metadata.config_hash)
+        experiment = self._params.clean(cfg.experiment)  # the user's config sections: hyper-parameters
         self._progress = RunProgress(self._emit_progress)
         self._metrics = MetricsPath(self.run_id, self._transport, self._rules, self._progress.tick,
                                     self.rank if self.world_size > 1 else 0)
@@ -98,6 +99,8 @@ class ExperimentTracker:
         )
         self._emit(start)
         self._transport.mark_start(start)
+        if experiment and not self._joined:
+            self._emit(HyperParams(self.run_id, experiment, start.timestamp))
         if git_diff and self.rank == 0:  # rank 0 owns the run's capture
             saved = artifacts.save_git_diff(self.run_id, self.run_dir, git_diff)
             if saved is not None:
@@ -143,19 +146,16 @@ class ExperimentTracker:
         self._metrics.log_metrics(metrics, step)
 
     def log_hyperparameters(self, params: Mapping[str, Any]) -> None:
-        """Log hyper-parameters (values: numbers, strings, bools, None, or nested lists/dicts)."""
+        """Log hyper-parameters (values: numbers, strings, bools, None, or nested lists/dicts). The run's
+        ``config_hash`` then covers them too."""
         self._alive("log_hyperparameters")
-        if not isinstance(params, Mapping):
-            raise TypeError(f"log_hyperparameters expects a dict, got {type(params).__name__}")
-        clean = capture.redact({str(k): v for k, v in params.items()})
-        try:
-            msgspec.msgpack.encode(clean)
-        except TypeError as exc:
-            raise TypeError(f"hyper-parameters must be plain data (numbers, strings, lists, dicts): {exc}") from exc
-        self._rules.params(clean)
+        clean = self._params.clean(params)
+        self.metadata.config_hash = digest = self._params.record(params)
+        if self._ckpt is not None:
+            self._ckpt.config_hash = digest  # checkpoints saved from now on carry the run's new hash
         if self._joined:
             return  # rank 0 owns the run's hyper-parameters (a backend keeps one value per key)
-        self._emit(HyperParams(self.run_id, clean, time.time()))
+        self._emit(HyperParams(self.run_id, clean, time.time(), config_hash=digest))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self._alive("set_tags")
@@ -163,6 +163,24 @@ class ExperimentTracker:
         self._rules.check(clean, "tag key")
         if not self._joined:  # rank 0 owns the run's tags
             self._emit(Tags(self.run_id, clean, time.time()))
+
+    def log_image(self, key: str, image: Any, step: int | None = None, *, caption: str = "") -> None:
+        """Log an image (numpy array or tensor H×W, H×W×C or C×H×W; or a PIL image) to every backend that
+        has images: TensorBoard images, W&B media, MLflow artifacts under ``images/``, the local store."""
+        from flightlog.media import image_png
+
+        self._log_png("log_image", key, image_png, image, step, caption)
+
+    def log_figure(self, key: str, figure: Any, step: int | None = None, *, caption: str = "") -> None:
+        """Log a matplotlib figure as an image (see ``log_image``)."""
+        from flightlog.media import figure_png
+
+        self._log_png("log_figure", key, figure_png, figure, step, caption)
+
+    def _log_png(self, what: str, key: str, encode: Any, obj: Any, step: int | None, caption: str) -> None:
+        self._alive(what)
+        self._rules.check([key], "image key")
+        self._emit_checked([Image(self.run_id, key, self._at(step), time.time(), "", encode(obj), str(caption))])
 
     def log_text(self, key: str, text: str, step: int | None = None) -> None:
         self._alive("log_text")

@@ -256,8 +256,12 @@ def test_unknown_key_names_key_and_file(tmp_path: Path) -> None:
     assert "tracking.use_mlfow" in msg and str(path) in msg and "unknown key" in msg
     assert "use_mlflow" in msg  # the valid keys are listed, so the typo is easy to spot
 
-    with pytest.raises(ConfigError, match=r"`colour`.*unknown key"):
-        load_config(write(tmp_path / "top.yaml", "colour: red\n"), env={})
+    # A top-level key of the user's own is the experiment's config (issue "Where users already train"), but
+    # one that looks like a misspelt flightlog key is still refused, naming the key it resembles.
+    assert load_config(write(tmp_path / "top.yaml", "colour: red\n"), env={}).experiment == {"colour": "red"}
+    with pytest.raises(ConfigError, match=r"`monitorng`.*did you mean flightlog's `monitoring`") as info:
+        load_config(write(tmp_path / "typo.yaml", "monitorng: {interval_seconds: 1}\n"), env={})
+    assert str(tmp_path / "typo.yaml") in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from flightlog.agent.sinks._capture import capture_document, mlflow_source_tags
 from flightlog.proto.config import TrackingConfig
 from flightlog.proto.errors import BackendError, PermanentBackendError, RetryableBackendError
 from flightlog.proto.events import (
@@ -225,6 +226,7 @@ class MLflowTracker(RunSinkBase):
             tags["mlflow.note.content"] = start.description[:MAX_TAG_LENGTH]
         for t in start.tags:
             tags[str(t)] = ""
+        tags.update(mlflow_source_tags(start, MAX_TAG_LENGTH))  # git commit, source, command line
         run = client.create_run(exp_id, start_time=int(start.timestamp * 1000), tags=tags, run_name=start.name)
         return run.info.run_id  # type: ignore[no-any-return]
 
@@ -234,6 +236,7 @@ class MLflowTracker(RunSinkBase):
         from mlflow.entities import Param, RunTag
 
         run = self._run(run_id, start)
+        self._upload_capture(run_id, run, start)
         got = self._collect(run_id, events)
         for group in got.param_groups:
             self._send(run, [Param(k, v) for k, v in group.items()], [], [])
@@ -257,6 +260,17 @@ class MLflowTracker(RunSinkBase):
             self.save_state(run_id, state)
             self._runs.pop(run_id, None)
 
+    def _upload_capture(self, run_id: str, run: _MlRun, start: RunStart) -> None:
+        """The run's full capture (environment with its packages, git, command) as the artifact
+        ``flightlog/capture.json``, once per run."""
+        state = self.state_of(run_id)
+        if state.get("capture_uploaded") or not start.metadata:
+            return
+        self._call(run, "uploading the run's capture", run.client.log_dict, run.id, capture_document(start),
+                   "flightlog/capture.json")
+        state["capture_uploaded"] = True
+        self.save_state(run_id, state)
+
     def _collect(self, run_id: str, events: list[tuple[int, Event]]) -> _Collected:
         """A run's events as MLflow entities and uploads, in the order MLflow must see them."""
         from mlflow.entities import Metric
@@ -269,6 +283,8 @@ class MLflowTracker(RunSinkBase):
                 for k, v in ev.values.items():
                     add(Metric(k, float(v), ts, step))
             elif isinstance(ev, HyperParams):
+                if ev.config_hash:
+                    got.tags["flightlog.config_hash"] = ev.config_hash
                 for k, v in flatten(ev.params).items():
                     value = self._param(run_id, k, _param_value(v))
                     if got.params.get(k, value) != value:

@@ -12,6 +12,7 @@ import os
 import re
 from typing import Any, NoReturn
 
+from flightlog.agent.sinks._capture import wandb_capture
 from flightlog.proto.errors import PermanentBackendError
 from flightlog.proto.events import (
     Alert,
@@ -32,7 +33,7 @@ from flightlog.proto.osutil import make_dirs
 from ._common import RunSinkBase, flatten, image_bytes, safe_name
 from ._errors import ErrorTable, Rule
 
-__all__ = ["WandBTracker", "wandb_run_id", "wandb_errors"]
+__all__ = ["WandBTracker", "wandb_run_id", "wandb_errors", "GIVEN_STEP_KEY"]
 
 log = logging.getLogger("flightlog.agent.sinks")
 
@@ -65,6 +66,30 @@ class _WbRun:
     def __init__(self, run: Any, state: dict[str, Any]) -> None:
         self.run = run
         self.state = state
+
+
+#: The row field that keeps the step a run gave once its W&B step is a global one (the step restarted).
+GIVEN_STEP_KEY = "step"
+
+
+class _GlobalSteps:
+    """W&B's step for each point: the given step, until a rank's step goes back (a loop whose step restarts
+    every epoch); from then on that rank's steps are shifted past the last W&B step, so no row is lost and
+    the W&B step keeps increasing. The shifts live in the sink's per-run state (a restart resumes them)."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._offsets: dict[str, int] = state.setdefault("step_offsets", {})
+        self._given: dict[str, int] = state.setdefault("given_steps", {})
+        self.restarted: int | None = None  # a step a rank went back to in this batch
+
+    def of(self, ev: Metrics | Histogram | Image, last: int) -> int:
+        rank = str(ev.rank if isinstance(ev, Metrics) else 0)
+        offset = self._offsets.get(rank, 0)
+        if ev.step < self._given.get(rank, -1):
+            offset = self._offsets[rank] = last + 1 - ev.step  # just past the last W&B step
+            self.restarted = ev.step if self.restarted is None else self.restarted
+        self._given[rank] = ev.step
+        return ev.step + offset
 
 
 class WandBTracker(RunSinkBase):
@@ -113,6 +138,9 @@ class WandBTracker(RunSinkBase):
         if os.environ.get("WANDB_BASE_URL"):
             settings["base_url"] = os.environ["WANDB_BASE_URL"]  # read per run: the agent may outlive a change
         config = {k: v for k, v in (start.config or {}).items()}
+        captured, source = wandb_capture(start)  # git, command line: what W&B records of its own process
+        config["flightlog"] = captured
+        settings.update(source)
         try:
             run = wandb.init(
                 project=tracking.wandb_project, entity=tracking.wandb_entity or None,
@@ -158,14 +186,16 @@ class WandBTracker(RunSinkBase):
         row_step = step
         row_ts = 0.0  # the events' own time: W&B would stamp the row with the moment it is sent
         skipped = 0
+        steps = _GlobalSteps(st)
         end: RunEnd | None = None
         try:
             for _seq, ev in events:
                 if isinstance(ev, (Metrics, Histogram, Image)):
-                    if ev.step != row_step and row:
+                    at = steps.of(ev, step)
+                    if at != row_step and row:
                         run.log({**row, "_timestamp": row_ts}, step=row_step)
                         row = {}
-                    if ev.step < step:
+                    if at < step:
                         skipped += 1  # W&B steps only go forward; wandb would drop it with a warning
                         continue
                     row_ts = max(row_ts, ev.timestamp) if row else ev.timestamp
@@ -175,7 +205,9 @@ class WandBTracker(RunSinkBase):
                         media = _media(ev)
                         if media is not None:
                             row[ev.key] = media
-                    row_step = step = ev.step
+                    if at != ev.step:
+                        row[GIVEN_STEP_KEY] = ev.step
+                    row_step = step = at
                 elif isinstance(ev, HyperParams):
                     run.config.update(flatten(ev.params), allow_val_change=True)
                 elif isinstance(ev, Tags):
@@ -198,6 +230,11 @@ class WandBTracker(RunSinkBase):
             # The run object is in an unknown state: reopen it (resume) on the retry.
             self._forget(run_id)
             self._raise(exc, f"logging to W&B run {start.name!r}")
+        if steps.restarted is not None and not st.get("warned_restart"):
+            st["warned_restart"] = True
+            log.warning("W&B: run %s's step went back to %d (a step that restarts every epoch?); W&B needs steps"
+                        " that increase, so it gets a global step that keeps increasing and the step you gave as"
+                        " the field %r", run_id, steps.restarted, GIVEN_STEP_KEY)
         if skipped and not st.get("warned_backwards"):
             st["warned_backwards"] = True
             log.warning("W&B: run %s logged %d rows with a step below an earlier one; W&B keeps steps increasing,"

@@ -28,6 +28,7 @@ from flightlog.proto.checkpoint.reader import CheckpointReader
 from flightlog.proto.checkpoint.registry import STANDALONE_NAME, Registry
 from flightlog.proto.errors import CheckpointCorrupt, CheckpointError, FlightlogError
 from flightlog.proto.events import CheckpointSpec, RetentionSpec
+from flightlog.proto.names import check_file_name
 from flightlog.validate import check_run_id
 
 __all__ = ["ModelCheckpointer", "CheckpointMetadata", "PendingCheckpoint"]
@@ -176,16 +177,26 @@ class ModelCheckpointer:
     # --- saving --------------------------------------------------------------------------------
 
     def save(self, model: Any = None, epoch: int = 0, step: int = 0, optimizer: Any = None, scheduler: Any = None,
-             scaler: Any = None, is_best: bool | None = None, **metrics: Any) -> PendingCheckpoint:
+             scaler: Any = None, is_best: bool | None = None, name: str | None = None,
+             **metrics: Any) -> PendingCheckpoint:
         """Stage the training state and return its final path at once; the file appears there atomically
-        when durable. Keyword arguments other than the named ones are metrics (``val_loss=0.3``)."""
+        when durable. Keyword arguments other than the named ones are metrics (``val_loss=0.3``).
+
+        ``name="warmup-end"`` names the file ``ckpt-<run id>-warmup-end`` instead of by epoch and step (a
+        later save of the same name replaces it); ``load("warmup-end")`` finds it. It counts in retention
+        like any other checkpoint of the run."""
         if self._closed:
             raise CheckpointError("this ModelCheckpointer is closed")
+        if name is not None:
+            check_file_name(name, "checkpoint name")
+            if name in ("best", "latest") or len(name.encode()) > 100:
+                raise ValueError(f"checkpoint name {name!r:.120} is 'best', 'latest' (load() reads those as this "
+                                 "run's best and newest) or longer than 100 bytes; pass another name")
         values = {k: metric_value(k, v) for k, v in metrics.items()}
         with self._lock:
-            path = self._path_for(int(epoch), int(step))
+            path = self._path_for(int(epoch), int(step), name)
             tensors, meta = collect_state(model, optimizer, scheduler, scaler)
-            meta.update(epoch=int(epoch), step=int(step), metrics=values, is_best=is_best, run_id=self.run_id,
+            meta.update(epoch=int(epoch), step=int(step), metrics=values, is_best=is_best, run_id=self.run_id, name=name,
                         config_hash=self.config_hash, git_commit=self._git, created=time.time(),
                         torch=torch.__version__)
             manifest, order, aliases, total = plan_layout(tensors)
@@ -206,12 +217,13 @@ class ModelCheckpointer:
         future.add_done_callback(functools.partial(_report, path))
         return pending
 
-    def _path_for(self, epoch: int, step: int) -> str:
+    def _path_for(self, epoch: int, step: int, name: str | None = None) -> str:
         """The file this run's checkpoint at (epoch, step) goes to: ``ckpt-<run id>-e<epoch>-s<step>``, or,
         if a file this run did not register already holds that name (another registry's, a stray file),
         the same name with ``-1``, ``-2``, ... appended. A re-save of a step this run saved replaces its
         own file. (The writer refuses, too, to replace another run's: this only spares the error.)"""
-        stem, ext = f"ckpt-{self.run_id}-e{epoch:04d}-s{step:09d}", EXTENSIONS[self.compression]
+        stem = f"ckpt-{self.run_id}-{name}" if name else f"ckpt-{self.run_id}-e{epoch:04d}-s{step:09d}"
+        ext = EXTENSIONS[self.compression]
         path, n = self.dir / f"{stem}{ext}", 0
         while str(path) not in self._pending and os.path.lexists(path) and not self._registered_to_me(path):
             n += 1
@@ -379,6 +391,7 @@ class ModelCheckpointer:
         elif target in ("best", "latest"):
             self._settle()
         else:
+            target = self._named(target, run_id)
             with self._lock:
                 pending = self._pending.get(str(Path(target).absolute()))
             if pending is not None:
@@ -399,6 +412,16 @@ class ModelCheckpointer:
         if errors:
             raise CheckpointCorrupt(f"no valid checkpoint in {self.dir}: " + "; ".join(errors))
         raise CheckpointError(f"no checkpoint to load for {target!r} in {self.dir}")
+
+    def _named(self, target: str, run_id: str | None) -> str:
+        """The file of the run's checkpoint saved with ``name=target``; ``target`` itself if it is a path."""
+        if os.sep in target or os.path.lexists(target) or target in ("", ".", ".."):
+            return target
+        files = {f"ckpt-{self._run(run_id)}-{target}{ext}" for ext in EXTENSIONS.values()}
+        for entry in reversed(self.list(run_id)):
+            if Path(entry.path).name in files:
+                return entry.path
+        return target
 
     # --- lifecycle -----------------------------------------------------------------------------
 
