@@ -222,7 +222,7 @@ def test_image_png_refuses_what_is_not_an_image() -> None:
     with pytest.raises(ValueError, match="shape"):
         image_png(np.zeros((2, 3, 4, 5)))
     with pytest.raises(ValueError, match="shape"):
-        image_png(np.zeros((4, 4, 7)))
+        image_png(np.zeros((5, 5, 7)))  # neither H×W×C nor C×H×W
     with pytest.raises(TypeError, match="dtype"):
         image_png(np.array([["a"]], dtype=object))
     with pytest.raises(TypeError, match="matplotlib Figure"):
