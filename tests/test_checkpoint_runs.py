@@ -221,7 +221,7 @@ def test_the_agent_refuses_to_write_over_another_runs_checkpoint(agent: Any, cfg
     before = Path(p1).read_bytes()
     with ExperimentTracker("a", cfg, run_id="run2") as t2:
         ck = t2._checkpointer("save_checkpoint")
-        ck._path_for = lambda epoch, step: p1  # an SDK that names files wrongly, or a crafted request
+        ck._path_for = lambda epoch, step, name=None: p1  # an SDK that names files wrongly, or a crafted request
         with pytest.raises(CheckpointError, match="run 'run1' registered that path"):
             t2.save_checkpoint(_model(2.0), 0, 1).wait()
         assert t2.get_best_checkpoint() is None and ck.list() == []

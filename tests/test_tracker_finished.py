@@ -22,6 +22,8 @@ CALLS: dict[str, Callable[[flightlog.ExperimentTracker], Any]] = {
     "log_hyperparameters": lambda t: t.log_hyperparameters({"lr": 0.1}),
     "set_tags": lambda t: t.set_tags({"team": "a"}),
     "log_text": lambda t: t.log_text("note", "hello"),
+    "log_image": lambda t: t.log_image("img", [[0, 255]]),
+    "log_figure": lambda t: t.log_figure("fig", None),
     "save_checkpoint": lambda t: t.save_checkpoint(None, epoch=1, step=1),
     "get_best_checkpoint": lambda t: t.get_best_checkpoint(),
     "load_checkpoint": lambda t: t.load_checkpoint("best"),

@@ -230,15 +230,7 @@ class WandBTracker(RunSinkBase):
             # The run object is in an unknown state: reopen it (resume) on the retry.
             self._forget(run_id)
             self._raise(exc, f"logging to W&B run {start.name!r}")
-        if steps.restarted is not None and not st.get("warned_restart"):
-            st["warned_restart"] = True
-            log.warning("W&B: run %s's step went back to %d (a step that restarts every epoch?); W&B needs steps"
-                        " that increase, so it gets a global step that keeps increasing and the step you gave as"
-                        " the field %r", run_id, steps.restarted, GIVEN_STEP_KEY)
-        if skipped and not st.get("warned_backwards"):
-            st["warned_backwards"] = True
-            log.warning("W&B: run %s logged %d rows with a step below an earlier one; W&B keeps steps increasing,"
-                        " so they are only in the other backends", run_id, skipped)
+        _warn_steps(run_id, st, steps.restarted, skipped)
         st["seq"] = events[-1][0]
         st["step"] = step
         if end is not None:
@@ -296,6 +288,19 @@ class WandBTracker(RunSinkBase):
                 self._wandb.teardown()
             except Exception:
                 log.warning("W&B: teardown failed", exc_info=True)
+
+
+def _warn_steps(run_id: str, st: dict[str, Any], restarted: int | None, skipped: int) -> None:
+    """Once per run: its W&B step became a global one, or rows (another rank's, behind) were left out."""
+    if restarted is not None and not st.get("warned_restart"):
+        st["warned_restart"] = True
+        log.warning("W&B: run %s's step went back to %d (a step that restarts every epoch?); W&B needs steps"
+                    " that increase, so it gets a global step that keeps increasing and the step you gave as"
+                    " the field %r", run_id, restarted, GIVEN_STEP_KEY)
+    if skipped and not st.get("warned_backwards"):
+        st["warned_backwards"] = True
+        log.warning("W&B: run %s logged %d rows with a step below an earlier one; W&B keeps steps increasing,"
+                    " so they are only in the other backends", run_id, skipped)
 
 
 def _media(ev: Histogram | Image) -> Any:
