@@ -153,8 +153,9 @@ class DistributedCheckpointer:
         """Save this rank's part; returns the checkpoint's directory (a str with ``.wait()``). Synchronous
         (``dcp.save``) unless ``async_save=True`` or ``checkpointing.dcp_async``: then the loop waits only
         for the copy into reused CPU buffers (and for the previous async save, whose buffers they are)."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
+        from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
         from flightlog.checkpoint.dcp import StorageWriter
 
@@ -176,11 +177,13 @@ class DistributedCheckpointer:
                                    on_commit=commit)
             try:
                 if use_async:
-                    upload = dcp.async_save(state, storage_writer=writer, process_group=self._group,
+                    upload = dcp_async_save(state, storage_writer=writer, process_group=self._group,
                                             async_stager=self._staging())
-                    upload.add_done_callback(lambda f: self._settle(spec, f.exception(), future))
+                    # a stager that stages in the background would return both futures: not ours
+                    done = upload if isinstance(upload, concurrent.futures.Future) else upload.upload_completion
+                    done.add_done_callback(lambda f: self._settle(spec, f.exception(), future))
                 else:
-                    dcp.save(state, storage_writer=writer, process_group=self._group)
+                    dcp_save(state, storage_writer=writer, process_group=self._group)
                     self._settle(spec, None, future)
             except (CheckpointException, CheckpointError, RuntimeError, OSError) as exc:
                 # DCP's CheckpointException carries every rank's error; a broken collective is a RuntimeError
@@ -305,8 +308,8 @@ class DistributedCheckpointer:
         """Load a distributed checkpoint on every rank, resharded to this job's world (DCP's planners):
         ``path`` is what ``save`` returned (from any job), or "best"/"latest" of this run (or ``run_id``'s).
         Returns (epoch, step)."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
         from flightlog.checkpoint.dcp import StorageReader
 
@@ -324,7 +327,7 @@ class DistributedCheckpointer:
         reader = StorageReader(directory, expected_checksum=_registered_checksum(directory))
         state = _state(model, optimizer, None, None, {})
         state["flightlog"] = ""
-        dcp.load(state, storage_reader=reader, planner=_plain_planner(), process_group=self._group)
+        dcp_load(state, storage_reader=reader, planner=_plain_planner(), process_group=self._group)
         info = json.loads(state["flightlog"])
         if model is not None:
             set_state_dict(model, optimizer if optimizer is not None else [],
