@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 from conftest import AgentProcess
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_crashed import wait_status
 
 from flightlog.proto.checkpoint.dcpdir import METADATA_NAME
@@ -202,3 +204,79 @@ def test_four_ranks_save_ddp_and_fsdp2_then_two_ranks_load_them_bit_exactly(agen
     victim.write_bytes(bytes(raw))
     out = cli("ckpt", "verify", "--dir", str(ckpt), ok=False)
     assert "CORRUPT" in out and "1 ok, 1 bad" in out
+
+
+# --- the parts, in this process ---------------------------------------------------------------------
+
+
+class _Evil:
+    """Pickles to a call of os.system: what a crafted checkpoint's byte item could hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_byte_item_that_is_not_plain_data_is_refused_before_dcp_unpickles_it(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from flightlog.checkpoint import StorageReader, StorageWriter
+    from flightlog.proto.errors import CheckpointCorrupt
+
+    marker = tmp_path / "ran"
+    dcp.save({"note": _Evil(marker), "n": 3}, storage_writer=StorageWriter(tmp_path / "ck"), no_dist=True)
+    with pytest.raises(CheckpointException) as info:
+        dcp.load({"note": None, "n": 0}, storage_reader=StorageReader(tmp_path / "ck"), no_dist=True)
+    (exc, _), = info.value.failures.values()
+    assert isinstance(exc, CheckpointCorrupt) and "not plain data" in str(exc)
+    assert not marker.exists()  # DCP's planner would have run it (torch.load with weights_only=False)
+    plain = {"n": 0}
+    dcp.load(plain, storage_reader=StorageReader(tmp_path / "ck"), no_dist=True)
+    assert plain == {"n": 3}
+
+
+_SEALED: bytes | None = None
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_verify_dir_on_any_metadata_bytes_raises_only_checkpoint_errors(tmp_path: Path, data: st.DataObject) -> None:
+    """``flightlog ckpt verify`` reads the metadata without torch: any bytes there (resealed or not) give
+    CheckpointCorrupt/CheckpointError, and never a path outside the directory."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from flightlog.checkpoint import StorageWriter
+    from flightlog.proto.checkpoint.dcpdir import seal, verify_dir
+    from flightlog.proto.errors import CheckpointError
+
+    global _SEALED
+    ck = tmp_path / "ck"
+    if not ck.exists():
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save({"w": torch.arange(64.0), "n": 1}, storage_writer=StorageWriter(ck), no_dist=True)
+        _SEALED = (ck / METADATA_NAME).read_bytes()
+    assert _SEALED is not None
+    if data.draw(st.booleans()):
+        raw = data.draw(st.binary(max_size=400))
+    else:
+        raw = bytearray(_SEALED)
+        for _ in range(data.draw(st.integers(1, 6))):
+            i = data.draw(st.integers(0, len(raw) - 1))
+            raw[i] = data.draw(st.sampled_from(b'0-9[]{}",:./aZ '))
+        raw = bytes(raw)
+    body = raw.rstrip(b"\n").rpartition(b"\n")[0] if data.draw(st.booleans()) else raw
+    (ck / METADATA_NAME).write_bytes(seal(body) if data.draw(st.booleans()) else raw)
+    try:
+        verify_dir(ck)
+    except CheckpointError:
+        pass
+    finally:
+        (ck / METADATA_NAME).write_bytes(_SEALED)
