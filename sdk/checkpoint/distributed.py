@@ -123,8 +123,8 @@ class DistributedCheckpointer:
                           "monitor": monitor, "mode": mode}
         self.async_save = async_save
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        # Collective: every rank builds its checkpointer at its first checkpoint call, in the same order.
-        self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+        self.timeout = timeout
+        self._pg: Any = None
         self._stager: Any = None  # kept across saves: its CPU copies are reused, not allocated each time
         self._inflight: PendingCheckpoint | None = None
         self._pending: list[PendingCheckpoint] = []
@@ -193,6 +193,16 @@ class DistributedCheckpointer:
             if use_async:
                 self._inflight = pending
         return pending
+
+    @property
+    def _group(self) -> Any:
+        """The checkpoints' gloo group, made at the first save or load: ``new_group`` is a collective, and
+        those are called on every rank (``best``/``latest``/``list`` may be called on one rank alone)."""
+        if self._pg is None:
+            import torch.distributed as dist
+
+            self._pg = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))
+        return self._pg
 
     def _staging(self) -> Any:
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
