@@ -138,6 +138,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from flightlog.proto.checkpoint.dcpdir import verify_dir
     from flightlog.proto.checkpoint.reader import verify_file
 
     if args.paths:
@@ -148,7 +149,8 @@ def _verify(args: argparse.Namespace) -> int:
     bad = 0
     for path, checksum in targets:
         try:
-            verify_file(path, checksum, deep=not args.quick)
+            # a distributed checkpoint is a directory: its metadata, then each rank file against it
+            (verify_dir if os.path.isdir(path) else verify_file)(path, checksum, deep=not args.quick)
             print(f"OK       {path}")
         except CheckpointError as exc:
             bad += 1

@@ -75,6 +75,8 @@ class CheckpointConfig(_Section):
     keep_every_n_steps: _NonNegInt = 0
     upload: Literal["none", "best", "all"] = "none"
     min_free_bytes: _NonNegInt = 0
+    dcp_async: bool = False  # distributed saves: dcp.async_save (the loop waits for the copy only), not dcp.save
+    dcp_timeout_seconds: _PosFloat = 1800.0  # collectives of distributed saves/loads give up after this
 
 
 class MonitoringConfig(_Section):

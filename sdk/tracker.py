@@ -213,10 +213,10 @@ class ExperimentTracker:
 
     def _checkpointer(self, what: str) -> Any:
         self._alive(what)
-        if self._ckpt is None:
-            from flightlog.checkpoint import ModelCheckpointer
+        if self._ckpt is None:  # torch.distributed with a world > 1: DCP, one directory per checkpoint
+            from flightlog.checkpoint.distributed import checkpointer_for
 
-            self._ckpt = ModelCheckpointer.for_tracker(self)
+            self._ckpt = checkpointer_for(self)
         return self._ckpt
 
     def save_checkpoint(self, model: Any = None, epoch: int = 0, step: int = 0, optimizer: Any = None,

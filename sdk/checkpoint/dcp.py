@@ -7,14 +7,13 @@ import dataclasses
 import io
 import json
 import os
-import re
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 import torch
-import xxhash
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION
 from torch.distributed.checkpoint.metadata import (
@@ -42,6 +41,7 @@ from torch.futures import Future
 
 from flightlog.checkpoint.state import DTYPES_BY_NAME, TORCH_DTYPES
 from flightlog.proto.checkpoint.codecs import check_level
+from flightlog.proto.checkpoint.dcpdir import METADATA_NAME, RANK_FILE, read_sealed, seal, sealed_checksum, unseal
 from flightlog.proto.checkpoint.format import CODECS, EXTENSIONS, TensorInfo, checksum_text
 from flightlog.proto.checkpoint.reader import CheckpointReader
 from flightlog.proto.checkpoint.writer import TMP_MARK, DirectFile, write_container
@@ -50,10 +50,10 @@ from flightlog.proto.osutil import PRIVATE_FILE_MODE, fsync_dir, make_dirs
 
 __all__ = ["StorageWriter", "StorageReader", "METADATA_NAME", "FORMAT", "encode_metadata", "decode_metadata", "seal"]
 
-METADATA_NAME = "flightlog-dcp.json"
 FORMAT = "flightlog-dcp/1"
-_RANK_FILE = re.compile(r"rank\d{5}\.safetensors(\.zst|\.zbg|\.gz)?")
-_MAX_METADATA = 256 << 20
+_RANK_FILE = RANK_FILE
+#: What the coordinator calls once the metadata is durable: (total bytes on disk, the checkpoint's checksum).
+OnCommit = Callable[[int, str], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,19 +92,24 @@ class StorageWriter(_DCPWriter):
     """DCP storage that writes ``path/rankNNNNN.safetensors.zst`` per rank, then ``path/flightlog-dcp.json``.
 
     ``codec`` / ``level`` / ``threads`` are the single-process checkpoint's (zstd, level 1, all cores).
+    ``on_begin()`` runs on the coordinator before any rank writes (an error there fails the save on every
+    rank) and ``on_commit(size, checksum)`` once every rank's file and the metadata are durable, before any
+    rank's ``dcp.save`` returns: the tracker records and then commits the checkpoint in its registry there.
     A directory holding an older checkpoint is overwritten (``overwrite=False`` refuses): its metadata is
     removed before any rank writes, so a save that dies half-way leaves a partial checkpoint that does
     not load, never a mix of two.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, codec: str = "zstd", level: int = 1, threads: int = 0,
-                 overwrite: bool = True) -> None:
+                 overwrite: bool = True, on_begin: Callable[[], None] | None = None,
+                 on_commit: OnCommit | None = None) -> None:
         super().__init__()
         if codec not in CODECS:
             raise CheckpointError(f"unknown checkpoint codec {codec!r}; use one of {', '.join(CODECS)}")
         check_level(codec, level)
         self.path = Path(path)
         self.codec, self.level, self.threads, self.overwrite = codec, level, threads, overwrite
+        self.on_begin, self.on_commit = on_begin, on_commit
         self.save_id = uuid.uuid4().hex
         self.rank = 0
         self.is_coordinator = True
@@ -122,17 +127,19 @@ class StorageWriter(_DCPWriter):
         self.rank = int(kwargs.get("rank") or 0)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        try:
-            make_dirs(self.path)
-        except OSError as exc:
-            raise CheckpointError(f"cannot create the checkpoint directory {self.path}: {exc.strerror}") from exc
-        if not self.overwrite and (self.path / METADATA_NAME).exists():
+        if self.is_coordinator and not self.overwrite and (self.path / METADATA_NAME).exists():
             raise CheckpointError(f"{self.path} already holds a checkpoint and overwrite=False; pass another path")
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         # Runs on the coordinator before any rank writes: the old metadata goes first, so from here on the
         # directory reads as partial until finish() commits the new one.
+        if self.on_begin is not None:
+            self.on_begin()
+        try:  # by the coordinator alone (after on_begin, which checks who owns the path); ranks write later
+            make_dirs(self.path)
+        except OSError as exc:
+            raise CheckpointError(f"cannot create the checkpoint directory {self.path}: {exc.strerror}") from exc
         meta = self.path / METADATA_NAME
         if meta.exists():
             meta.unlink()
@@ -203,11 +210,15 @@ class StorageWriter(_DCPWriter):
         metadata.version = CURRENT_DCP_VERSION
         metadata.storage_data = storage
         metadata.storage_meta = self.storage_meta()
-        _private_write(self.path / METADATA_NAME, encode_metadata(metadata))
+        raw = encode_metadata(metadata)
+        _private_write(self.path / METADATA_NAME, raw)
         used = {loc.file for loc in storage.values()}
         for p in self.path.iterdir():  # rank files of an older, wider save are no longer referenced
             if _RANK_FILE.fullmatch(p.name) and p.name not in used:
                 p.unlink(missing_ok=True)
+        if self.on_commit is not None:
+            size = len(raw) + sum((self.path / f).stat().st_size for f in used)
+            self.on_commit(size, sealed_checksum(raw))
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=str(self.path), save_id=self.save_id)
@@ -221,10 +232,11 @@ class StorageReader(_DCPReader):
     """Reads what :class:`StorageWriter` wrote; every rank file is checked against the checksum the
     metadata recorded before any of its bytes reach a tensor (CheckpointCorrupt otherwise)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, threads: int = 0) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, threads: int = 0, expected_checksum: str | None = None) -> None:
         super().__init__()
         self.path = Path(path)
         self.threads = threads
+        self.expected_checksum = expected_checksum  # the registry's: the metadata must be the one registered
         self.storage: dict[MetadataIndex, _Location] = {}
         self.load_id = uuid.uuid4().hex
         self._check_complete()
@@ -249,13 +261,10 @@ class StorageReader(_DCPReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self.path / METADATA_NAME
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(_MAX_METADATA + 1)
-        except FileNotFoundError as exc:
-            raise CheckpointIncomplete(self._missing()) from exc
-        except OSError as exc:
-            raise CheckpointError(f"{path}: cannot read the checkpoint metadata: {exc.strerror or exc}") from exc
+        raw = read_sealed(self.path)
+        if self.expected_checksum and sealed_checksum(raw) != self.expected_checksum:
+            raise CheckpointCorrupt(f"{path}: checksum {sealed_checksum(raw)} is not the registered "
+                                    f"{self.expected_checksum} (replaced or damaged); load another checkpoint")
         metadata = decode_metadata(raw, str(path))
         assert metadata.storage_meta is not None
         metadata.storage_meta.load_id = self.load_id
@@ -294,6 +303,7 @@ class StorageReader(_DCPReader):
                     raise CheckpointCorrupt(f"{r.name}: holds no item {name!r}, which the metadata lists")
                 raw = data[t.begin:t.end]
                 if req.type == LoadItemType.BYTE_IO:
+                    _check_plain(bytes(raw), r.name, name)
                     planner.load_bytes(req, io.BytesIO(bytes(raw)))
                     continue
                 dtype = DTYPES_BY_NAME[t.dtype]
@@ -378,9 +388,15 @@ def encode_metadata(md: Metadata) -> bytes:
     return seal(json.dumps(doc, separators=(",", ":")).encode())
 
 
-def seal(body: bytes) -> bytes:
-    """``body`` then a last line with its xxh3-128: a flipped bit in the metadata is caught, not obeyed."""
-    return body + b"\n" + checksum_text(xxhash.xxh3_128_digest(body)).encode() + b"\n"
+def _check_plain(raw: bytes, where: str, name: str) -> None:
+    """DCP's planners unpickle byte items with ``weights_only=False``; only plain data (numbers, strings,
+    lists, dicts, tensors: what ``weights_only=True`` accepts) is handed to them, so a crafted checkpoint
+    never runs code."""
+    try:
+        torch.load(io.BytesIO(raw), weights_only=True)
+    except Exception as exc:  # the unpickler raises many kinds on hostile bytes; none may escape untyped
+        raise CheckpointCorrupt(f"{where}: item {name!r} is not plain data ({type(exc).__name__}); "
+                                "refusing to unpickle it") from exc
 
 
 def _torch_attr(name: str, kind: type, where: str) -> Any:
@@ -392,11 +408,7 @@ def _torch_attr(name: str, kind: type, where: str) -> Any:
 
 def decode_metadata(raw: bytes, where: str) -> Metadata:
     """The metadata file back into DCP's Metadata; anything malformed is CheckpointCorrupt naming the file."""
-    if len(raw) > _MAX_METADATA:
-        raise CheckpointCorrupt(f"{where}: the metadata is larger than {_MAX_METADATA} bytes")
-    body, _, tail = raw.removesuffix(b"\n").rpartition(b"\n")
-    if tail != checksum_text(xxhash.xxh3_128_digest(body)).encode():
-        raise CheckpointCorrupt(f"{where}: the checkpoint metadata fails its checksum (damaged or truncated)")
+    body = unseal(raw, where)
     try:
         doc = msgspec.json.decode(body, type=_Doc)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
