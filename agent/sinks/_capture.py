@@ -13,8 +13,12 @@ __all__ = ["mlflow_source_tags", "capture_document", "wandb_capture"]
 
 def _parts(start: RunStart) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     meta = start.metadata or {}
-    pick = [meta.get(k) if isinstance(meta.get(k), dict) else {} for k in ("git", "command", "environment")]
-    return pick[0], pick[1], pick[2]
+
+    def part(key: str) -> dict[str, Any]:
+        value = meta.get(key)
+        return value if isinstance(value, dict) else {}
+
+    return part("git"), part("command"), part("environment")
 
 
 def _program(command: dict[str, Any]) -> str:

@@ -31,9 +31,19 @@ from flightlog.proto.events import CheckpointSpec, RetentionSpec
 from flightlog.proto.names import check_file_name
 from flightlog.validate import check_run_id
 
-__all__ = ["ModelCheckpointer", "CheckpointMetadata", "PendingCheckpoint"]
+__all__ = ["ModelCheckpointer", "CheckpointMetadata", "PendingCheckpoint", "check_checkpoint_name"]
 
 log = logging.getLogger("flightlog")
+
+
+def check_checkpoint_name(name: Any) -> str:
+    """A name for ``save(name=...)``: one plain file name, not "best"/"latest" (``load`` reads those as the
+    run's best and newest), at most 100 bytes (the run id and extension go around it)."""
+    check_file_name(name, "checkpoint name")
+    if name in ("best", "latest") or len(name.encode()) > 100:
+        raise ValueError(f"checkpoint name {name!r:.120} is 'best', 'latest' (load() reads those as this run's "
+                         "best and newest) or longer than 100 bytes; pass another name")
+    return str(name)
 
 
 class CheckpointMetadata(msgspec.Struct, kw_only=True):
@@ -188,10 +198,7 @@ class ModelCheckpointer:
         if self._closed:
             raise CheckpointError("this ModelCheckpointer is closed")
         if name is not None:
-            check_file_name(name, "checkpoint name")
-            if name in ("best", "latest") or len(name.encode()) > 100:
-                raise ValueError(f"checkpoint name {name!r:.120} is 'best', 'latest' (load() reads those as this "
-                                 "run's best and newest) or longer than 100 bytes; pass another name")
+            check_checkpoint_name(name)
         values = {k: metric_value(k, v) for k, v in metrics.items()}
         with self._lock:
             path = self._path_for(int(epoch), int(step), name)

@@ -19,7 +19,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from flightlog.checkpoint.checkpointer import CheckpointMetadata, ModelCheckpointer, PendingCheckpoint
+from flightlog.checkpoint.checkpointer import (
+    CheckpointMetadata,
+    ModelCheckpointer,
+    PendingCheckpoint,
+    check_checkpoint_name,
+)
 from flightlog.checkpoint.state import metric_value
 from flightlog.proto.checkpoint.registry import STANDALONE_NAME, Registry
 from flightlog.proto.errors import CheckpointError
@@ -144,12 +149,13 @@ class DistributedCheckpointer:
 
     # --- saving --------------------------------------------------------------------------------
 
-    def path_for(self, epoch: int, step: int) -> str:
-        return str(self.dir / f"ckpt-{self.run_id}-e{epoch:04d}-s{step:09d}{DCP_SUFFIX}")
+    def path_for(self, epoch: int, step: int, name: str | None = None) -> str:
+        stem = name if name else f"e{epoch:04d}-s{step:09d}"
+        return str(self.dir / f"ckpt-{self.run_id}-{stem}{DCP_SUFFIX}")
 
     def save(self, model: Any = None, epoch: int = 0, step: int = 0, optimizer: Any = None, scheduler: Any = None,
              scaler: Any = None, is_best: bool | None = None, async_save: bool | None = None,
-             **metrics: Any) -> PendingCheckpoint:
+             name: str | None = None, **metrics: Any) -> PendingCheckpoint:
         """Save this rank's part; returns the checkpoint's directory (a str with ``.wait()``). Synchronous
         (``dcp.save``) unless ``async_save=True`` or ``checkpointing.dcp_async``: then the loop waits only
         for the copy into reused CPU buffers (and for the previous async save, whose buffers they are)."""
@@ -161,10 +167,12 @@ class DistributedCheckpointer:
 
         if self._closed:
             raise CheckpointError("this DistributedCheckpointer is closed")
+        if name is not None:
+            check_checkpoint_name(name)
         values = {k: metric_value(k, v) for k, v in metrics.items()}
         epoch, step = int(epoch), int(step)
         use_async = self.async_save if async_save is None else bool(async_save)
-        path = self.path_for(epoch, step)
+        path = self.path_for(epoch, step, name)
         with self._lock:
             self._wait_inflight()
             state = _state(model, optimizer, scheduler, scaler,
@@ -333,6 +341,9 @@ class DistributedCheckpointer:
                 raise CheckpointError(f"no {target} distributed checkpoint of run {run_id or self.run_id!r} "
                                       f"registered in {self.registry_path}")
             target = found
+        elif os.sep not in target and not os.path.lexists(target) and target not in ("", ".", ".."):
+            named = self.dir / f"ckpt-{run_id or self.run_id}-{target}{DCP_SUFFIX}"  # a save(name=...)
+            target = str(named) if named.is_dir() else target
         directory = Path(target).absolute()
         reader = StorageReader(directory, expected_checksum=_registered_checksum(directory))
         state = _state(model, optimizer, None, None, {})
