@@ -233,6 +233,7 @@ class ExperimentTracker:
         self._flush(timeout)
 
     def _flush(self, timeout: float) -> None:
+        self._metrics.drain()  # staged CUDA values first: flush covers everything logged so far
         if self._ckpt is not None:
             self._ckpt.wait_all(timeout)
         self._transport.flush(timeout)
@@ -244,6 +245,7 @@ class ExperimentTracker:
         if status not in _STATUSES:
             raise ValueError(f"status must be one of {_STATUSES}, got {status!r}")
         self._finished = True
+        self._metrics.drain()  # before the RunEnd
         self._metrics.retire(self._finished_error)  # from here log_metrics raises, on every thread
         md = self.metadata
         md.status, md.error, md.ended_at = status, error, time.time()
