@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from flightlog import artifacts, capture
-from flightlog.distributed import job_identity
+from flightlog.distributed import job_identity, node_fields
 from flightlog.link import AgentLink
 from flightlog.metadata import ExperimentMetadata, absolute_paths, new_metadata, run_metadata, sinks_of
 from flightlog.metrics import MetricsPath
@@ -94,7 +94,7 @@ class ExperimentTracker:
             description=self.metadata.description, tags=self.metadata.tags,
             config=absolute_paths(self.metadata.config), config_hash=self.metadata.config_hash,
             sinks=sinks_of(cfg), pid=os.getpid(), rank=self.rank, host=self.metadata.host,
-            metadata=run_metadata(self.metadata), world_size=self.world_size,
+            metadata=run_metadata(self.metadata), world_size=self.world_size, **node_fields(),
         )
         self._emit(start)
         self._transport.mark_start(start)

@@ -5,6 +5,13 @@ Exactly once: metrics keep their original timestamp (ms) and step, so a batch re
 ack and cursor commit is deduplicated by MLflow's metric key; params re-logged with the same value and tags
 are idempotent; the flightlog run id <-> MLflow run id mapping is kept in the sink's registry and as the tag
 ``flightlog.run_id``, so a replay after losing the registry reuses the same MLflow run.
+
+Many nodes (one agent each, one tracking server): one creator. Only the agent of the node that hosts rank 0
+(``RunStart.node_rank == 0``) creates the job's MLflow run; the others find it by the tag and wait until it
+exists, so two agents starting at once never make two runs (a lookup-then-create by two creators has no
+atomic step in MLflow's API to settle who won). Each agent's sink has its own cursor in its own WAL, and
+every point keeps its timestamp and step, so an agent SIGKILLed and restarted re-sends at most its last
+unacknowledged batch, which MLflow deduplicates.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -214,11 +222,15 @@ class MLflowTracker(RunSinkBase):
                 if exp is None:
                     raise
                 exp_id = exp.experiment_id
-        found = client.search_runs([exp_id], f"tags.`{RUN_ID_TAG}` = '{start.run_id}'", max_results=1)
-        if found:
-            return found[0].info.run_id  # type: ignore[no-any-return]
+        found = _tagged_run(client, exp_id, start.run_id)
+        if found is None and start.world_size > 1 and start.node_rank != 0:
+            found = _wait_for_creator(client, exp_id, start)
+        if found is not None:
+            return found
         tags = {RUN_ID_TAG: start.run_id, "flightlog.host": start.host, "flightlog.rank": str(start.rank),
                 "flightlog.pid": str(start.pid)}
+        if start.node:
+            tags["flightlog.node"] = start.node
         if start.config_hash:
             tags["flightlog.config_hash"] = start.config_hash
         if start.description:
@@ -361,6 +373,28 @@ class _Collected:
     artifacts: list[Artifact] = field(default_factory=list)
     images: list[Image] = field(default_factory=list)
     end: tuple[int, RunEnd] | None = None
+
+
+def _tagged_run(client: Any, exp_id: str, run_id: str) -> str | None:
+    found = client.search_runs([exp_id], f"tags.`{RUN_ID_TAG}` = '{run_id}'", max_results=1)
+    return found[0].info.run_id if found else None
+
+
+#: How long a node without rank 0 looks for the job's MLflow run in one delivery, before the runner's
+#: backoff takes over (the node of rank 0 creates it with its first batch, normally within a second).
+CREATOR_WAIT_SECONDS = 10.0
+
+
+def _wait_for_creator(client: Any, exp_id: str, start: RunStart) -> str:
+    deadline = time.monotonic() + CREATOR_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        found = _tagged_run(client, exp_id, start.run_id)
+        if found is not None:
+            return found
+    raise RetryableBackendError(
+        f"no MLflow run tagged {RUN_ID_TAG}={start.run_id} yet: node {start.node or start.node_rank} waits for the "
+        "agent of node 0 (where rank 0 runs) to create it; if node 0 has no flightlog agent, start one there")
 
 
 def _local_artifact_root(tracking: TrackingConfig) -> str | None:
