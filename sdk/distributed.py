@@ -66,6 +66,8 @@ def job_identity(env: Mapping[str, str] | None = None) -> JobIdentity:
 class NodeFields(TypedDict):
     node: str
     node_rank: int
+    nodes: int
+    local_world_size: int
 
 
 def node_fields(env: Mapping[str, str] | None = None) -> NodeFields:
@@ -73,4 +75,6 @@ def node_fields(env: Mapping[str, str] | None = None) -> NodeFields:
     ``GROUP_RANK``, SLURM's ``SLURM_NODEID``; 0 without one). Global rank 0 runs on node 0 under both, so the
     node of index 0 is the one whose agent creates the job's run in a shared backend."""
     env = os.environ if env is None else env
-    return NodeFields(node=node_name(env), node_rank=_int(env, "GROUP_RANK", "SLURM_NODEID", default=0))
+    nodes = max(1, _int(env, "GROUP_WORLD_SIZE", "SLURM_NNODES", "SLURM_JOB_NUM_NODES", default=1))
+    return NodeFields(node=node_name(env), node_rank=_int(env, "GROUP_RANK", "SLURM_NODEID", default=0),
+                      nodes=nodes, local_world_size=_int(env, "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=0))

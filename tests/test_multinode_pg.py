@@ -17,12 +17,16 @@ from typing import Any
 
 import pytest
 from conftest import AgentProcess, new_id
-from conftest_backends import MlflowServer
+from conftest_backends import MlflowServer, ended_mlflow_runs
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_monitor import make_paths
 
 from flightlog.agent.monitor import Monitor
-from flightlog.agent.store import Store
-from flightlog.proto.events import RunStart, SystemStats
+from flightlog.agent.sinks._common import RankView, RunRegistry
+from flightlog.agent.sinks.mlflow_sink import NODE_END_TAG, _node_ends
+from flightlog.agent.store import RankEnd, Store
+from flightlog.proto.events import Metrics, RunEnd, RunStart, SystemStats
 from flightlog.proto.names import node_name
 from flightlog.proto.paths import resolve_paths
 
@@ -97,7 +101,8 @@ class Node:
 
     def rank(self, rank: int, node_rank: int, job: str, cfg: dict[str, Any], go: Path) -> subprocess.Popen[str]:
         env = {**os.environ, **self.env, "TORCHELASTIC_RUN_ID": job, "RANK": str(rank), "WORLD_SIZE": "4",
-               "LOCAL_RANK": str(rank % 2), "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": str(node_rank)}
+               "LOCAL_RANK": str(rank % 2), "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": str(node_rank),
+               "GROUP_WORLD_SIZE": "2"}
         return subprocess.Popen([sys.executable, "-c", textwrap.dedent(RANK), json.dumps(cfg), str(N), str(go)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -164,7 +169,10 @@ def test_two_nodes_one_agent_killed_make_one_mlflow_run_on_postgres_every_point_
         time.sleep(1.0)  # anything re-sent late would show now
         hist = _histories(client, runs[0].info.run_id)
         assert {k: [(s, pytest.approx(v)) for s, v in pts] for k, pts in hist.items()} == expected
-        ml = client.get_run(runs[0].info.run_id)
+        [ml] = ended_mlflow_runs(client, experiment, f"te-{job}")  # ended once both nodes' ranks ended
+        assert (ml.info.status, ml.data.tags["flightlog.status"]) == ("FINISHED", "completed")
+        assert {k: v.split(",")[0] for k, v in ml.data.tags.items() if k.startswith("flightlog.node_end.")} == {
+            "flightlog.node_end.0": '["completed"', "flightlog.node_end.1": '["completed"'}
         assert ml.data.tags["flightlog.node"] == "a"  # created by the node of rank 0
         keys = set(ml.data.metrics)
         assert "system/a/cpu_percent" in keys and "system/b/cpu_percent" in keys  # each node's own
@@ -177,3 +185,33 @@ def test_two_nodes_one_agent_killed_make_one_mlflow_run_on_postgres_every_point_
                 p.wait()
         a.close()
         b.close()
+
+
+# --- the parts, in this process --------------------------------------------------------------------------
+
+
+def _node_start(rank: int, node_rank: int) -> RunStart:
+    return RunStart("j", "job", 1.0, config={"distributed": {"log_ranks": "all"}}, rank=rank, world_size=4,
+                    node=f"n{node_rank}", node_rank=node_rank, nodes=2, local_world_size=2)
+
+
+def test_a_nodes_view_ends_the_node_once_its_own_ranks_ended(tmp_path: Path) -> None:
+    view = RankView(RunRegistry(tmp_path))
+    events = [_node_start(3, 1), _node_start(2, 1), Metrics("j", 0, 1.0, {"loss": 1.0}, 3),
+              RunEnd("j", "completed", 2.0, rank=2)]
+    shown, ranks = view.filter("j", list(enumerate(events)))
+    view.save("j", ranks)
+    assert [type(ev).__name__ for _, ev in shown] == ["Metrics"]  # a node without rank 0: points, no start
+    assert shown[0][1].values == {"rank3/loss": 1.0}  # its joining rank's log_ranks, not "zero"
+    shown, _ = view.filter("j", [(9, RunEnd("j", "crashed", 3.0, "killed", rank=3))])
+    assert [ev for _, ev in shown] == [RunEnd("j", "crashed", 3.0, "rank 3 crashed: killed", 0, 3)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text(max_size=30).map(lambda s: NODE_END_TAG + s), st.text(max_size=200), max_size=5),
+       st.integers(0, 9), st.sampled_from(["completed", "failed", "crashed"]))
+def test_node_end_tags_of_any_content_never_break_the_sink(tags: dict[str, str], node: int, status: str) -> None:
+    good = {**tags, f"{NODE_END_TAG}{node}": json.dumps([status, "e", 1.5, 2])}
+    ends = _node_ends(good)
+    assert ends[node] == RankEnd(status, "e", 1.5, 2)
+    assert all(isinstance(k, int) for k in ends)

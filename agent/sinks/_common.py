@@ -189,6 +189,9 @@ class RankView:
                 mine = log_ranks or "zero"
                 ranks.update(world=max(int(ranks.get("world", 0)), ev.world_size),
                              log_ranks=(ranks.get("log_ranks") or mine) if ev.rank else mine)
+                if ev.nodes > 1:  # this agent sees only its node's ranks: it ends the node, not the run
+                    ranks.update(nodes=ev.nodes, node_rank=ev.node_rank,
+                                 local=ev.local_world_size or max(1, ev.world_size // ev.nodes))
             return ev if ev.rank == 0 else None  # the other ranks join rank 0's run
         world = int(ranks.get("world", 0))
         if world <= 1:
@@ -204,6 +207,8 @@ class RankView:
             ranks["ends"] = ends
             if ranks.get("done"):
                 return None
+            # A job over nodes: this node's end once its ranks ended (the MLflow sink combines the nodes').
+            world = int(ranks.get("local", world)) if int(ranks.get("nodes", 1)) > 1 else world
             final = combine_rank_ends(run_id, world, {int(r): RankEnd(*e) for r, e in ends.items()})
             if final is not None:
                 ranks["done"] = True
