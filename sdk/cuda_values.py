@@ -120,7 +120,7 @@ class CudaStager:
             devices[tensor.device] = None
         ready: list[Ready] = []
         for device in devices:
-            event = self._events.pop() if self._events else torch.cuda.Event()
+            event = self._events.pop() if self._events else torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(torch.cuda.current_stream(device))
             ready.append(event)
         return slots, ready
