@@ -152,7 +152,7 @@ class MetricsPath:
 
     def _stage(self, metrics: Mapping[str, Any], staged: dict[str, Any], step: int, timestamp: float) -> bool:
         host = self._checked({k: v for k, v in metrics.items() if k not in staged})
-        self._rules.metrics(dict.fromkeys(staged, 0.0))  # the staged keys pass the same rules, now
+        self._checked(dict.fromkeys(staged, 0.0))  # the staged keys pass the same checks, now
         if self._stager is None:
             self._stager = CudaStager()
         slots, ready = self._stager.stage(staged)

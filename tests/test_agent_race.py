@@ -23,7 +23,7 @@ RANK = """
     import sys, time, flightlog
     n, start_at = int(sys.argv[1]), float(sys.argv[2])
     cfg = {"tracking": {"use_tensorboard": False},
-           "agent": {"autostart": True, "idle_exit_seconds": 5, "connect_timeout_seconds": 120}}
+           "agent": {"autostart": True, "idle_exit_seconds": 3, "connect_timeout_seconds": 120}}
     time.sleep(max(0.0, start_at - time.time() - 0.05))
     while time.time() < start_at:
         pass
@@ -46,7 +46,7 @@ def _wait_gone(pid: int, timeout: float = 60.0) -> None:
 
 
 def test_eight_ranks_of_one_job_in_the_same_millisecond_get_one_agent(agent_paths: AgentPaths) -> None:
-    start_at = time.time() + 8.0  # after every child imported flightlog, even on a loaded machine
+    start_at = time.time() + 6.0  # after every child imported flightlog, even on a loaded machine
     procs = []
     for rank in range(WORLD):
         env = {**os.environ, "TORCHELASTIC_RUN_ID": "race8", "RANK": str(rank), "LOCAL_RANK": str(rank),
