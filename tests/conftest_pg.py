@@ -100,5 +100,5 @@ def mlflow_pg(postgres: Postgres) -> Iterator[MlflowServer]:
     root = Path(tempfile.mkdtemp(prefix="fl-mlpg-", dir="/tmp"))
     server = MlflowServer(root, backend_uri=postgres.uri("mlflow")).start(timeout=180)
     yield server
-    server.stop()
+    server.kill()  # its state is thrown away: no need to wait for a graceful stop of its job runners
     shutil.rmtree(root, ignore_errors=True)
