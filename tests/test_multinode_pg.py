@@ -211,7 +211,7 @@ def test_a_nodes_view_ends_the_node_once_its_own_ranks_ended(tmp_path: Path) -> 
 @given(st.dictionaries(st.text(max_size=30).map(lambda s: NODE_END_TAG + s), st.text(max_size=200), max_size=5),
        st.integers(0, 9), st.sampled_from(["completed", "failed", "crashed"]))
 def test_node_end_tags_of_any_content_never_break_the_sink(tags: dict[str, str], node: int, status: str) -> None:
-    good = {**tags, f"{NODE_END_TAG}{node}": json.dumps([status, "e", 1.5, 2])}
+    good = {**tags, f"{NODE_END_TAG}{node + 10}": "[" * 5000, f"{NODE_END_TAG}{node}": json.dumps([status, "e", 1.5, 2])}
     ends = _node_ends(good)
     assert ends[node] == RankEnd(status, "e", 1.5, 2)
     assert all(isinstance(k, int) for k in ends)

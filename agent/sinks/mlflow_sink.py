@@ -407,7 +407,7 @@ def _node_ends(tags: dict[str, str]) -> dict[int, RankEnd]:
         try:
             status, error, ts, dropped = json.loads(value)
             ends[int(node)] = RankEnd(str(status), str(error), float(ts), int(dropped))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):  # RecursionError: JSON nested thousands deep
             log.warning("MLflow: tag %s=%r is not a node end; ignored", key, value[:80])
     return ends
 
