@@ -24,6 +24,7 @@ import psutil
 from flightlog.proto.config import Config, decode_config
 from flightlog.proto.errors import FlightlogError
 from flightlog.proto.events import Alert, Event, SystemStats
+from flightlog.proto.names import node_name
 from flightlog.proto.paths import AgentPaths
 
 from .store import Store
@@ -243,6 +244,7 @@ class RunInfo:
     next_due: float = 0.0
     created_at: float = 0.0
     last_step: int = -1
+    distributed: bool = False  # a rank of a job: its system metrics are this node's, system/<node>/...
 
     def next_step(self, wall: float) -> int:
         """Seconds since the run started: comparable across runs, and still increasing after an agent
@@ -300,6 +302,7 @@ class Monitor:
         self.gpu = gpu or GpuReader()
         self.clock = clock
         self.host = socket.gethostname()
+        self.node = node_name()
         self.disk = DiskWatch()
         self.runs: dict[str, RunInfo] = {}
         self.samples_total = 0
@@ -375,7 +378,8 @@ class Monitor:
         config, problems = decode_config(store.run_config(run_id))
         for problem in problems:
             log.info("monitor: run %s: config %s", run_id, problem)
-        info = RunInfo(run_id, config, store.run_metadata(run_id), created_at=created_at)
+        info = RunInfo(run_id, config, store.run_metadata(run_id), created_at=created_at,
+                       distributed=bool(store.rank_table(run_id)))
         # The first sample comes one interval after discovery, so that it has rates and CPU shares.
         info.next_due = self.clock() + info.interval
         return info
@@ -547,6 +551,8 @@ class Monitor:
             for label, ref in selections.get(r.run_id, []):
                 for k, v in gpus.get(ref, {}).items():
                     values[f"system/gpu/{label}/{k}"] = v
+            if r.distributed:  # every node's agent samples the job's run: one key space per node
+                values = {f"system/{self.node}/{k[len('system/'):]}": v for k, v in values.items()}
             self.emit(SystemStats(r.run_id, wall, values, r.next_step(wall)))
             r.next_due = max(r.next_due + r.interval, now)
             self.samples_total += 1

@@ -61,6 +61,10 @@ class RunStart(msgspec.Struct, tag="rs", array_like=True):
     host: str = ""
     metadata: dict[str, Any] = {}
     world_size: int = 1  # > 1: one rank of a distributed job; its run ends when every rank ended
+    node: str = ""  # the node's name (FLIGHTLOG_NODE or the host name: flightlog.proto.names.node_name)
+    node_rank: int = 0  # the launcher's node index (torchrun's GROUP_RANK, SLURM_NODEID); rank 0 is on node 0
+    nodes: int = 1  # the job's nodes (> 1: each node's agent sees only its ranks' ends)
+    local_world_size: int = 0  # ranks on this node (0: world_size // nodes)
 
 
 #: A run's end status set by the agent, not the SDK: its producer died without finish() (SIGKILL, SIGTERM,

@@ -15,6 +15,7 @@ __all__ = [
     "safe_component",
     "safe_relpath",
     "child_path",
+    "node_name",
 ]
 
 #: A run id names files (``<ring dir>/<run id>-<pid>-<tag>.ring``, spill files, ``<data dir>/runs/<run id>``);
@@ -91,3 +92,13 @@ def child_path(root: str | os.PathLike[str], *parts: str, what: str = "name") ->
         raise ValueError(f"{what} {_shown('/'.join(parts))} would leave {base} (it resolves to {real}); "
                          "pass a plain name")
     return path
+
+
+def node_name(env: Any = None) -> str:
+    """This node's name in metric keys (``system/<node>/...``) and MLflow tags: ``FLIGHTLOG_NODE`` where set
+    (two agents on one machine standing for two nodes, or a host name that says nothing), else the host name;
+    encoded by ``safe_component`` so it is one key component."""
+    import socket
+
+    raw = (os.environ if env is None else env).get("FLIGHTLOG_NODE") or socket.gethostname()
+    return safe_component(str(raw), 64, "node")

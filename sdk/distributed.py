@@ -6,11 +6,11 @@ import hashlib
 import logging
 import os
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import NamedTuple, TypedDict
 
-from flightlog.proto.names import check_run_id
+from flightlog.proto.names import check_run_id, node_name
 
-__all__ = ["JobIdentity", "job_identity"]
+__all__ = ["JobIdentity", "job_identity", "NodeFields", "node_fields"]
 
 log = logging.getLogger("flightlog")
 
@@ -61,3 +61,20 @@ def job_identity(env: Mapping[str, str] | None = None) -> JobIdentity:
     elif env.get("SLURM_JOB_ID"):
         run_id = _encoded("slurm", f"{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '0')}")
     return JobIdentity(run_id, rank, local_rank, max(world, 1))
+
+
+class NodeFields(TypedDict):
+    node: str
+    node_rank: int
+    nodes: int
+    local_world_size: int
+
+
+def node_fields(env: Mapping[str, str] | None = None) -> NodeFields:
+    """This process's node, for its RunStart: the name, and the launcher's node index (torchrun's
+    ``GROUP_RANK``, SLURM's ``SLURM_NODEID``; 0 without one). Global rank 0 runs on node 0 under both, so the
+    node of index 0 is the one whose agent creates the job's run in a shared backend."""
+    env = os.environ if env is None else env
+    nodes = max(1, _int(env, "GROUP_WORLD_SIZE", "SLURM_NNODES", "SLURM_JOB_NUM_NODES", default=1))
+    return NodeFields(node=node_name(env), node_rank=_int(env, "GROUP_RANK", "SLURM_NODEID", default=0),
+                      nodes=nodes, local_world_size=_int(env, "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=0))

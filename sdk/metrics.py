@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from flightlog.cuda_values import CudaStager, PendingPoints, device_values
 from flightlog.progress import NEVER
 from flightlog.proto.codec import event_encoder
 from flightlog.proto.events import Metrics
@@ -42,6 +43,8 @@ class MetricsPath:
         self._lock = threading.Lock()  # the non-owner path's step update
         self._warned_backwards = False
         self._refusal: Callable[[], Exception] | None = None  # set by retire(): the finished run's error
+        self._stager: CudaStager | None = None  # made at the first CUDA value (torch is imported by then)
+        self._pending = PendingPoints(self._emit_staged, self._release)
         self.log_metrics, self._get, self._set = self._build()
 
     # --- state shared with the closure --------------------------------------------------------
@@ -80,13 +83,24 @@ class MetricsPath:
         last, progress_next = -1, NEVER
         resolve = self._resolve_step
 
+        waiting = False  # CUDA values staged whose copies may not be done yet
+        pending, device = self._pending, device_values
+
         def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
-            nonlocal last, progress_next
+            nonlocal last, progress_next, waiting
             if ident() != owner:
                 return other_thread(metrics, step)
+            if waiting:
+                waiting = pending.poll()
             try:
                 for k, v in metrics.items():
                     if (_type(v) is not _float and _type(v) is not _int) or k not in known:
+                        staged = device(metrics)
+                        if staged:  # 0-dim CUDA tensors: copied without a sync, handed over once done
+                            step = last + 1 if step is None else resolve(step, last)
+                            last = step
+                            waiting = self._stage(metrics, staged, step, now())
+                            return None
                         metrics = self._checked(metrics)
                         break
             except AttributeError:
@@ -127,11 +141,34 @@ class MetricsPath:
             return last, progress_next
 
         def set_(**kw: int) -> None:
-            nonlocal owner, progress_next
+            nonlocal owner, progress_next, waiting
             owner = kw.get("owner", owner)
             progress_next = kw.get("progress_next", progress_next)
+            waiting = bool(kw.get("waiting", waiting))
 
         return log_metrics, get, set_
+
+    # --- CUDA values ---------------------------------------------------------------------------------
+
+    def _stage(self, metrics: Mapping[str, Any], staged: dict[str, Any], step: int, timestamp: float) -> bool:
+        host = self._checked({k: v for k, v in metrics.items() if k not in staged})
+        self._checked(dict.fromkeys(staged, 0.0))  # the staged keys pass the same checks, now
+        if self._stager is None:
+            self._stager = CudaStager()
+        slots, ready = self._stager.stage(staged)
+        return self._pending.add(step, timestamp, host, slots, ready)
+
+    def _emit_staged(self, step: int, timestamp: float, values: dict[str, float | int]) -> None:
+        self._transport.emit(Metrics(self.run_id, step, timestamp, values, self.rank))
+
+    def _release(self, slots: Any, ready: Any) -> None:
+        if self._stager is not None:
+            self._stager.release(slots, ready)
+
+    def drain(self) -> None:
+        """Hand every staged CUDA value to the ring, waiting for its copy (flush and finish)."""
+        self._pending.drain()
+        self._set(waiting=False)
 
     def _checked(self, metrics: Any) -> dict[str, float | int]:
         values = coerce_metrics(metrics)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from flightlog import artifacts, capture
-from flightlog.distributed import job_identity
+from flightlog.distributed import job_identity, node_fields
 from flightlog.hparams import RunParams
 from flightlog.link import AgentLink
 from flightlog.metadata import ExperimentMetadata, absolute_paths, new_metadata, run_metadata, sinks_of
@@ -95,7 +95,7 @@ class ExperimentTracker:
             description=self.metadata.description, tags=self.metadata.tags,
             config=absolute_paths(self.metadata.config), config_hash=self.metadata.config_hash,
             sinks=sinks_of(cfg), pid=os.getpid(), rank=self.rank, host=self.metadata.host,
-            metadata=run_metadata(self.metadata), world_size=self.world_size,
+            metadata=run_metadata(self.metadata), world_size=self.world_size, **node_fields(),
         )
         self._emit(start)
         self._transport.mark_start(start)
@@ -251,6 +251,7 @@ class ExperimentTracker:
         self._flush(timeout)
 
     def _flush(self, timeout: float) -> None:
+        self._metrics.drain()  # staged CUDA values first: flush covers everything logged so far
         if self._ckpt is not None:
             self._ckpt.wait_all(timeout)
         self._transport.flush(timeout)
@@ -262,6 +263,7 @@ class ExperimentTracker:
         if status not in _STATUSES:
             raise ValueError(f"status must be one of {_STATUSES}, got {status!r}")
         self._finished = True
+        self._metrics.drain()  # before the RunEnd
         self._metrics.retire(self._finished_error)  # from here log_metrics raises, on every thread
         md = self.metadata
         md.status, md.error, md.ended_at = status, error, time.time()

@@ -112,3 +112,6 @@ def env_for_child(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra or {})
     return env
+
+
+from conftest_pg import mlflow_pg, postgres  # noqa: E402, F401  (the session PostgreSQL + MLflow fixtures)

@@ -102,8 +102,9 @@ def free_port() -> int:
 class MlflowServer:
     """``mlflow server`` on 127.0.0.1 with a sqlite store and a temp artifact dir; kill/restart keep both."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, backend_uri: str | None = None) -> None:
         self.root = root
+        self.backend_uri = backend_uri or f"sqlite:///{root}/mlflow.db"
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -113,7 +114,7 @@ class MlflowServer:
 
         self.log = open(self.root / "server.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_uri,
              "--default-artifact-root", str(self.root / "artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,

@@ -185,9 +185,13 @@ class RankView:
             if ev.world_size > 1:
                 tracking = ev.config.get("distributed") if isinstance(ev.config, dict) else None
                 log_ranks = tracking.get("log_ranks") if isinstance(tracking, dict) else None
+                # Rank 0's setting wins; another rank's stands until it comes (a node without rank 0: for good).
+                mine = log_ranks or "zero"
                 ranks.update(world=max(int(ranks.get("world", 0)), ev.world_size),
-                             log_ranks=ranks.get("log_ranks") if ev.rank else (log_ranks or "zero"))
-                ranks.setdefault("log_ranks", log_ranks or "zero")
+                             log_ranks=(ranks.get("log_ranks") or mine) if ev.rank else mine)
+                if ev.nodes > 1:  # this agent sees only its node's ranks: it ends the node, not the run
+                    ranks.update(nodes=ev.nodes, node_rank=ev.node_rank,
+                                 local=ev.local_world_size or max(1, ev.world_size // ev.nodes))
             return ev if ev.rank == 0 else None  # the other ranks join rank 0's run
         world = int(ranks.get("world", 0))
         if world <= 1:
@@ -203,6 +207,8 @@ class RankView:
             ranks["ends"] = ends
             if ranks.get("done"):
                 return None
+            # A job over nodes: this node's end once its ranks ended (the MLflow sink combines the nodes').
+            world = int(ranks.get("local", world)) if int(ranks.get("nodes", 1)) > 1 else world
             final = combine_rank_ends(run_id, world, {int(r): RankEnd(*e) for r, e in ends.items()})
             if final is not None:
                 ranks["done"] = True
@@ -289,6 +295,7 @@ class RunSinkBase:
         delivered = 0
         for run_id, events in group_by_run(batch.events).items():
             try:
+                self._remember_joined(run_id, events)
                 shown, ranks = self.ranks.filter(run_id, events)
                 if shown:
                     start = self._start_for(run_id, shown)
@@ -300,6 +307,18 @@ class RunSinkBase:
                 continue
             delivered += len(events)
         return Ack(delivered=delivered, refused=refused)
+
+    def _remember_joined(self, run_id: str, events: list[tuple[int, Event]]) -> None:
+        """Another rank's RunStart stands for the run until rank 0's comes: the agent of a node without rank 0
+        never sees that one, and its backend still needs the run's name and settings (and its node)."""
+        entry = self.registry.get(run_id)
+        if entry is not None and "start" in entry:
+            return
+        for _, ev in events:
+            if type(ev) is RunStart and ev.rank:
+                self.registry.put(run_id, {**(entry or {}), "start": msgspec.to_builtins(ev),
+                                           "state": (entry or {}).get("state") or {}})
+                return
 
     def _forget_run(self, run_id: str) -> None:
         """Drop in-memory state of a run the backend refused (subclasses with open handles override)."""

@@ -5,6 +5,15 @@ Exactly once: metrics keep their original timestamp (ms) and step, so a batch re
 ack and cursor commit is deduplicated by MLflow's metric key; params re-logged with the same value and tags
 are idempotent; the flightlog run id <-> MLflow run id mapping is kept in the sink's registry and as the tag
 ``flightlog.run_id``, so a replay after losing the registry reuses the same MLflow run.
+
+Many nodes (one agent each, one tracking server): one creator. Only the agent of the node that hosts rank 0
+(``RunStart.node_rank == 0``) creates the job's MLflow run; the others find it by the tag and wait until it
+exists, so two agents starting at once never make two runs (a lookup-then-create by two creators has no
+atomic step in MLflow's API to settle who won). Each agent's sink has its own cursor in its own WAL, and
+every point keeps its timestamp and step, so an agent SIGKILLed and restarted re-sends at most its last
+unacknowledged batch, which MLflow deduplicates. Each node's agent sees only its ranks' ends: it records its
+node's end as the tag ``flightlog.node_end.<node>`` and then reads the run's tags; the one that finds every
+node's tag ends the MLflow run (of two nodes ending at once, the later writer's read sees both tags).
 """
 from __future__ import annotations
 
@@ -13,6 +22,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -20,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from flightlog.agent.sinks._capture import capture_document, mlflow_source_tags
+from flightlog.agent.store import RankEnd, combine_rank_ends
 from flightlog.proto.config import TrackingConfig
 from flightlog.proto.errors import BackendError, PermanentBackendError, RetryableBackendError
 from flightlog.proto.events import (
@@ -53,6 +64,7 @@ MAX_PARAM_LENGTH = 6000
 MAX_TAG_LENGTH = 8000
 RUN_ID_TAG = "flightlog.run_id"
 STATUS_TAG = "flightlog.status"
+NODE_END_TAG = "flightlog.node_end."
 #: flightlog's end statuses (proto.events.END_STATUSES) as MLflow's; a crash is a failure there.
 _STATUS = {"completed": "FINISHED", "failed": "FAILED", "killed": "KILLED", CRASHED: "FAILED"}
 _RETRYABLE_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED",
@@ -215,11 +227,15 @@ class MLflowTracker(RunSinkBase):
                 if exp is None:
                     raise
                 exp_id = exp.experiment_id
-        found = client.search_runs([exp_id], f"tags.`{RUN_ID_TAG}` = '{start.run_id}'", max_results=1)
-        if found:
-            return found[0].info.run_id  # type: ignore[no-any-return]
+        found = _tagged_run(client, exp_id, start.run_id)
+        if found is None and start.world_size > 1 and start.node_rank != 0:
+            found = _wait_for_creator(client, exp_id, start)
+        if found is not None:
+            return found
         tags = {RUN_ID_TAG: start.run_id, "flightlog.host": start.host, "flightlog.rank": str(start.rank),
                 "flightlog.pid": str(start.pid)}
+        if start.node:
+            tags["flightlog.node"] = start.node
         if start.config_hash:
             tags["flightlog.config_hash"] = start.config_hash
         if start.description:
@@ -243,8 +259,12 @@ class MLflowTracker(RunSinkBase):
         self._send(run, [Param(k, v) for k, v in got.params.items()],
                    [RunTag(k, v) for k, v in got.tags.items()], got.metrics)
         self._upload(run, got)
-        if got.end is not None:
-            seq, ev = got.end
+        end = got.end
+        if end is not None and start.nodes > 1 and start.world_size > 1:
+            run_end = self._node_end(run, start, end[1])  # None: another node's ranks still run
+            end = None if run_end is None else (end[0], run_end)
+        if end is not None:
+            seq, ev = end
             status = _STATUS.get(ev.status, "FINISHED")
             # MLflow's statuses have no "crashed": the tag keeps flightlog's own word (and why, if known).
             end_tags = [RunTag(STATUS_TAG, ev.status)]
@@ -270,6 +290,20 @@ class MLflowTracker(RunSinkBase):
                    "flightlog/capture.json")
         state["capture_uploaded"] = True
         self.save_state(run_id, state)
+
+    def _node_end(self, run: _MlRun, start: RunStart, ev: RunEnd) -> RunEnd | None:
+        """Record this node's end; the run's end once every node's is recorded (read back after writing)."""
+        from mlflow.entities import RunTag
+
+        mine = json.dumps([ev.status, ev.error[-(MAX_TAG_LENGTH // 2):], ev.timestamp, ev.dropped])
+        self._send(run, [], [RunTag(f"{NODE_END_TAG}{start.node_rank}", mine)], [])
+        tags = self._call(run, "reading the node ends of the run", run.client.get_run, run.id).data.tags
+        ends = _node_ends(tags)
+        final = combine_rank_ends(start.run_id, start.nodes, ends)
+        if final is None:
+            return None
+        error = "\n".join(e.error for _, e in sorted(ends.items()) if e.error)  # each names its ranks already
+        return RunEnd(final.run_id, final.status, final.timestamp, error, final.dropped, final.rank)
 
     def _collect(self, run_id: str, events: list[tuple[int, Event]]) -> _Collected:
         """A run's events as MLflow entities and uploads, in the order MLflow must see them."""
@@ -377,6 +411,43 @@ class _Collected:
     artifacts: list[Artifact] = field(default_factory=list)
     images: list[Image] = field(default_factory=list)
     end: tuple[int, RunEnd] | None = None
+
+
+def _node_ends(tags: dict[str, str]) -> dict[int, RankEnd]:
+    """The node ends recorded in a run's tags; a tag that is not one of ours (edited by hand) is skipped."""
+    ends: dict[int, RankEnd] = {}
+    for key, value in tags.items():
+        node = key[len(NODE_END_TAG):]
+        if not key.startswith(NODE_END_TAG) or not node.isascii() or not node.isdigit():
+            continue
+        try:
+            status, error, ts, dropped = json.loads(value)
+            ends[int(node)] = RankEnd(str(status), str(error), float(ts), int(dropped))
+        except (ValueError, TypeError, RecursionError):  # RecursionError: JSON nested thousands deep
+            log.warning("MLflow: tag %s=%r is not a node end; ignored", key, value[:80])
+    return ends
+
+
+def _tagged_run(client: Any, exp_id: str, run_id: str) -> str | None:
+    found = client.search_runs([exp_id], f"tags.`{RUN_ID_TAG}` = '{run_id}'", max_results=1)
+    return found[0].info.run_id if found else None
+
+
+#: How long a node without rank 0 looks for the job's MLflow run in one delivery, before the runner's
+#: backoff takes over (the node of rank 0 creates it with its first batch, normally within a second).
+CREATOR_WAIT_SECONDS = 10.0
+
+
+def _wait_for_creator(client: Any, exp_id: str, start: RunStart) -> str:
+    deadline = time.monotonic() + CREATOR_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        found = _tagged_run(client, exp_id, start.run_id)
+        if found is not None:
+            return found
+    raise RetryableBackendError(
+        f"no MLflow run tagged {RUN_ID_TAG}={start.run_id} yet: node {start.node or start.node_rank} waits for the "
+        "agent of node 0 (where rank 0 runs) to create it; if node 0 has no flightlog agent, start one there")
 
 
 def _local_artifact_root(tracking: TrackingConfig) -> str | None:
