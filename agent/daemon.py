@@ -23,6 +23,7 @@ from flightlog.proto.paths import AgentPaths, ensure_private_dir
 
 from .control import ControlServer, peer_uid_allowed
 from .doorbell import Doorbell
+from .health import HealthBoard, HealthLoop
 from .ingest import Ingestor
 from .ingest_loop import IngestLoop
 from .loops import IdleExitLoop, RetentionLoop
@@ -150,6 +151,7 @@ class Agent:
         for sink in self._build_sinks():
             self.runners.append(SinkRunner(sink, self.feed, self.cursors, linger=linger, idle_sleep=2.0,
                                            tail=lambda: wal.next_seq))
+        self.health = HealthBoard(self)
         ensure_private_dir(self.paths.socket.parent)
         try:
             self.paths.socket.unlink()  # stale: we hold the lock, so no live agent uses it
@@ -166,6 +168,7 @@ class Agent:
                 tg.start_soon(self.checkpoints.run)
                 tg.start_soon(self.monitor.run)
                 tg.start_soon(self.plots.run)
+                tg.start_soon(HealthLoop(self.health).run)
                 tg.start_soon(listener.serve, self.control.handle, tg)
                 if s.sidecar:
                     tg.start_soon(IdleExitLoop(self, self.stop).run)
@@ -182,6 +185,7 @@ class Agent:
                 self.ingestor.close()
                 self.feed.close()
                 self.cursors.close()
+                self.health.close()
                 self.wal.sync()
                 self.wal.close()
                 os.close(self._lock_fd)
