@@ -29,6 +29,7 @@ from .ingest_loop import IngestLoop
 from .loops import IdleExitLoop, RetentionLoop
 from .monitor import Monitor
 from .plots import PlotService
+from .prom import MetricsServer
 from .runner import CursorStore, SinkRunner, WalFeed, linger_seconds
 from .sinks.base import Sink
 from .wal import SRC_INTERNAL, WAL, WALReader
@@ -50,6 +51,7 @@ class AgentSettings:
     sidecar: bool = False
     idle_exit_seconds: float = _AGENT.idle_exit_seconds
     drain_timeout_seconds: float = 300.0
+    metrics_address: str | None = _AGENT.metrics_address
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -63,6 +65,7 @@ class AgentSettings:
         return cls(
             fsync=wal.fsync, fsync_ms=wal.fsync_ms, segment_bytes=wal.segment_bytes, max_wal_bytes=wal.max_bytes,
             sidecar=sidecar, idle_exit_seconds=agent.idle_exit_seconds, extra=cfg,
+            metrics_address=agent.metrics_address,
         )
 
 
@@ -148,7 +151,13 @@ class Agent:
         self.feed = WalFeed(WALReader(self.paths.wal_dir, limit=self.wal.end_position))
         linger = linger_seconds(s.extra)
         wal = self.wal
+        # agent.metrics_address (off by default): /metrics, and the sinks' latency measured
+        self.metrics = MetricsServer(self, s.metrics_address) if s.metrics_address else None
+        if self.metrics is not None:
+            self.checkpoints.on_written = self.metrics.collector.checkpoint_written
         for sink in self._build_sinks():
+            if self.metrics is not None:
+                sink = self.metrics.wrap(sink)
             self.runners.append(SinkRunner(sink, self.feed, self.cursors, linger=linger, idle_sleep=2.0,
                                            tail=lambda: wal.next_seq))
         self.health = HealthBoard(self)
@@ -169,6 +178,8 @@ class Agent:
                 tg.start_soon(self.monitor.run)
                 tg.start_soon(self.plots.run)
                 tg.start_soon(HealthLoop(self.health).run)
+                if self.metrics is not None:
+                    await tg.start(self.metrics.run)
                 tg.start_soon(listener.serve, self.control.handle, tg)
                 if s.sidecar:
                     tg.start_soon(IdleExitLoop(self, self.stop).run)
