@@ -1,0 +1,80 @@
+"""`flightlog status` after the agent has gone: read from the data directory — each sink's cursor, its
+backlog in the WAL (events and bytes), its last error and state (``health.json``), the alerts, and the runs
+with undelivered events; `--json` for scripts."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import AgentProcess
+from conftest_backends import free_port
+
+import flightlog
+from flightlog.proto.paths import AgentPaths
+
+pytestmark = pytest.mark.timeout(180)
+STEPS = 120
+
+
+def status(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "flightlog.agent.cli", "status", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_status_without_agent_reads_the_data_dir(agent_paths: AgentPaths, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens: W&B retries
+    monkeypatch.setenv("WANDB_API_KEY", "f" * 40)
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "2")
+    config = {
+        "tracking": {"use_wandb": True, "wandb_mode": "online", "wandb_dir": str(tmp_path / "wandb"),
+                     "use_tensorboard": False},
+        "checkpointing": {"checkpoint_dir": str(tmp_path / "ckpt")},
+        "monitoring": {"disk_free_floor_bytes": 1 << 60, "interval_seconds": 0.5},  # an alert for sure
+        "agent": {"autostart": False},
+    }
+    agent = AgentProcess(agent_paths).start()
+    try:
+        with flightlog.experiment_tracking("offline-status", config) as t:
+            for s in range(STEPS):
+                t.log_metrics({"loss": float(s)}, step=s)
+            deadline = time.monotonic() + 60
+            while "low disk space" not in json.dumps(t.health()["alerts"]) or \
+                    t.health()["sinks"]["wandb"]["status"] != "retrying":
+                assert time.monotonic() < deadline, t.health()
+                time.sleep(0.2)
+        run_id = t.run_id
+    finally:
+        agent.stop()  # its last state goes to health.json as it stops
+    assert (agent_paths.data_dir / "health.json").exists()
+
+    out = status("--json")
+    assert out.returncode == 1, out.stderr  # no agent runs: exit 1, as before, with the data dir's report
+    doc = json.loads(out.stdout)
+    assert doc["running"] is False and doc["data_dir"] == str(agent_paths.data_dir)
+    wandb, store = doc["sinks"]["wandb"], doc["sinks"]["store"]
+    assert store["backlog_events"] == 0 and store["cursor"]["seq"] > 0
+    # W&B got nothing: every event of the run is behind its cursor, in the WAL's bytes.
+    assert wandb["backlog_events"] >= STEPS + 2 and wandb["backlog_bytes"] > 0, wandb
+    assert wandb["state"] in ("retrying", "open circuit") and "W&B" in wandb["last_error"], wandb
+    assert wandb["parked"] == []
+    assert doc["undelivered_runs"][run_id]["sinks"] == {"wandb": wandb["backlog_events"]}
+    assert doc["undelivered_runs"][run_id]["name"] == "offline-status"
+    assert any("low disk space" in a for a in doc["alerts"]), doc["alerts"]
+    assert "f" * 40 not in out.stdout
+
+    text = status()
+    assert text.returncode == 1 and "agent: not running" in text.stdout
+    assert f"{run_id} 'offline-status': wandb {wandb['backlog_events']}" in text.stdout, text.stdout
+    assert "ALERT: low disk space" in text.stdout and "last error: W&B" in text.stdout
+
+
+def test_status_of_an_empty_data_dir(tmp_path: Path) -> None:
+    out = status("--json", "--data-dir", str(tmp_path / "nothing"), "--socket", str(tmp_path / "none.sock"))
+    assert out.returncode == 1
+    doc = json.loads(out.stdout)
+    assert doc["running"] is False and "sinks" not in doc
