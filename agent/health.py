@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from flightlog.proto.errors import FlightlogError
-from flightlog.proto.events import HealthRequest
+from flightlog.proto.events import Alert, HealthRequest
 
 from .sinks._common import atomic_write_json
 
@@ -124,7 +124,7 @@ class HealthBoard:
             out.update(status="delivered")
         return out
 
-    def _quarantine_rows(self, run_id: str) -> list[dict[str, Any]]:
+    def all_quarantine_rows(self) -> list[dict[str, Any]]:
         from .store import Store
 
         try:
@@ -133,7 +133,10 @@ class HealthBoard:
             rows: list[dict[str, Any]] = self._store.quarantine_rows()
         except FlightlogError:  # no store yet: nothing was quarantined
             return []
-        return [row for row in rows if row["run_id"] == run_id]
+        return rows
+
+    def _quarantine_rows(self, run_id: str) -> list[dict[str, Any]]:
+        return [row for row in self.all_quarantine_rows() if row["run_id"] == run_id]
 
     async def answer(self, msg: HealthRequest) -> dict[str, Any]:
         """A long poll: the report once its version differs from the caller's (or, ``settle``: once no sink of
@@ -190,6 +193,32 @@ class HealthLoop:
         self.board = board
         self.period = period
         self._written: str = ""
+        self._parked: set[tuple[str, str]] = set()  # (sink, run) already announced (or parked before this start)
+
+    def _known_parked(self) -> set[tuple[str, str]]:
+        rows = self.board.all_quarantine_rows()
+        return {(r["sink"], r["run_id"]) for r in rows if r["scope"] == "run"}
+
+    def _new_parked(self) -> list[tuple[SinkRunner, str]]:
+        out = []
+        for r in self.board.agent.runners:
+            for run_id in list(r.core.quarantined_runs) if r.core is not None else ():
+                if (r.sink.name, run_id) not in self._parked:
+                    self._parked.add((r.sink.name, run_id))
+                    out.append((r, run_id))
+        return out
+
+    def announce_parked(self, new: list[tuple[SinkRunner, str]]) -> None:
+        """A sink parked a run: an Alert event of the run into the WAL (the store keeps it; the webhook sink
+        posts it, with retries like any delivery)."""
+        for r, run_id in new:
+            rows = [row for row in self.board.all_quarantine_rows()
+                    if row["sink"] == r.sink.name and row["run_id"] == run_id and row["scope"] == "run"]
+            reason = rows[-1]["reason"] if rows else r.stats.last_error
+            label = SINK_LABELS.get(r.sink.name, r.sink.name)
+            self.board.agent.emit(Alert(run_id, "error", f"{label} parked the run: {reason}; its events are kept in "
+                                        f"{r.quarantine.directory(r.sink.name)} (see `flightlog status`)",
+                                        time.time(), key=f"sink_parked/{r.sink.name}"))
 
     def changed(self) -> tuple[str, dict[str, Any]] | None:
         """The snapshot and its key when it differs from what was written last (cheap: no I/O)."""
@@ -210,9 +239,13 @@ class HealthLoop:
         self._written = key
 
     async def run(self) -> None:
+        self._parked = await anyio.to_thread.run_sync(self._known_parked)
         try:
             while True:
                 await anyio.sleep(self.period)
+                new = self._new_parked()
+                if new:
+                    await anyio.to_thread.run_sync(self.announce_parked, new)
                 change = self.changed()
                 if change is not None:
                     await anyio.to_thread.run_sync(self.write, *change)
