@@ -206,7 +206,7 @@ class MetricsServer:
         from prometheus_client import CollectorRegistry, make_wsgi_app
 
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(self.collector)  # type: ignore[arg-type]
+        registry.register(self.collector)
         try:
             server = make_server(self.host, self.port, make_wsgi_app(registry), _Server, handler_class=_QuietHandler)
         except OSError as exc:

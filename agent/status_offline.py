@@ -99,7 +99,8 @@ def offline_status(paths: AgentPaths) -> dict[str, Any]:
     """The report, as ``flightlog status --json`` prints it next to ``"running": false``."""
     health = _read_health(paths.data_dir / HEALTH_FILE)
     cursors, served, rows, names = _store_view(paths)
-    last: dict[str, Any] = health.get("sinks") if isinstance(health.get("sinks"), dict) else {}  # type: ignore[assignment]
+    got = health.get("sinks")
+    last: dict[str, Any] = got if isinstance(got, dict) else {}
     for sink in last:
         cursors.setdefault(sink, WalCursor())
     behind, owed, cut = _scan(paths.wal_dir, cursors, served)
@@ -107,7 +108,8 @@ def offline_status(paths: AgentPaths) -> dict[str, Any]:
     sinks: dict[str, Any] = {}
     for sink in sorted(cursors):
         c = cursors[sink]
-        seen = last.get(sink) if isinstance(last.get(sink), dict) else {}
+        got = last.get(sink)
+        seen: dict[str, Any] = got if isinstance(got, dict) else {}
         parked = [{"run_id": r["run_id"], "name": names.get(r["run_id"], ""), "scope": r["scope"],
                    "events": r["events"], "reason": r["reason"], "location": r["location"]}
                   for r in rows if r["sink"] == sink]
