@@ -210,8 +210,11 @@ class MetricsServer:
         try:
             server = make_server(self.host, self.port, make_wsgi_app(registry), _Server, handler_class=_QuietHandler)
         except OSError as exc:
-            raise ConfigError(f"agent.metrics_address: cannot listen on {self.host}:{self.port}: {exc}; choose "
-                              "a free port or remove the key") from exc
+            # The agent's job is the trainers' events: a taken port costs the metrics, never the agent.
+            log.error("agent.metrics_address: cannot listen on %s:%d: %s; serving without /metrics (choose a "
+                      "free port or remove the key)", self.host, self.port, exc)
+            task_status.started()
+            return
         self.bound = (self.host, server.server_address[1])
         # No poll interval: the server thread sleeps until a scrape comes (no periodic wake-up); stopping it
         # is a shutdown request plus one connection that wakes it.

@@ -124,3 +124,19 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     readme = (REPO / "README.md").read_text()
     missing = [ln for ln in text.splitlines() if ln and not ln.startswith("#") and ln not in readme]
     assert not missing, f"README's unit differs from {UNIT}: {missing}"
+
+
+def test_a_taken_port_costs_the_metrics_not_the_agent(agent_paths: AgentPaths, tmp_path: Path) -> None:
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(yaml.safe_dump({"agent": {"metrics_address": f"127.0.0.1:{taken.getsockname()[1]}"}}))
+    agent = AgentProcess(agent_paths, ["--config", str(cfg)]).start()  # it answers on its socket
+    try:
+        assert "serving without /metrics" in agent.read_log()
+    finally:
+        agent.stop()
+        taken.close()
