@@ -117,17 +117,19 @@ def offline_status(paths: AgentPaths) -> dict[str, Any]:
             "cursor": {"segment": c.segment, "offset": c.offset, "seq": c.seq},
             "backlog_events": behind.get(sink, 0),
             "backlog_bytes": reader.backlog(c)[1] if reader is not None else 0,
-            "state": seen.get("state", "unknown"), "last_error": seen.get("last_error", ""),
+            "state": str(seen.get("state", "unknown")), "last_error": str(seen.get("last_error") or ""),
             "retrying_since": seen.get("retrying_since"), "parked": parked,
         }
     if reader is not None:
         reader.close()
     wal_bytes = sum(p.stat().st_size for p in paths.wal_dir.glob("*.wal")) if paths.wal_dir.is_dir() else 0
+    alerts, pid, seen_at = health.get("alerts"), health.get("pid"), health.get("written_at")
     return {
         "data_dir": str(paths.data_dir), "health_file": str(paths.data_dir / HEALTH_FILE) if health else None,
-        "last_agent_pid": health.get("pid"), "last_seen": health.get("written_at"),
+        "last_agent_pid": pid if isinstance(pid, int) else None,
+        "last_seen": seen_at if isinstance(seen_at, (int, float)) and 0 < seen_at < 1e11 else None,
         "wal": {"directory": str(paths.wal_dir), "bytes": wal_bytes},
-        "sinks": sinks, "alerts": [a for a in health.get("alerts", []) if isinstance(a, str)],
+        "sinks": sinks, "alerts": [a for a in alerts if isinstance(a, str)] if isinstance(alerts, list) else [],
         "undelivered_runs": {run: {"name": names.get(run, ""), "sinks": per} for run, per in sorted(owed.items())},
         "backlog_counted_to": MAX_SCAN_EVENTS if cut else None,
     }

@@ -89,3 +89,44 @@ def test_status_of_an_empty_data_dir(tmp_path: Path) -> None:
     assert out.returncode == 1
     doc = json.loads(out.stdout)
     assert doc["running"] is False and "sinks" not in doc
+
+
+# --- health.json is outside bytes to the CLI: any content gives a report, never a traceback ---------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from flightlog.agent.status_offline import offline_status, print_offline  # noqa: E402
+from flightlog.proto.config import parse_address  # noqa: E402
+from flightlog.proto.paths import resolve_paths  # noqa: E402
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                                 max_size=4), max_leaves=20)
+_shaped = st.fixed_dictionaries({}, optional={"pid": _json, "written_at": _json, "alerts": _json,
+                                              "sinks": st.dictionaries(st.sampled_from(["store", "wandb"]), _json)})
+
+
+def test_any_health_file_gives_a_report(tmp_path: Path) -> None:
+    paths = resolve_paths(str(tmp_path), str(tmp_path / "a.sock"))
+
+    @settings(max_examples=100, deadline=None)
+    @given(content=st.binary(max_size=200) | _shaped.map(lambda d: json.dumps(d).encode()))
+    def check(content: bytes) -> None:
+        (tmp_path / "health.json").write_bytes(content)
+        report = offline_status(paths)
+        assert all(isinstance(a, str) for a in report["alerts"])
+        print_offline(report, str)
+
+    check()
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=40))
+def test_metrics_address_parses_or_says_why(text: str) -> None:
+    try:
+        host, port = parse_address(text)
+    except ValueError as exc:
+        assert "host:port" in str(exc)
+    else:
+        assert host and 0 < port < 65536
