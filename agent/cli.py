@@ -69,11 +69,17 @@ def _status(args: argparse.Namespace) -> int:
     paths, _ = _paths(args)
     client = connect(paths)
     if client is None:
+        from flightlog.agent.status_offline import offline_status, print_offline
+
+        # What the data directory tells without an agent: cursors, backlog, parked runs, last errors.
+        report = offline_status(paths) if paths.data_dir.is_dir() else {}
         if args.json:  # JSON in every state: scripts parse it whether or not an agent runs
-            print(json.dumps({"running": False, "socket": str(paths.socket), "data_dir": str(paths.data_dir),
+            print(json.dumps({**report, "running": False, "socket": str(paths.socket), "data_dir": str(paths.data_dir),
                               "error": f"no agent on {paths.socket}"}, indent=2))
         else:
-            print(f"agent: not running (no agent on {paths.socket})")
+            print(f"agent: not running (no agent on {paths.socket}); from the data dir {paths.data_dir}:")
+            if report:
+                print_offline(report, printable)
         return 1
     try:
         data = client.request(StatusRequest()).data

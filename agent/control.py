@@ -21,6 +21,7 @@ from flightlog.proto.events import (
     CheckpointWait,
     EventBatch,
     FlushRequest,
+    HealthRequest,
     Hello,
     Register,
     Reply,
@@ -119,6 +120,8 @@ class ControlServer:
             return await agent.checkpoints.handle(msg)  # type: ignore[no-any-return]
         if isinstance(msg, StatusRequest):
             return Reply(ok=True, data=agent.status())
+        if isinstance(msg, HealthRequest):  # a long poll of the tracker's health watcher (agent/health.py)
+            return Reply(ok=True, data=await agent.health.answer(msg))
         return Reply(ok=False, error=f"unexpected message {type(msg).__name__}")
 
     def _ingest_batch(self, msg: EventBatch) -> Reply:

@@ -23,11 +23,13 @@ from flightlog.proto.paths import AgentPaths, ensure_private_dir
 
 from .control import ControlServer, peer_uid_allowed
 from .doorbell import Doorbell
+from .health import HealthBoard, HealthLoop
 from .ingest import Ingestor
 from .ingest_loop import IngestLoop
 from .loops import IdleExitLoop, RetentionLoop
 from .monitor import Monitor
 from .plots import PlotService
+from .prom import MetricsServer
 from .runner import CursorStore, SinkRunner, WalFeed, linger_seconds
 from .sinks.base import Sink
 from .wal import SRC_INTERNAL, WAL, WALReader
@@ -49,6 +51,7 @@ class AgentSettings:
     sidecar: bool = False
     idle_exit_seconds: float = _AGENT.idle_exit_seconds
     drain_timeout_seconds: float = 300.0
+    metrics_address: str | None = _AGENT.metrics_address
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -62,6 +65,7 @@ class AgentSettings:
         return cls(
             fsync=wal.fsync, fsync_ms=wal.fsync_ms, segment_bytes=wal.segment_bytes, max_wal_bytes=wal.max_bytes,
             sidecar=sidecar, idle_exit_seconds=agent.idle_exit_seconds, extra=cfg,
+            metrics_address=agent.metrics_address,
         )
 
 
@@ -147,9 +151,16 @@ class Agent:
         self.feed = WalFeed(WALReader(self.paths.wal_dir, limit=self.wal.end_position))
         linger = linger_seconds(s.extra)
         wal = self.wal
+        # agent.metrics_address (off by default): /metrics, and the sinks' latency measured
+        self.metrics = MetricsServer(self, s.metrics_address) if s.metrics_address else None
+        if self.metrics is not None:
+            self.checkpoints.on_written = self.metrics.collector.checkpoint_written
         for sink in self._build_sinks():
+            if self.metrics is not None:
+                sink = self.metrics.wrap(sink)
             self.runners.append(SinkRunner(sink, self.feed, self.cursors, linger=linger, idle_sleep=2.0,
                                            tail=lambda: wal.next_seq))
+        self.health = HealthBoard(self)
         ensure_private_dir(self.paths.socket.parent)
         try:
             self.paths.socket.unlink()  # stale: we hold the lock, so no live agent uses it
@@ -166,6 +177,9 @@ class Agent:
                 tg.start_soon(self.checkpoints.run)
                 tg.start_soon(self.monitor.run)
                 tg.start_soon(self.plots.run)
+                tg.start_soon(HealthLoop(self.health).run)
+                if self.metrics is not None:
+                    await tg.start(self.metrics.run)
                 tg.start_soon(listener.serve, self.control.handle, tg)
                 if s.sidecar:
                     tg.start_soon(IdleExitLoop(self, self.stop).run)
@@ -182,6 +196,7 @@ class Agent:
                 self.ingestor.close()
                 self.feed.close()
                 self.cursors.close()
+                self.health.close()
                 self.wal.sync()
                 self.wal.close()
                 os.close(self._lock_fd)

@@ -27,7 +27,9 @@ __all__ = [
     "AgentConfig",
     "WalConfig",
     "DistributedConfig",
+    "NotifyConfig",
     "Config",
+    "parse_address",
     "load_config",
     "config_hash",
     "config_to_dict",
@@ -102,6 +104,8 @@ class AgentConfig(_Section):
     block_timeout_seconds: _NonNegFloat = 5.0
     connect_timeout_seconds: _PosFloat = 10.0
     linger_ms: _Millis = 150  # a sink delivers when its batch is full or its oldest event waited this long
+    #: ``host:port`` of the Prometheus ``/metrics`` endpoint (e.g. ``127.0.0.1:9464``); None: off.
+    metrics_address: str | None = None
 
     def __post_init__(self) -> None:
         # The ring indexes its data area with a mask, so the size must be a power of two.
@@ -112,6 +116,30 @@ class AgentConfig(_Section):
                 f"ring_bytes: {n} is not a power of two between 64 KiB ({_RING_MIN}) and 1 GiB ({_RING_MAX});"
                 f" use e.g. {8 << 20} (8 MiB)"
             )
+        if self.metrics_address is not None:
+            try:
+                parse_address(self.metrics_address)
+            except ValueError as exc:
+                raise ValueError(f"metrics_address: {exc}") from None
+
+
+class NotifyConfig(_Section):
+    """Who hears about trouble: the trainer's stderr (after ``after_seconds`` of retries, or at once when a sink
+    parks the run) and, with ``webhook_url``, a Slack-compatible webhook (``{"text": ...}``)."""
+
+    after_seconds: _NonNegFloat = 30.0
+    finish_wait_seconds: _NonNegFloat = 1.0  # finish(): wait this long at most for the sinks' summary
+    webhook_url: str | None = None
+    nan_keys: list[str] = msgspec.field(default_factory=lambda: ["*"])  # fnmatch patterns of keys to watch
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:9464`` for IPv6) as (host, port); ValueError naming the problem."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not host:port (e.g. 127.0.0.1:9464)")
+    return host, int(port)
 
 
 class WalConfig(_Section):
@@ -140,6 +168,7 @@ class Config(_Section):
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
     wal: WalConfig = msgspec.field(default_factory=WalConfig)
     distributed: DistributedConfig = msgspec.field(default_factory=DistributedConfig)
+    notify: NotifyConfig = msgspec.field(default_factory=NotifyConfig)
 
 
 _Source = Union[str, os.PathLike[str], Mapping[str, Any], Config, None]
@@ -206,6 +235,7 @@ def config_hash(config: Config | Mapping[str, Any] | str | os.PathLike[str],
         cfg = load_config(config, env={})  # env={}: the identity must not depend on the shell
     data = msgspec.to_builtins(cfg)
     del data["agent"]
+    del data["notify"]  # who is told about trouble does not change the experiment
     if params:
         data = {"config": data, "params": msgspec.to_builtins(params, enc_hook=repr)}
     return hashlib.sha256(msgspec.json.encode(data, order="sorted")).hexdigest()

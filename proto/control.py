@@ -51,6 +51,13 @@ class AgentClient:
             chunks += chunk
         return bytes(chunks)
 
+    def shutdown(self) -> None:
+        """Wake a thread blocked in ``request`` on this connection (it raises AgentUnavailable); any thread."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def close(self) -> None:
         try:
             self._sock.close()

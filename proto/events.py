@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, Union
 import msgspec
 
 __all__ = [
+    "HealthRequest",
     "SCHEMA_VERSION",
     "CRASHED",
     "END_STATUSES",
@@ -234,6 +235,19 @@ class StatusRequest(msgspec.Struct, tag="status", array_like=True):
     pass
 
 
+class HealthRequest(msgspec.Struct, tag="health", array_like=True):
+    """How the sinks serve one run (``flightlog.agent.health``). A long poll: the agent answers once the
+    report's ``version`` differs from ``version`` or after ``wait`` seconds; ``upto``: a WAL seq (a flush's
+    ``next_seq``) that a sink must pass to count as delivered, -1: the WAL's end at the request."""
+
+    run_id: str
+    version: str = ""
+    wait: float = 0.0
+    after_seconds: float = 30.0
+    upto: int = -1
+    settle: bool = False  # answer once no sink of the run is still delivering (finish's summary), or at ``wait``
+
+
 _NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 
 #: One tensor of a staged checkpoint: name, safetensors dtype, shape, and its [begin, end) bytes in the
@@ -305,5 +319,6 @@ class Reply(msgspec.Struct, tag="reply", array_like=True):
 
 
 Control = Union[
-    Hello, Register, Unregister, FlushRequest, EventBatch, StatusRequest, CheckpointRequest, CheckpointWait, Reply
+    Hello, Register, Unregister, FlushRequest, EventBatch, StatusRequest, CheckpointRequest, CheckpointWait, Reply,
+    HealthRequest,
 ]

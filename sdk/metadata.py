@@ -88,7 +88,8 @@ def absolute_paths(cfg: dict[str, Any]) -> dict[str, Any]:
 def sinks_of(cfg: Config) -> list[str]:
     t = cfg.tracking
     return ["store"] + [name for name, on in (("tensorboard", t.use_tensorboard), ("mlflow", t.use_mlflow),
-                                               ("wandb", t.use_wandb)) if on]
+                                               ("wandb", t.use_wandb), ("webhook", bool(cfg.notify.webhook_url)))
+                        if on]
 
 
 def default_rank() -> int:

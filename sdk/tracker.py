@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from flightlog import artifacts, capture
+from flightlog import artifacts, capture, health
 from flightlog.distributed import job_identity, node_fields
 from flightlog.hparams import RunParams
 from flightlog.link import AgentLink
@@ -107,6 +107,10 @@ class ExperimentTracker:
                 self.metadata.git["diff_artifact"] = str(saved[0])
                 self._emit(saved[1])
         capture._listen_for_seed(self)
+        self._summary: dict[str, Any] | None = None
+        # Rank 0 hears about the run's delivery trouble (flightlog.health): a thread in a long poll.
+        self._watcher = health.HealthWatcher(self.paths, self.run_id, cfg.notify.after_seconds).start() \
+            if self.rank == 0 else None
         if total_steps is not None:
             self.progress(total_steps)
         atexit.register(self._atexit)
@@ -278,16 +282,29 @@ class ExperimentTracker:
         try:
             if self._link.connected:
                 self._flush(60.0)
+                if self._watcher is not None:
+                    self._summary = health.finish_summary(self._link, self.run_id, md.name,
+                                                          after_seconds=self.config.notify.after_seconds,
+                                                          wait=self.config.notify.finish_wait_seconds)
                 for producer_id in self._link.producer_ids:
                     self._link.request(Unregister(producer_id), reconnect=False)
         except FlightlogError as exc:
             log.warning("flightlog: could not confirm the end of run %s with the agent: %s", self.run_id, exc)
         finally:
+            if self._watcher is not None:
+                self._watcher.stop()
             if self._ckpt is not None:
                 self._ckpt.close()  # waits for checkpoint writes still running, frees the staging buffers
             self._link.close()
             self._transport.close()
             atexit.unregister(self._atexit)
+
+    def health(self) -> dict[str, Any]:
+        """How each sink serves this run: per sink ``status`` (delivered, pending, retrying, parked), the reason,
+        the events kept and the replay command — what finish() prints (after finish(): its summary)."""
+        if self._finished:
+            return self._summary or {"run_id": self.run_id, "connected": False, "sinks": {}}
+        return health.ask_health(self._link, self.run_id, after_seconds=self.config.notify.after_seconds)
 
     def _connect_quietly(self) -> None:
         try:

@@ -238,7 +238,7 @@ def test_status_lists_only_the_sinks_runs_use(filled: Filled) -> None:
     sink_lines = [x.strip() for x in out.stdout.splitlines() if x.startswith("  ") and ": " in x]
     names = {x.split(":")[0] for x in sink_lines if x.split(":")[0] in ("store", "tensorboard", "mlflow", "wandb")}
     assert names == {"store", "tensorboard"}, out.stdout
-    assert "(no run uses mlflow, wandb)" in out.stdout
+    assert "(no run uses mlflow, wandb, webhook)" in out.stdout
     doc = json.loads(cli("status", "--json", "--config", str(filled.config)).stdout)
     assert {n for n, s in doc["sinks"].items() if s["in_use"]} == {"store", "tensorboard"}
 

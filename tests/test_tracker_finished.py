@@ -37,8 +37,8 @@ CALLS: dict[str, Callable[[flightlog.ExperimentTracker], Any]] = {
     "log_model_summary": lambda t: t.log_model_summary(None),
     "memory_stats": lambda t: t.memory_stats(),
 }
-#: Public methods that stay usable: finish() again is a no-op; the context manager protocol.
-ALLOWED_AFTER_FINISH = {"finish"}
+#: Public methods that stay usable: finish() again is a no-op; health() returns finish()'s delivery summary.
+ALLOWED_AFTER_FINISH = {"finish", "health"}
 
 
 def _public_methods() -> set[str]:

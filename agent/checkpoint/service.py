@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,8 @@ class CheckpointService:
         self._send: MemoryObjectSendStream[_Job]
         self._recv: MemoryObjectReceiveStream[_Job]
         self._send, self._recv = anyio.create_memory_object_stream[_Job](math.inf)
+        #: (seconds, bytes) of each checkpoint written (the Prometheus endpoint's, when it is on)
+        self.on_written: Callable[[float, int], None] | None = None
 
     def busy(self) -> bool:
         return any(not j.done.is_set() for j in self._jobs.values())
@@ -80,7 +83,10 @@ class CheckpointService:
         async with self._recv:
             async for job in self._recv:
                 try:
+                    t0 = time.monotonic()
                     job.result = await anyio.to_thread.run_sync(self._commit, job)
+                    if self.on_written is not None:
+                        self.on_written(time.monotonic() - t0, int(job.result.get("size") or 0))
                 except FlightlogError as exc:
                     job.error = str(exc)
                     log.warning("checkpoint %s failed: %s", job.spec.path, exc)

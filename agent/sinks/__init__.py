@@ -36,7 +36,7 @@ def __getattr__(name: str) -> Any:
 
 
 def backend_sinks(settings: dict[str, Any], data_dir: str | os.PathLike[str] | None = None) -> list[Any]:
-    """One TensorBoard, MLflow and W&B sink for the agent; each serves the runs whose RunStart names it.
+    """One TensorBoard, MLflow, W&B and webhook sink for the agent; each serves the runs whose RunStart names it.
 
     ``settings`` is the agent's config dict: its ``tracking`` section (if any) gives defaults under each
     run's own. The sinks' state lives in ``<data_dir>/sinks`` (default: the data dir that
@@ -52,5 +52,7 @@ def backend_sinks(settings: dict[str, Any], data_dir: str | os.PathLike[str] | N
     from .mlflow_sink import MLflowTracker
     from .tensorboard_sink import TensorBoardTracker
     from .wandb_sink import WandBTracker
+    from .webhook_sink import WebhookSink
 
-    return [cls(state_dir, defaults=defaults) for cls in (TensorBoardTracker, MLflowTracker, WandBTracker)]
+    sinks: list[Any] = [cls(state_dir, defaults=defaults) for cls in (TensorBoardTracker, MLflowTracker, WandBTracker)]
+    return [*sinks, WebhookSink(state_dir, notify=settings.get("notify"))]
