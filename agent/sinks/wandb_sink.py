@@ -53,10 +53,17 @@ def wandb_errors(wandb: Any) -> ErrorTable:
     def types(*names: str) -> tuple[type[BaseException], ...]:
         return tuple(t for n in names if isinstance(t := getattr(errors, n, None), type))
 
+    # wandb-core's answer to a request (e.g. "run ID ... is in use" after an init that timed out): W&B's own
+    # refusal of this attempt, retried like its communication errors
+    try:
+        from wandb.sdk.mailbox.mailbox_handle import ServerResponseError
+        server: tuple[type[BaseException], ...] = (ServerResponseError,)
+    except ImportError:  # another wandb layout: such errors stay unknown (the engine's capped retries)
+        server = ()
     return ErrorTable("W&B", [
         Rule(types("AuthenticationError", "UsageError", "UnsupportedError", "WandbCoreNotAvailableError"),
              "permanent"),
-        Rule(types("CommError", "Error"), "retryable"),
+        Rule((*types("CommError", "Error"), *server), "retryable"),
         Rule((ConnectionError, TimeoutError, OSError), "retryable", causes=True),
         Rule((ValueError, TypeError, OverflowError), "permanent"),
     ])
