@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS quarantine (sink TEXT NOT NULL, run_id TEXT NOT NULL,
 CREATE INDEX IF NOT EXISTS quarantine_sink_run ON quarantine (sink, run_id);
 CREATE TABLE IF NOT EXISTS run_ranks (run_id TEXT, rank INTEGER, world_size INTEGER, status TEXT, error TEXT,
     ended_at REAL, dropped INTEGER DEFAULT 0, PRIMARY KEY (run_id, rank));
+CREATE TABLE IF NOT EXISTS run_nodes (run_id TEXT PRIMARY KEY, nodes INTEGER, local_world INTEGER);
 """
 
 #: Which rank's end names a distributed run's status, first first: a rank's failure (its traceback) is
@@ -252,10 +253,13 @@ class Store:
         if ev.world_size > 1:
             self.db.execute("INSERT OR IGNORE INTO run_ranks (run_id, rank, world_size, status) VALUES (?,?,?,?)",
                             (ev.run_id, ev.rank, ev.world_size, "running"))
+        if ev.nodes > 1:  # this node's agent sees only its own ranks: the run ends here when they did
+            self.db.execute("INSERT OR IGNORE INTO run_nodes VALUES (?,?,?)",
+                            (ev.run_id, ev.nodes, ev.local_world_size or max(1, ev.world_size // ev.nodes)))
 
     def _run_end(self, ev: RunEnd) -> None:
         """A run's end; of a distributed run, one rank's end (its first end counts), and the run's own once
-        every rank of its world ended (``combine_rank_ends``)."""
+        every rank of its world ended (``combine_rank_ends``) — of a multi-node job, every rank of this node."""
         db = self.db
         row = db.execute("SELECT MAX(world_size) FROM run_ranks WHERE run_id=?", (ev.run_id,)).fetchone()
         world = int(row[0] or 0)
@@ -271,7 +275,10 @@ class Store:
             ends = {int(r): RankEnd(st, err or "", float(ts or 0), int(d or 0)) for r, st, err, ts, d in db.execute(
                 "SELECT rank, status, error, ended_at, dropped FROM run_ranks WHERE run_id=? AND status!='running'",
                 (ev.run_id,))}
-            final = combine_rank_ends(ev.run_id, world, ends)
+            node = db.execute("SELECT local_world FROM run_nodes WHERE run_id=?", (ev.run_id,)).fetchone()
+            # A multi-node job: this node's store ends the run once this node's ranks ended (each node's
+            # store holds its own ranks; MLflow combines the nodes' ends).
+            final = combine_rank_ends(ev.run_id, int(node[0]) if node else world, ends)
         if final is not None:
             db.execute("UPDATE runs SET status=?, ended_at=?, error=?, dropped=? WHERE run_id=?",
                        (final.status, final.timestamp, final.error, final.dropped, final.run_id))

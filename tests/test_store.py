@@ -400,3 +400,21 @@ def test_threads_opening_a_fresh_store_at_once_all_succeed(tmp_path: Path) -> No
         for t in threads:
             t.join()
         assert errors == [], f"attempt {i}: {errors[0]!r}"
+
+
+@pytest.mark.parametrize(("ends", "status"), [(("completed", "completed"), "completed"),
+                                              (("completed", "crashed"), "crashed")])
+def test_a_node_store_ends_a_multi_node_run_when_its_own_ranks_ended(tmp_path: Path, ends: tuple[str, str],
+                                                                     status: str) -> None:
+    """Node 1 of a 2-node, 4-rank job sees ranks 2 and 3 only: its store ends the run once they ended (it
+    would wait forever for ranks 0 and 1, whose ends go to node 0's agent)."""
+    with Store(tmp_path / "db.sqlite") as store:
+        with store.transaction():
+            store.apply([RunStart("job", "j", 1.0, rank=r, world_size=4, nodes=2, node_rank=1, local_world_size=2)
+                         for r in (2, 3)])
+            store.apply([RunEnd("job", ends[0], 2.0, rank=2)])
+        assert store.run("job")["status"] == "running"  # rank 3 still runs
+        with store.transaction():
+            store.apply([RunEnd("job", ends[1], 3.0, rank=3)])
+        run = store.run("job")
+        assert run["status"] == status and (status == "completed" or run["error"].startswith("rank 3 crashed"))
