@@ -75,6 +75,13 @@ class CheckpointConfig(_Section):
     keep_every_n_steps: _NonNegInt = 0
     upload: Literal["none", "best", "all"] = "none"
     min_free_bytes: _NonNegInt = 0
+    # Encryption at rest (flightlog.proto.checkpoint.crypto). Keys come from one provider: key_command if set,
+    # else key_file (mode 0600) if set, else the variable key_env; each holds `[ID:]BASE64` keys, first one seals.
+    encryption: Literal["none", "aes-256-gcm"] = "none"
+    key_env: str = "FLIGHTLOG_CHECKPOINT_KEY"
+    key_file: str | None = None
+    key_command: str | list[str] | None = None  # argv (a string is split like a shell would, but runs without one)
+    key_command_timeout_seconds: _PosFloat = 30.0
 
 
 class MonitoringConfig(_Section):
