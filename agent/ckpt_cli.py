@@ -214,5 +214,6 @@ def _export(args: argparse.Namespace) -> int:
             r.export(args.to, names, {k: v for k, v in r.metadata.items() if k != "flightlog"})
         else:
             r.export(args.to)
-    print(f"wrote {args.to} ({os.path.getsize(args.to)} bytes)")
+        plain = f"; decrypted: it holds key {r.key_id!r}'s plaintext" if r.encryption != "none" else ""
+    print(f"wrote {args.to} ({os.path.getsize(args.to)} bytes{plain})")
     return 0

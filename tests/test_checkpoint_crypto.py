@@ -486,6 +486,11 @@ def test_ckpt_verify_outer_without_key_deep_with_it(tmp_path: Path, monkeypatch:
     assert code == 0 and out.startswith("OK") and "outer checksum only" not in out
     code, out = _cli(["ckpt", "show", "--json", str(f)])
     assert code == 0 and json.loads(out)["encryption"] == "aes-256-gcm" and json.loads(out)["key_id"] == "k1"
+    code, out = _cli(["ckpt", "export", str(f), "--to", str(tmp_path / "plain.safetensors")])
+    assert code == 0 and "decrypted" in out
+    from safetensors.numpy import load_file
+
+    assert load_file(str(tmp_path / "plain.safetensors"))["secret_layer.w"].tobytes() == PATTERN * 2048
     # A frame edited with the outer checksum redone passes the outer check only; --deep catches it.
     fr = _frames(f)
     raw = bytearray(f.read_bytes())

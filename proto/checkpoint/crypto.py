@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from flightlog.proto.errors import CheckpointCorrupt, CheckpointError, CheckpointKeyError
 
-from .keys import KEY_BYTES, Key, KeyRing, KeyUse, notify_key_use
+from .keys import KEY_BYTES, KEY_ID, Key, KeyRing, KeyUse, notify_key_use
 
 __all__ = [
     "ALGORITHM",
@@ -50,7 +50,7 @@ _MAX_ENVELOPE = 4096
 _CHECK_AAD = b"flightlog checkpoint key check\x00"
 
 
-class Envelope(msgspec.Struct, forbid_unknown_fields=True):
+class Envelope(msgspec.Struct):  # a newer writer's extra fields are authenticated too, and its v says so
     v: int
     alg: str
     key_id: str
@@ -116,8 +116,8 @@ def decode_envelope(buf: Any, size: int, name: str) -> tuple[Envelope, bytes]:
                                 f"{ENVELOPE_VERSION} (upgrade flightlog to read newer files)")
     if env.alg != ALGORITHM:
         raise CheckpointCorrupt(f"{name}: encrypted with {env.alg!r}, which this flightlog does not know")
-    if len(check) != OVERHEAD or len(env.file_id) != 32:
-        raise CheckpointCorrupt(f"{name}: the encryption envelope is malformed (key check or file id)")
+    if len(check) != OVERHEAD or len(env.file_id) != 32 or not KEY_ID.fullmatch(env.key_id):
+        raise CheckpointCorrupt(f"{name}: the encryption envelope is malformed (key id, key check or file id)")
     return env, raw
 
 

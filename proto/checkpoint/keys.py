@@ -21,6 +21,7 @@ from flightlog.proto.errors import CheckpointKeyError
 __all__ = [
     "DEFAULT_KEY_ENV",
     "KEY_BYTES",
+    "KEY_ID",
     "Key",
     "KeyRing",
     "KeyUse",
@@ -36,7 +37,7 @@ __all__ = [
 DEFAULT_KEY_ENV = "FLIGHTLOG_CHECKPOINT_KEY"
 KEY_BYTES = 32  # AES-256
 _MAX_KEY_TEXT = 64 << 10
-_KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SPLIT = re.compile(r"[\s,]+")
 
 log = logging.getLogger("flightlog.checkpoint.keys")
@@ -116,7 +117,7 @@ def parse_keys(text: str, source: str) -> list[Key]:
     keys: list[Key] = []
     for n, entry in enumerate(entries, 1):
         key_id, sep, encoded = entry.rpartition(":")
-        if sep and not _KEY_ID.fullmatch(key_id):
+        if sep and not KEY_ID.fullmatch(key_id):
             raise CheckpointKeyError(f"{source}: key #{n} has an invalid id (1-64 of A-Z a-z 0-9 . _ -)")
         try:
             material = (base64.urlsafe_b64decode(encoded) if "-" in encoded or "_" in encoded

@@ -287,6 +287,7 @@ class CheckpointReader:
         return b"".join(parts)
 
     def tensor_bytes(self, name: str) -> bytes:
+        self._require_key()
         t = self.tensors.get(name)
         if t is None:
             raise CheckpointError(f"{self.name} has no tensor {name!r}")
@@ -421,6 +422,7 @@ class CheckpointReader:
         """Write a plain safetensors file (all tensors, or ``names``) with this metadata (default: the same)."""
         from .format import build_header
 
+        self._require_key()
         keep = [self.tensors[n] for n in sorted(self.tensors, key=lambda n: self.tensors[n].begin)
                 if names is None or n in names]
         pos, out_infos = 0, []
