@@ -14,15 +14,16 @@ import base64
 import os
 import struct
 import zlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from flightlog.proto.errors import CheckpointCorrupt, CheckpointError, CheckpointKeyError
 
 from .keys import KEY_BYTES, KEY_ID, Key, KeyRing, KeyUse, notify_key_use
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = [
     "ALGORITHM",
@@ -58,6 +59,17 @@ class Envelope(msgspec.Struct):  # a newer writer's extra fields are authenticat
     check: str  # hex: nonce | tag of the key check
 
 
+def _aead(material: bytes) -> AESGCM:
+    """AESGCM for ``material``; ``cryptography`` (the ``security`` extra) is imported only here, by those
+    who encrypt. From cryptography 50 on it releases the GIL, so frames are sealed on every core."""
+    try:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    except ImportError as exc:
+        raise CheckpointError("encrypted checkpoints need the cryptography package: "
+                              "pip install 'flightlog[security]'") from exc
+    return AESGCM(material)
+
+
 def _check_value(aead: AESGCM, nonce: bytes, key_id: str) -> bytes:
     return nonce + aead.encrypt(nonce, b"", _CHECK_AAD + key_id.encode())
 
@@ -73,7 +85,7 @@ class Sealer:
         if len(key.material) != KEY_BYTES:
             raise CheckpointKeyError(f"checkpoint key {key.key_id!r} is {len(key.material)} bytes, not {KEY_BYTES}")
         self.key_id = key.key_id
-        self._aead = AESGCM(key.material)
+        self._aead = _aead(key.material)
         check = _check_value(self._aead, os.urandom(NONCE_BYTES), key.key_id)
         body = msgspec.json.encode(Envelope(ENVELOPE_VERSION, ALGORITHM, key.key_id, os.urandom(16).hex(),
                                             check.hex()))
@@ -128,13 +140,15 @@ class Opener:
         self.name = name
         self.key_id = env.key_id
         self.envelope = raw
-        self._aead = AESGCM(key.material)
+        self._aead = _aead(key.material)
         check = bytes.fromhex(env.check)
         if _check_value(self._aead, check[:NONCE_BYTES], env.key_id) != check:
             raise CheckpointKeyError(f"{name}: the key configured under id {env.key_id!r} is not the key this "
                                      "checkpoint was encrypted with; configure the right key for that id")
 
     def _open(self, kind: bytes, i: int, sealed: memoryview | bytes, out: memoryview | None, what: str) -> bytes:
+        from cryptography.exceptions import InvalidTag  # importable: _aead made this opener
+
         if len(sealed) < OVERHEAD:
             raise CheckpointCorrupt(f"{self.name}: {what} is shorter than its nonce and tag")
         nonce, body = bytes(sealed[:NONCE_BYTES]), sealed[NONCE_BYTES:]
