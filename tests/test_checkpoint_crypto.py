@@ -515,3 +515,32 @@ def test_fuzz_key_text_parser(text: str) -> None:
         assert K1.material.hex() not in str(exc)
         return
     assert keys and all(len(k.material) == 32 for k in keys)
+
+
+def test_tracker_config_key_file_and_fallback_without_keys(base_config: dict, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """checkpointing.key_file through the tracker's config (no agent: the in-process writer); a load whose
+    every candidate lacks its key says so (CheckpointKeyError), not "corrupt"."""
+    monkeypatch.setenv("FLIGHTLOG_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("FLIGHTLOG_AGENT_SOCKET", str(tmp_path / "no-agent.sock"))
+    monkeypatch.delenv("FLIGHTLOG_CHECKPOINT_KEY", raising=False)
+    key_file = tmp_path / "ckpt.key"
+    key_file.write_text(_b64(K2) + "\n")
+    key_file.chmod(0o600)
+    base_config["checkpointing"].update(encryption="aes-256-gcm", key_file=str(key_file), compression="gzip")
+    m, o = _model(0)
+    with ExperimentTracker("keyfile", base_config) as tracker:
+        assert tracker._client is None
+        first = tracker.save_checkpoint(model=m, epoch=0, step=1, optimizer=o)
+        first.wait()
+        second = tracker.save_checkpoint(model=m, epoch=0, step=2, optimizer=o)
+        second.wait()
+        with CheckpointReader(second, keys=KeyRing([K2])) as r:
+            assert r.key_id == "k2" and r.codec == "gzip"
+        m2, o2 = _model(1)
+        assert tracker.load_checkpoint("latest", m2, o2) == (0, 2) and _bytes(m2) == _bytes(m)
+    with ModelCheckpointer(Path(base_config["checkpointing"]["checkpoint_dir"]), keys=KeyRing([K1]),
+                           registry=tmp_path / "data" / "flightlog.db", run_id=tracker.run_id,
+                           staging_dir=tmp_path / "s") as other:
+        with pytest.raises(CheckpointKeyError, match="no valid checkpoint.*'k2'"):
+            other.load("latest", m2, o2, fallback=True)
