@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from flightlog.agent.cliutil import add_location_args, printable, resolve_location
-from flightlog.proto.errors import CheckpointError, FlightlogError
+from flightlog.proto.errors import CheckpointError, CheckpointKeyError, FlightlogError
 
 __all__ = ["add_subparsers"]
 
@@ -39,7 +39,10 @@ def add_subparsers(sub: Any) -> None:
     verify = csub.add_parser("verify", help="verify checksums and bounds (all registered, or the given files)")
     where(verify)
     verify.add_argument("paths", nargs="*")
-    verify.add_argument("--quick", action="store_true", help="checksum and index only; do not decompress")
+    depth = verify.add_mutually_exclusive_group()
+    depth.add_argument("--quick", action="store_true", help="checksum and index only; do not decompress")
+    depth.add_argument("--deep", action="store_true", help="decrypt and decompress every frame, and fail where "
+                       "an encrypted file's key is missing (by default such a file gets the outer checksum only)")
     verify.set_defaults(func=_verify)
 
     export = csub.add_parser("export", help="write a plain safetensors file")
@@ -77,6 +80,18 @@ def _open_registry(args: argparse.Namespace) -> Any:
     return Registry(path, readonly=True)
 
 
+def _keys(args: argparse.Namespace) -> Any:
+    """Checkpoint keys: the ``--config``'s checkpointing.key_* provider, else $FLIGHTLOG_CHECKPOINT_KEY."""
+    from flightlog.proto.checkpoint.keys import load_keyring
+
+    config = resolve_location(args)[1] if args.config else None
+    if config is None:
+        return load_keyring()
+    c = config.checkpointing
+    return load_keyring(key_env=c.key_env, key_file=c.key_file, key_command=c.key_command,
+                        timeout=c.key_command_timeout_seconds)
+
+
 def _scope(args: argparse.Namespace) -> str | None:
     return str(Path(args.dir).absolute()) if args.dir else None
 
@@ -110,10 +125,12 @@ def _show(args: argparse.Namespace) -> int:
     from flightlog.proto.checkpoint.reader import CheckpointReader
 
     row = _row_for(args, args.path)
-    with CheckpointReader(args.path, expected_checksum=row["checksum"] if row and row["state"] == "done" else None) as r:
+    with CheckpointReader(args.path, expected_checksum=row["checksum"] if row and row["state"] == "done" else None,
+                          keys=_keys(args)) as r:
         meta = decode_stored_meta(r.metadata["flightlog"], r.name, r.tensors) if "flightlog" in r.metadata else {}
         info = {
             "path": str(r.path), "size": r.size, "codec": r.codec, "checksum": r.checksum, "frames": len(r.frames),
+            "encryption": r.encryption, "key_id": r.key_id,
             "uncompressed": r.total, "epoch": meta.get("epoch"), "step": meta.get("step"),
             "metrics": meta.get("metrics", {}), "run_id": meta.get("run_id", ""),
             "config_hash": meta.get("config_hash", ""), "git_commit": meta.get("git_commit", ""),
@@ -124,7 +141,8 @@ def _show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"{info['path']}: {info['codec']}, {info['size']} bytes ({info['uncompressed']} uncompressed, "
+    sealed = f", {info['encryption']} (key {info['key_id']})" if info["encryption"] != "none" else ""
+    print(f"{info['path']}: {info['codec']}{sealed}, {info['size']} bytes ({info['uncompressed']} uncompressed, "
           f"{info['frames']} frames), {info['checksum']}")
     print(f"epoch {info['epoch']}, step {info['step']}, metrics {info['metrics']}, run {info['run_id']}, "
           f"git {info['git_commit'] or '-'}")
@@ -139,8 +157,8 @@ def _show(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from flightlog.proto.checkpoint.dcpdir import verify_dir
-    from flightlog.proto.checkpoint.reader import verify_file
 
+    keys = _keys(args)
     if args.paths:
         targets = [(p, (_row_for(args, p) or {}).get("checksum")) for p in args.paths]
     else:
@@ -149,14 +167,37 @@ def _verify(args: argparse.Namespace) -> int:
     bad = 0
     for path, checksum in targets:
         try:
-            # a distributed checkpoint is a directory: its metadata, then each rank file against it
-            (verify_dir if os.path.isdir(path) else verify_file)(path, checksum, deep=not args.quick)
-            print(f"OK       {path}")
+            if os.path.isdir(path):  # a distributed checkpoint: its metadata, then each rank file against it
+                verify_dir(path, checksum, deep=not args.quick)
+                note = ""
+            else:
+                note = _verify_one(path, checksum, args, keys)
+            print(f"OK       {path}{note}")
+        except CheckpointKeyError as exc:
+            bad += 1
+            print(f"NO KEY   {path}: {_reason(exc, path)}")
         except CheckpointError as exc:
             bad += 1
             print(f"CORRUPT  {path}: {_reason(exc, path)}")
     print(f"{len(targets) - bad} ok, {bad} bad")
     return 1 if bad else 0
+
+
+def _verify_one(path: str, checksum: str | None, args: argparse.Namespace, keys: Any) -> str:
+    """Verify one file as :func:`verify_file` does; an encrypted file with no key here gets the outer
+    checks only (unless --deep), which the returned note says."""
+    from flightlog.proto.checkpoint.format import decode_stored_meta
+    from flightlog.proto.checkpoint.reader import CheckpointReader
+
+    with CheckpointReader(path, expected_checksum=checksum, keys=keys, need_key=args.deep) as r:
+        if r.locked:
+            return (f" (outer checksum only: encrypted with key id {r.key_id!r}, which has no key here; "
+                    "--deep needs it)")
+        if "flightlog" in r.metadata:
+            decode_stored_meta(r.metadata["flightlog"], r.name, r.tensors)
+        if not args.quick:
+            r.check_frames()
+    return ""
 
 
 def _reason(exc: CheckpointError, path: str) -> str:
@@ -172,11 +213,13 @@ def _export(args: argparse.Namespace) -> int:
     from flightlog.proto.checkpoint.reader import CheckpointReader
 
     row = _row_for(args, args.path)
-    with CheckpointReader(args.path, expected_checksum=row["checksum"] if row and row["state"] == "done" else None) as r:
+    with CheckpointReader(args.path, expected_checksum=row["checksum"] if row and row["state"] == "done" else None,
+                          keys=_keys(args)) as r:
         if args.model_only:  # the JSON state refers to the optimizer tensors left out: keep only the basics
             names = [n for n in r.tensors if not n.startswith("@")]
             r.export(args.to, names, {k: v for k, v in r.metadata.items() if k != "flightlog"})
         else:
             r.export(args.to)
-    print(f"wrote {args.to} ({os.path.getsize(args.to)} bytes)")
+        plain = f"; decrypted: it holds key {r.key_id!r}'s plaintext" if r.encryption != "none" else ""
+    print(f"wrote {args.to} ({os.path.getsize(args.to)} bytes{plain})")
     return 0

@@ -79,6 +79,13 @@ class CheckpointConfig(_Section):
     min_free_bytes: _NonNegInt = 0
     dcp_async: bool = False  # distributed saves: dcp.async_save (the loop waits for the copy only), not dcp.save
     dcp_timeout_seconds: _PosFloat = 1800.0  # collectives of distributed saves/loads give up after this
+    # Encryption at rest (flightlog.proto.checkpoint.crypto). Keys come from one provider: key_command if set,
+    # else key_file (mode 0600) if set, else the variable key_env; each holds `[ID:]BASE64` keys, first one seals.
+    encryption: Literal["none", "aes-256-gcm"] = "none"
+    key_env: str = "FLIGHTLOG_CHECKPOINT_KEY"
+    key_file: str | None = None
+    key_command: str | list[str] | None = None  # argv (a string is split like a shell would, but runs without one)
+    key_command_timeout_seconds: _PosFloat = 30.0
 
 
 class MonitoringConfig(_Section):

@@ -17,6 +17,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointCorrupt",
     "CheckpointIncomplete",
+    "CheckpointKeyError",
     "TrackerFinished",
 ]
 
@@ -84,6 +85,12 @@ class CheckpointCorrupt(CheckpointError):
 
 class CheckpointIncomplete(CheckpointError):
     """A distributed checkpoint has no committed metadata: its save did not finish (or it is no checkpoint)."""
+
+
+class CheckpointKeyError(CheckpointError):
+    """An encrypted checkpoint cannot be sealed or opened: no key with its key id, the wrong key under that
+    id, or a key provider (variable, file, command) that failed. The message names the key id; the file's
+    bytes are never guessed at."""
 
 
 class TrackerFinished(FlightlogError, RuntimeError):

@@ -290,6 +290,13 @@ class CheckpointSpec(msgspec.Struct, kw_only=True):
     git_commit: str = ""
     created: float = 0.0
     upload: Literal["none", "best", "all"] = "none"
+    encryption: str = "none"  # or "aes-256-gcm" (flightlog.proto.checkpoint.crypto): seal with key_id's key
+    key_id: str = ""
+    key: str = ""  # that key, base64: it crosses only the private control socket, and is never written anywhere
+
+    def __repr__(self) -> str:  # a logged spec must not show the key
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__struct_fields__ if k != "key")
+        return f"CheckpointSpec({fields}, key=<redacted>)"
 
 
 class CheckpointRequest(msgspec.Struct, tag="ckreq", array_like=True):

@@ -415,20 +415,24 @@ GZIP_TAIL_LEN = len(_GZIP_EMPTY_TAIL)
 
 
 def validate_frames(frames: Iterable[Sequence[Any]], payload_len: int, total: int, name: str,
-                    codec: str = "zstd") -> None:
-    """Frames must tile the compressed payload and the uncompressed stream exactly, in order, and none may
-    declare more output than its codec can make of its compressed bytes (so sizes are bounded by the
-    file before anything is allocated). Byte-grouped frames need a width of 1, 2, 4 or 8, whole elements,
-    and one plane per byte."""
-    c_pos = u_pos = 0
+                    codec: str = "zstd", *, start: int = 0, overhead: int = 0) -> None:
+    """Frames must tile the compressed payload (from byte ``start``) and the uncompressed stream exactly,
+    in order, and none may declare more output than its codec can make of its compressed bytes (so sizes
+    are bounded by the file before anything is allocated). Byte-grouped frames need a width of 1, 2, 4 or
+    8, whole elements, and one plane per byte. A sealed frame's ``c_len`` includes ``overhead`` bytes
+    (nonce and tag) around the compressed bytes."""
+    c_pos, u_pos = start, 0
     ratio = max_ratio(codec)
     for f in frames:
-        if len(f) < 4 or f[0] != c_pos or f[2] != u_pos or f[1] < 0 or f[3] < 0:
+        if len(f) < 4 or f[0] != c_pos or f[2] != u_pos or f[1] < overhead or f[3] < 0:
             raise CheckpointCorrupt(f"{name}: the frame index is inconsistent at frame {list(f)[:4]}")
+        inner = f[1] - overhead
         if len(f) > 4 and (len(f) != 7 or f[4] not in _UINTS and f[4] != 1 or len(f[5]) != f[4]
-                           or sum(f[5]) != f[1] or f[6] not in (0, 1) or f[3] % f[4]):
+                           or sum(f[5]) != inner or f[6] not in (0, 1) or f[3] % f[4]):
             raise CheckpointCorrupt(f"{name}: the frame index is inconsistent at frame {list(f)[:4]}")
-        planes = f[5] if len(f) > 4 else [f[1]]
+        planes = f[5] if len(f) > 4 else [inner]
+        if codec == "none" and f[3] != inner:  # raw bytes: a frame holds exactly what it stores
+            raise CheckpointCorrupt(f"{name}: the frame index is inconsistent at frame {list(f)[:4]}")
         if any(f[3] // len(planes) > p * ratio for p in planes):
             raise CheckpointCorrupt(f"{name}: frame at byte {f[0]} claims {f[3]} bytes from {f[1]}, more than "
                                     f"{codec} can hold (a crafted or damaged index)")

@@ -16,10 +16,12 @@ from typing import Any
 
 import xxhash
 
-from flightlog.proto.errors import CheckpointCorrupt, CheckpointError
+from flightlog.proto.errors import CheckpointCorrupt, CheckpointError, CheckpointKeyError
 
 from .codecs import check_frame, decompress_frame, decompress_into
+from .crypto import ALGORITHM, OVERHEAD, SEALED_MAGIC, Envelope, Opener, decode_envelope, open_file_key
 from .format import (
+    CODECS,
     FOOTER,
     FOOTER_TENSOR,
     GZIP_MAGIC,
@@ -27,6 +29,7 @@ from .format import (
     MAX_HEADER,
     SKIPPABLE_MAGIC,
     ZSTD_MAGIC,
+    Index,
     TensorInfo,
     checksum_text,
     decode_footer,
@@ -37,6 +40,7 @@ from .format import (
     parse_header,
     validate_frames,
 )
+from .keys import KeyRing, KeyUse, default_keyring, notify_key_use
 
 __all__ = ["CheckpointReader", "verify_file"]
 
@@ -74,12 +78,23 @@ class CheckpointReader:
     Opening checks the trailer's CRC, the payload's xxh3-128 (``verify=True``), the agreement with
     ``expected_checksum`` (from the registry) and the safetensors header's bounds; any failure is
     CheckpointCorrupt naming the file.
+
+    An encrypted file (see :mod:`.crypto`) is opened with the key its envelope names, from ``keys``
+    (default: ``$FLIGHTLOG_CHECKPOINT_KEY``); none, or the wrong one, is CheckpointKeyError. With
+    ``need_key=False`` and no key, the reader stays ``locked``: only the outer checks above are done.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True, expected_checksum: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True, expected_checksum: str | None = None,
+                 keys: KeyRing | None = None, need_key: bool = True) -> None:
         self.path = Path(path)
         self.name = str(self.path)
         self.frames_decompressed = 0
+        self.encryption, self.key_id, self.locked = "none", "", False
+        self.codec: str = ""
+        self.frames: list[list[Any]] = []
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        self._opener: Opener | None = None
         self._view: memoryview | None = None
         self._mm: mmap.mmap | None = None
         self._fd = _open_regular(self.path)
@@ -90,19 +105,21 @@ class CheckpointReader:
             self.close()
             raise CheckpointError(f"{self.path}: cannot read the checkpoint: {exc.strerror or exc}") from exc
         try:
-            self._open(verify, expected_checksum)
+            self._open(verify, expected_checksum, keys, need_key)
         except BaseException:
             self.close()
             raise
 
     # --- opening -------------------------------------------------------------------------------
 
-    def _open(self, verify: bool, expected: str | None) -> None:
+    def _open(self, verify: bool, expected: str | None, keys: KeyRing | None, need_key: bool) -> None:
         name, buf = self.name, self._mm
         if buf is None or self.size < FOOTER.size + 8:
             raise CheckpointCorrupt(f"{name}: truncated ({self.size} bytes)")
         magic = buf[:4]
-        if magic == ZSTD_MAGIC:
+        if buf[:len(SEALED_MAGIC)] == SEALED_MAGIC:
+            self._open_envelope(buf)  # the outer checks (below) come before any key is asked for
+        elif magic == ZSTD_MAGIC:
             self._open_indexed(buf, self.size, "zstd")
         elif magic[:2] == GZIP_MAGIC:
             self._open_indexed(buf, self.size - GZIP_TAIL_LEN, "gzip")
@@ -114,6 +131,46 @@ class CheckpointReader:
                                     f"{expected}; the file was replaced or damaged")
         if verify:
             self._verify()
+        if self.encryption != "none":
+            self._unseal(keys, need_key)
+
+    def _open_envelope(self, buf: mmap.mmap) -> None:
+        """An encrypted file's envelope and trailer, checked without the key."""
+        name = self.name
+        self._env, self._env_raw = decode_envelope(buf, self.size, name)
+        self.encryption, self.key_id = ALGORITHM, self._env.key_id
+        raw = buf[self.size - FOOTER.size:]
+        footer = decode_footer(raw, None, name)
+        start = self.size - FOOTER.size - footer.index_len
+        if footer.index_len > (16 << 20) or start != footer.payload_len or start < len(self._env_raw):
+            raise CheckpointCorrupt(f"{name}: the trailer does not sit where the footer says (truncated or extended)")
+        self.footer = decode_footer(raw, buf[start:self.size - FOOTER.size], name)
+
+    def _unseal(self, keys: KeyRing | None, need_key: bool) -> None:
+        """Check the key, then open the index and the safetensors header (frame 0)."""
+        keys = default_keyring() if keys is None else keys
+        if not need_key and (keys is None or keys.get(self.key_id) is None):
+            self.locked = True
+            return
+        self._opener = _opener_for(self._env, self._env_raw, keys, self.name)
+        assert self._mm is not None
+        index, self.frames = _sealed_index(self._opener, self._mm, self.footer.payload_len, self.size, self.name)
+        self.codec, self.total = index.codec, index.total
+        self.header_len, self.metadata, tensors = parse_header(self._frame(0), self.name, index.total - index.header_len)
+        if self.header_len != index.header_len:
+            raise CheckpointCorrupt(f"{self.name}: header length disagrees with the index")
+        self.tensors = {t.name: t for t in tensors}
+
+    @property
+    def _plain(self) -> bool:
+        """An uncompressed, unencrypted file: its data section is the file's own bytes."""
+        return self.codec == "none" and self._opener is None
+
+    def _require_key(self) -> None:
+        if self.locked:
+            raise CheckpointKeyError(f"{self.name}: encrypted with key id {self.key_id!r}, and no key with that id "
+                                     "is configured; set FLIGHTLOG_CHECKPOINT_KEY or checkpointing.key_file / "
+                                     "key_command")
 
     def _hash(self, n: int) -> bytes:
         h = xxhash.xxh3_128()
@@ -147,8 +204,8 @@ class CheckpointReader:
         if not ok or end + (GZIP_TAIL_LEN if container == "gzip" else 0) != self.size:
             raise CheckpointCorrupt(f"{name}: the trailer does not sit where the footer says (truncated or extended)")
         index = decode_index(index_raw, name)
-        self.codec: str = index.codec
-        self.frames: list[list[Any]] = [frame_list(f) for f in index.frames]
+        self.codec = index.codec
+        self.frames = [frame_list(f) for f in index.frames]
         total, header_len = index.total, index.header_len
         if self.codec not in (("zstd", "zstd-bytegroup") if container == "zstd" else ("gzip",)):
             raise CheckpointCorrupt(f"{name}: codec {self.codec!r} does not match the container")
@@ -197,11 +254,29 @@ class CheckpointReader:
     def _frame(self, i: int) -> bytes:
         f = self.frames[i]
         self.frames_decompressed += 1
-        return decompress_frame(self.codec, self._raw(f), f, self.name)
+        if self._opener is None:
+            return decompress_frame(self.codec, self._raw(f), f, self.name)
+        plain = self._opener.open(i, self._raw(f), f[0])
+        return decompress_frame(self.codec, plain, [f[0], f[1] - OVERHEAD, *f[2:]], self.name)
+
+    def _decode_into(self, i: int, f: list[Any], dest: memoryview, local: threading.local) -> None:
+        """Frame ``i`` decoded into ``dest``; a sealed one is first opened (authenticated) in scratch, or,
+        uncompressed, straight into ``dest`` (fresh memory, thrown away if it fails)."""
+        if self._opener is None:
+            decompress_into(self.codec, self._raw(f), f, self.name, dest)
+            return
+        n = f[1] - OVERHEAD
+        if self.codec == "none":
+            self._opener.open_into(i, self._raw(f), f[0], dest)
+            return
+        plain = _scratch(local, n, "plain")[0][:n]
+        self._opener.open_into(i, self._raw(f), f[0], plain)
+        decompress_into(self.codec, plain, [f[0], n, *f[2:]], self.name, dest)
 
     def read_range(self, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of the uncompressed safetensors stream, from the frames that overlap it."""
-        if self.codec == "none":
+        self._require_key()
+        if self._plain:
             assert self._mm is not None
             return self._mm[start:end]
         parts = []
@@ -212,6 +287,7 @@ class CheckpointReader:
         return b"".join(parts)
 
     def tensor_bytes(self, name: str) -> bytes:
+        self._require_key()
         t = self.tensors.get(name)
         if t is None:
             raise CheckpointError(f"{self.name} has no tensor {name!r}")
@@ -234,11 +310,12 @@ class CheckpointReader:
         file is verified first, then copied in place where asked, and with no ``out`` mapped copy-on-write
         the way safetensors maps it.
         """
+        self._require_key()
         n = self.total - self.header_len
         assert self._mm is not None
         spans = sorted((t.begin, t.end, addr) for name, addr in (in_place or {}).items()
                        if (t := self.tensors.get(name)) is not None and t.end > t.begin)
-        if self.codec == "none":
+        if self._plain:
             if verify:
                 self._verify()
             data = self._private_view()
@@ -268,10 +345,10 @@ class CheckpointReader:
             k = max(0, bisect.bisect_right(begins, lo) - 1)
             hits = [s for s in spans[k:bisect.bisect_left(begins, hi)] if s[1] > lo]
             if not hits:
-                decompress_into(self.codec, self._raw(f), f, self.name, out[lo:hi])
+                self._decode_into(i, f, out[lo:hi], local)
                 return
             scratch = _scratch(local, f[3])
-            decompress_into(self.codec, self._raw(f), f, self.name, scratch[0][:f[3]])
+            self._decode_into(i, f, scratch[0][:f[3]], local)
             pos = lo
             for b, e, addr in hits:  # the gaps go to ``out``, the rest to its tensors
                 if b > pos:
@@ -282,19 +359,30 @@ class CheckpointReader:
             if pos < hi:
                 ctypes.memmove(out_addr + pos, scratch[1] + pos - lo, hi - pos)
 
-        self._run(one, verify, threads)
+        # A sealed file needs no second pass: every frame's GCM tag (checked as it is opened) and the sealed
+        # index authenticate all of it, more strongly than the xxh3 would.
+        self._run(one, verify and self._opener is None, threads)
         return out
 
     def check_frames(self, threads: int = 0) -> None:
         """Decompress every frame through a small scratch window and drop it: a deep check that keeps
         nothing, in bounded memory whatever size a frame declares."""
-        if self.codec == "none":
+        self._require_key()
+        if self._plain:
             return
         local = threading.local()
 
         def one(i: int) -> None:
             f = self.frames[i]
-            check_frame(self.codec, self._raw(f), f, self.name, _scratch(local, _CHECK_WINDOW)[0])
+            window = _scratch(local, _CHECK_WINDOW)[0]
+            if self._opener is None:
+                check_frame(self.codec, self._raw(f), f, self.name, window)
+                return
+            n = f[1] - OVERHEAD
+            plain = _scratch(local, n, "plain")[0][:n]
+            self._opener.open_into(i, self._raw(f), f[0], plain)
+            if self.codec != "none":
+                check_frame(self.codec, plain, [f[0], n, *f[2:]], self.name, window)
 
         self._run(one, False, threads)
 
@@ -334,6 +422,7 @@ class CheckpointReader:
         """Write a plain safetensors file (all tensors, or ``names``) with this metadata (default: the same)."""
         from .format import build_header
 
+        self._require_key()
         keep = [self.tensors[n] for n in sorted(self.tensors, key=lambda n: self.tensors[n].begin)
                 if names is None or n in names]
         pos, out_infos = 0, []
@@ -343,7 +432,7 @@ class CheckpointReader:
         tmp = Path(f"{dest}.tmp-{os.getpid()}")
         with open(tmp, "wb") as f:
             f.write(build_header(out_infos, self.metadata if metadata is None else metadata))
-            if names is None and self.codec != "none":
+            if names is None and not self._plain:
                 for i in range(1, len(self.frames)):
                     f.write(self._frame(i))
             else:
@@ -374,6 +463,32 @@ class CheckpointReader:
         self.close()
 
 
+def _opener_for(env: Envelope, env_raw: bytes, keys: KeyRing | None, name: str) -> Opener:
+    """The file's key from ``keys``, checked (CheckpointKeyError, and the key-use hook hears either way)."""
+    key = open_file_key(env, keys, name)
+    try:
+        opener = Opener(env, env_raw, key, name)
+    except CheckpointKeyError:
+        notify_key_use(KeyUse("open", env.key_id, name, "wrong key"))
+        raise
+    notify_key_use(KeyUse("open", env.key_id, name))
+    return opener
+
+
+def _sealed_index(opener: Opener, mm: mmap.mmap, payload_len: int, size: int, name: str
+                  ) -> tuple[Index, list[list[Any]]]:
+    """The sealed index (between the payload and the footer), opened and checked against the payload."""
+    index = decode_index(opener.open_index(mm[payload_len:size - FOOTER.size]), name)
+    if index.codec not in CODECS:
+        raise CheckpointCorrupt(f"{name}: unknown codec {index.codec!r} in the sealed index")
+    frames = [frame_list(f) for f in index.frames]
+    validate_frames(frames, payload_len, index.total, name, index.codec, start=len(opener.envelope),
+                    overhead=OVERHEAD)
+    if not frames or frames[0][3] != index.header_len:
+        raise CheckpointCorrupt(f"{name}: the first frame is not the safetensors header")
+    return index, frames
+
+
 def _address(buf: Any) -> int:
     """The address of a writable buffer's first byte (kept valid by whoever holds ``buf``)."""
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
@@ -388,19 +503,25 @@ def _anonymous(n: int, name: str) -> mmap.mmap:
                               "this machine can hold") from exc
 
 
-def _scratch(local: threading.local, n: int) -> tuple[memoryview, int]:
-    """A per-thread scratch buffer of at least ``n`` bytes and its address."""
-    have = getattr(local, "scratch", None)
+def _scratch(local: threading.local, n: int, which: str = "scratch") -> tuple[memoryview, int]:
+    """A per-thread scratch buffer (one per ``which``) of at least ``n`` bytes and its address."""
+    have = getattr(local, which, None)
     if have is None or len(have[0]) < n:
-        buf = bytearray(n)
-        have = local.scratch = (memoryview(buf), _address(buf))
+        buf = bytearray(max(n, 1))
+        have = (memoryview(buf), _address(buf))
+        setattr(local, which, have)
     return have
 
 
-def verify_file(path: str | os.PathLike[str], expected_checksum: str | None = None, *, deep: bool = True) -> str:
+def verify_file(path: str | os.PathLike[str], expected_checksum: str | None = None, *, deep: bool = True,
+                keys: KeyRing | None = None) -> str:
     """Verify ``path`` (checksum, trailer, bounds, the flightlog metadata's shape; ``deep`` also decompresses
-    every frame); returns its checksum or raises CheckpointCorrupt/CheckpointError."""
-    with CheckpointReader(path, expected_checksum=expected_checksum) as r:
+    every frame); returns its checksum or raises CheckpointCorrupt/CheckpointError. An encrypted file
+    verifies its outer checksum without the key unless ``deep``, which opens every frame with it
+    (CheckpointKeyError without)."""
+    with CheckpointReader(path, expected_checksum=expected_checksum, keys=keys, need_key=deep) as r:
+        if r.locked:
+            return r.checksum
         if "flightlog" in r.metadata:
             decode_stored_meta(r.metadata["flightlog"], r.name, r.tensors)
         if deep:

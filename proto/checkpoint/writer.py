@@ -21,6 +21,7 @@ from flightlog.proto.errors import CheckpointError
 from flightlog.proto.osutil import PRIVATE_FILE_MODE, fsync_dir, make_dirs, pid_alive
 
 from .codecs import check_level, compress_chunk
+from .crypto import Sealer, key_from_spec
 from .format import (
     FORMAT_VERSION,
     SKIPPABLE_MAGIC,
@@ -32,6 +33,7 @@ from .format import (
     gzip_trailer_member,
     plan_chunks,
 )
+from .keys import Key, KeyUse, notify_key_use
 from .registry import Registry
 
 __all__ = ["DirectFile", "write_container", "commit_checkpoint", "recover_interrupted", "tensors_of_spec", "fsync_dir", "TMP_MARK"]
@@ -46,17 +48,29 @@ def tensors_of_spec(spec: dict[str, Any]) -> list[TensorInfo]:
     return [TensorInfo(n, d, tuple(s), b, e) for n, d, s, b, e in spec["tensors"]]
 
 
-def _pipelined(pieces: Sequence[tuple[memoryview, int, bool]], codec: str, level: int, threads: int
-               ) -> Iterator[tuple[bytes, list[int]]]:
-    """Compress chunks on a thread pool, yielding results in order with a bounded number in flight."""
+def _compress(codec: str, level: int, chunk: memoryview, width: int, is_float: bool, sealer: Sealer | None,
+              i: int) -> tuple[bytes | bytearray, list[int]]:
+    """One chunk compressed (and, with ``sealer``, sealed as frame ``i``: on the same worker thread)."""
+    if sealer is None:
+        return compress_chunk(codec, level, chunk, width, is_float)
+    if codec == "none":
+        return sealer.seal(i, chunk), []  # raw bytes: seal them straight from the staging buffer
+    blob, planes = compress_chunk(codec, level, chunk, width, is_float)
+    return sealer.seal(i, blob), planes
+
+
+def _pipelined(pieces: Sequence[tuple[memoryview, int, bool]], codec: str, level: int, threads: int,
+               sealer: Sealer | None = None) -> Iterator[tuple[bytes | bytearray, list[int]]]:
+    """Compress (and seal) chunks on a thread pool, yielding results in order with a bounded number in
+    flight. Chunk ``k`` is frame ``k + 1``: frame 0 is the safetensors header."""
     if threads <= 1 or len(pieces) <= 1:
-        for chunk, width, is_float in pieces:
-            yield compress_chunk(codec, level, chunk, width, is_float)
+        for i, (chunk, width, is_float) in enumerate(pieces, 1):
+            yield _compress(codec, level, chunk, width, is_float, sealer, i)
         return
     with ThreadPoolExecutor(threads, thread_name_prefix="flightlog-zstd") as pool:
-        pending: deque[Future[tuple[bytes, list[int]]]] = deque()
-        for chunk, width, is_float in pieces:
-            pending.append(pool.submit(compress_chunk, codec, level, chunk, width, is_float))
+        pending: deque[Future[tuple[bytes | bytearray, list[int]]]] = deque()
+        for i, (chunk, width, is_float) in enumerate(pieces, 1):
+            pending.append(pool.submit(_compress, codec, level, chunk, width, is_float, sealer, i))
             if len(pending) >= 2 * threads:
                 yield pending.popleft().result()
         while pending:
@@ -64,14 +78,20 @@ def _pipelined(pieces: Sequence[tuple[memoryview, int, bool]], codec: str, level
 
 
 def write_container(out: BinaryIO | DirectFile, tensors: Sequence[TensorInfo], metadata: dict[str, str], data: memoryview,
-                    codec: str, level: int, *, threads: int = 0, chunk_bytes: int = 0) -> tuple[int, bytes]:
-    """Write one checkpoint file to ``out``; returns (size, xxh3-128 digest of the payload)."""
+                    codec: str, level: int, *, threads: int = 0, chunk_bytes: int = 0, key: Key | None = None,
+                    name: str = "") -> tuple[int, bytes]:
+    """Write one checkpoint file to ``out``; returns (size, xxh3-128 digest of the payload). With ``key``
+    every frame is sealed with AES-256-GCM (see :mod:`.crypto`; ``name`` is the file the key-use hook
+    reports)."""
     check_level(codec, level)
     threads = threads or os.cpu_count() or 1
+    if key is not None:
+        notify_key_use(KeyUse("seal", key.key_id, name or str(getattr(out, "name", ""))))
+        return _write_sealed(out, tensors, metadata, data, codec, level, threads, chunk_bytes, Sealer(key))
     h = xxhash.xxh3_128()
     size = 0
 
-    def put(b: bytes | memoryview, hashed: bool = True) -> None:
+    def put(b: bytes | bytearray | memoryview, hashed: bool = True) -> None:
         nonlocal size
         out.write(b)
         if hashed:
@@ -108,6 +128,43 @@ def write_container(out: BinaryIO | DirectFile, tensors: Sequence[TensorInfo], m
     return size, digest
 
 
+def _write_sealed(out: BinaryIO | DirectFile, tensors: Sequence[TensorInfo], metadata: dict[str, str],
+                  data: memoryview, codec: str, level: int, threads: int, chunk_bytes: int, sealer: Sealer
+                  ) -> tuple[int, bytes]:
+    """The sealed container: ``envelope | sealed frames (header first) | sealed index | footer``. The
+    footer's xxh3 covers the envelope and the frames as stored, so the file verifies without the key; its
+    CRC covers the sealed index. Every codec is framed this way, ``none`` included (raw chunks)."""
+    h = xxhash.xxh3_128()
+    size = 0
+
+    def put(b: bytes | bytearray | memoryview) -> None:
+        nonlocal size
+        out.write(b)
+        h.update(b)
+        size += len(b)
+
+    put(sealer.envelope)
+    header = build_header(tensors, metadata)
+    chunk = chunk_bytes or chunk_size_for(len(data))
+    plan = plan_chunks(tensors, len(data), chunk, grouped=codec == "zstd-bytegroup")
+    first, _ = compress_chunk("zstd" if codec.startswith("zstd") else codec, level, header)
+    sealed = sealer.seal(0, first)
+    frames: list[list[Any]] = [[size, len(sealed), 0, len(header)]]
+    put(sealed)
+    pieces = [(data[off:off + n], w, f) for off, n, w, f in plan]
+    for (off, n, w, f), (blob, planes) in zip(plan, _pipelined(pieces, codec, level, threads, sealer)):
+        frames.append([size, len(blob), len(header) + off, n, w, planes, int(f)] if planes else
+                      [size, len(blob), len(header) + off, n])
+        put(blob)
+    index = sealer.seal_index(_json_bytes({"v": FORMAT_VERSION, "codec": codec, "level": level,
+                                           "header_len": len(header), "total": len(header) + len(data),
+                                           "frames": frames}))
+    digest = h.digest()
+    tail = index + encode_footer(size, digest, index)
+    out.write(tail)
+    return size + len(tail), digest
+
+
 class DirectFile:
     """A write-only file that bypasses the page cache (``O_DIRECT``) where the filesystem allows it.
 
@@ -141,7 +198,7 @@ class DirectFile:
     def fileno(self) -> int:
         return self._fd
 
-    def write(self, data: bytes | memoryview) -> int:
+    def write(self, data: bytes | bytearray | memoryview) -> int:
         if self._sealed:
             raise ValueError("DirectFile: write after flush (a direct file's last block is already out)")
         view = memoryview(data).cast("B")
@@ -263,6 +320,7 @@ def commit_checkpoint(spec: dict[str, Any], registry_path: str | os.PathLike[str
     path = Path(spec["path"])
     directory = path.parent
     check_level(spec["codec"], int(spec["level"]))
+    key = key_from_spec(spec)
     tensors = tensors_of_spec(spec)
     try:
         make_dirs(directory)  # 0700, and an existing directory keeps its mode
@@ -279,7 +337,7 @@ def commit_checkpoint(spec: dict[str, Any], registry_path: str | os.PathLike[str
                 try:
                     with DirectFile(tmp) as f:
                         size, digest = write_container(f, tensors, spec["metadata"], view[:n], spec["codec"],
-                                                       int(spec["level"]), threads=threads)
+                                                       int(spec["level"]), threads=threads, key=key, name=str(path))
                         f.fsync()
                 finally:
                     view.release()

@@ -10,8 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from flightlog.checkpoint.checkpointer import CheckpointMetadata, ModelCheckpointer, PendingCheckpoint
+from flightlog.proto.checkpoint.keys import Key, KeyRing, load_keyring
 
-__all__ = ["ModelCheckpointer", "CheckpointMetadata", "PendingCheckpoint", "StorageWriter", "StorageReader"]
+__all__ = ["ModelCheckpointer", "CheckpointMetadata", "PendingCheckpoint", "StorageWriter", "StorageReader",
+           "Key", "KeyRing", "load_keyring"]
 
 
 def __getattr__(name: str) -> Any:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import base64
 import concurrent.futures
 import functools
 import json
@@ -23,15 +24,18 @@ from flightlog.checkpoint.staging import BOUNCE_BYTES, StagingBuffer, StagingPoo
 from flightlog.checkpoint.state import FORMAT_TAG, collect_state, git_commit, metric_value, plan_layout
 from flightlog.checkpoint.writers import AgentWriter, LocalWriter
 from flightlog.proto.checkpoint.codecs import check_level
+from flightlog.proto.checkpoint.crypto import ENCRYPTIONS
 from flightlog.proto.checkpoint.format import EXTENSIONS
+from flightlog.proto.checkpoint.keys import KeyRing, default_keyring, load_keyring
 from flightlog.proto.checkpoint.reader import CheckpointReader
 from flightlog.proto.checkpoint.registry import STANDALONE_NAME, Registry
-from flightlog.proto.errors import CheckpointCorrupt, CheckpointError, FlightlogError
+from flightlog.proto.errors import CheckpointCorrupt, CheckpointError, CheckpointKeyError, FlightlogError
 from flightlog.proto.events import CheckpointSpec, RetentionSpec
 from flightlog.proto.names import check_file_name
 from flightlog.validate import check_run_id
 
-__all__ = ["ModelCheckpointer", "CheckpointMetadata", "PendingCheckpoint", "check_checkpoint_name"]
+__all__ = ["ModelCheckpointer", "CheckpointMetadata", "PendingCheckpoint", "check_checkpoint_name", "config_keyring",
+           "encryption_keys"]
 
 log = logging.getLogger("flightlog")
 
@@ -135,6 +139,8 @@ class ModelCheckpointer:
         config_hash: str = "",
         threads: int = 0,
         upload: str = "none",
+        encryption: str = "none",
+        keys: KeyRing | None = None,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -143,6 +149,7 @@ class ModelCheckpointer:
         if max_checkpoints < 0 or keep_every_n_steps < 0 or max_in_flight < 1:
             raise ValueError("max_checkpoints and keep_every_n_steps must be >= 0, max_in_flight >= 1")
         check_level(compression, compression_level)
+        self.encryption, self._keys = encryption_keys(encryption, keys)
         self.dir = Path(checkpoint_dir).expanduser().absolute()
         self.max_checkpoints, self.keep_every_n_steps = max_checkpoints, keep_every_n_steps
         self.monitor, self.mode = monitor, mode
@@ -180,6 +187,7 @@ class ModelCheckpointer:
             staging_dir=tracker.paths.ring_dir.parent / "ckpt", registry=tracker.paths.store,
             run_id=tracker.run_id, config_hash=tracker.metadata.config_hash,
             upload=c.upload if tracking.use_mlflow or tracking.use_wandb else "none",
+            encryption=c.encryption, keys=config_keyring(c),
         )
         ck._writer = AgentWriter(tracker._link, tracker.paths, ck._local)
         return ck
@@ -217,7 +225,7 @@ class ModelCheckpointer:
                 self._jobs = [j for j in self._jobs if not j.done()]
                 self._jobs.append(self._executor.submit(self._write, spec, buf, future))
             except BaseException:
-                self._pool.release(buf)
+                self._free(buf)
                 raise
             pending = PendingCheckpoint(path, future)
             self._pending[path] = pending
@@ -263,7 +271,30 @@ class ModelCheckpointer:
                                     monitor=self.monitor, mode=self.mode),  # type: ignore[arg-type]
             min_free_bytes=self.min_free_bytes, run_id=self.run_id, config_hash=self.config_hash,
             git_commit=self._git, created=meta["created"], upload=self.upload,  # type: ignore[arg-type]
+            **self._seal_fields(),
         )
+
+    def _seal_fields(self) -> dict[str, Any]:
+        """The spec's encryption fields: the key travels to the writer (in memory, or over the private
+        control socket to the agent), never into a file."""
+        if self.encryption == "none" or self._keys is None:
+            return {}
+        key = self._keys.primary
+        return {"encryption": self.encryption, "key_id": key.key_id, "key": base64.b64encode(key.material).decode()}
+
+    def _free(self, buf: StagingBuffer, restage: int = 0) -> None:
+        """Hand the staging buffer back. Encrypted checkpoints leave no plaintext staged: the buffer's file
+        is unlinked after each write, and (``restage``: its size) a fresh one is made and pre-faulted here,
+        on the writer thread after durability, so the next save is as quick as with a reused buffer."""
+        try:
+            if self.encryption != "none":
+                buf.close()
+                if restage:
+                    buf.ensure(restage)
+        except CheckpointError as exc:  # no room for the next one now: the next save tries (and says) again
+            log.warning("flightlog: %s", exc)
+        finally:
+            self._pool.release(buf)
 
     def _pinned(self) -> torch.Tensor:
         if self._bounce is None:
@@ -278,14 +309,19 @@ class ModelCheckpointer:
 
         def durable(row: dict[str, Any]) -> None:
             nonlocal released
-            self._pool.release(buf)
             released = True
+            if self.encryption != "none":
+                buf.close()  # the staged plaintext is gone before anyone hears the checkpoint is durable
+                future.set_result(CheckpointMetadata.from_row(row))
+                self._free(buf, restage=spec.data_bytes)
+                return
+            self._free(buf)
             future.set_result(CheckpointMetadata.from_row(row))
 
         try:
             row = self._writer.write(spec, on_durable=durable)
             if not future.done():
-                future.set_result(CheckpointMetadata.from_row(row))
+                durable(row)
         except BaseException as exc:
             if future.done():  # durable already; only the clean-up after it failed
                 log.warning("flightlog: after checkpoint %s: %s", spec.path, exc)
@@ -297,7 +333,7 @@ class ModelCheckpointer:
                 future.set_exception(CheckpointError(f"checkpoint {spec.path} failed unexpectedly: {exc!r}"))
         finally:
             if not released:
-                self._pool.release(buf)
+                self._free(buf)
 
     # --- waiting and listing -------------------------------------------------------------------
 
@@ -404,20 +440,21 @@ class ModelCheckpointer:
             if pending is not None:
                 pending.wait()
         into = in_place_targets(model, optimizer, scheduler, scaler) if map_location in (None, "cpu") else {}
-        errors: list[str] = []
+        errors: list[CheckpointError] = []
         for cand, checksum in candidates(self._registry(), self.dir, target, fallback, self._run(run_id)):
             try:
-                with CheckpointReader(cand, verify=False, expected_checksum=checksum) as reader:
+                with CheckpointReader(cand, verify=False, expected_checksum=checksum, keys=self._keys) as reader:
                     state = read_state(reader, map_location, into)
             except CheckpointError as exc:
                 if not fallback:
                     raise
                 log.warning("flightlog: skipping checkpoint %s: %s", cand, exc)
-                errors.append(str(exc))
+                errors.append(exc)
                 continue
             return apply_state(state, model, optimizer, scheduler, scaler, strict, restore_rng)
-        if errors:
-            raise CheckpointCorrupt(f"no valid checkpoint in {self.dir}: " + "; ".join(errors))
+        if errors:  # all of them for want of a key: that is what to fix, not damage
+            kind = CheckpointKeyError if all(isinstance(e, CheckpointKeyError) for e in errors) else CheckpointCorrupt
+            raise kind(f"no valid checkpoint in {self.dir}: " + "; ".join(map(str, errors)))
         raise CheckpointError(f"no checkpoint to load for {target!r} in {self.dir}")
 
     def _named(self, target: str, run_id: str | None) -> str:
@@ -461,6 +498,30 @@ class ModelCheckpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def config_keyring(c: Any) -> KeyRing | None:
+    """The keys ``checkpointing`` names (None when it names none and encrypts nothing: a reader then uses
+    ``$FLIGHTLOG_CHECKPOINT_KEY``)."""
+    if c.encryption == "none" and not c.key_file and not c.key_command:
+        return None
+    return load_keyring(key_env=c.key_env, key_file=c.key_file, key_command=c.key_command,
+                        timeout=c.key_command_timeout_seconds)
+
+
+def encryption_keys(encryption: str, keys: KeyRing | None) -> tuple[str, KeyRing | None]:
+    """Check ``encryption`` and find its keys (``keys``, else ``$FLIGHTLOG_CHECKPOINT_KEY``) now, so a
+    missing key fails the checkpointer's creation rather than a save."""
+    if encryption not in ENCRYPTIONS:
+        raise ValueError(f"encryption must be one of {', '.join(ENCRYPTIONS)}, got {encryption!r}")
+    if encryption != "none" and keys is None:
+        keys = default_keyring()
+        if keys is None:
+            raise CheckpointKeyError(
+                f"checkpoint encryption {encryption} needs a key, and none is configured: set "
+                "FLIGHTLOG_CHECKPOINT_KEY to a base64 key (`python -c 'import os,base64; "
+                "print(base64.b64encode(os.urandom(32)).decode())'`), or checkpointing.key_file / key_command")
+    return encryption, keys
 
 
 def _report(path: str, future: concurrent.futures.Future[CheckpointMetadata]) -> None:

@@ -43,6 +43,7 @@ from flightlog.checkpoint.state import DTYPES_BY_NAME, TORCH_DTYPES
 from flightlog.proto.checkpoint.codecs import check_level
 from flightlog.proto.checkpoint.dcpdir import METADATA_NAME, RANK_FILE, read_sealed, seal, sealed_checksum, unseal
 from flightlog.proto.checkpoint.format import CODECS, EXTENSIONS, TensorInfo, checksum_text
+from flightlog.proto.checkpoint.keys import KeyRing
 from flightlog.proto.checkpoint.reader import CheckpointReader
 from flightlog.proto.checkpoint.writer import TMP_MARK, DirectFile, write_container
 from flightlog.proto.errors import CheckpointCorrupt, CheckpointError, CheckpointIncomplete
@@ -102,8 +103,9 @@ class StorageWriter(_DCPWriter):
 
     def __init__(self, path: str | os.PathLike[str], *, codec: str = "zstd", level: int = 1, threads: int = 0,
                  overwrite: bool = True, on_begin: Callable[[], None] | None = None,
-                 on_commit: OnCommit | None = None) -> None:
+                 on_commit: OnCommit | None = None, keys: KeyRing | None = None) -> None:
         super().__init__()
+        self.keys = keys  # given: every rank file is sealed with its first key (flightlog.proto.checkpoint.crypto)
         if codec not in CODECS:
             raise CheckpointError(f"unknown checkpoint codec {codec!r}; use one of {', '.join(CODECS)}")
         check_level(codec, level)
@@ -155,7 +157,8 @@ class StorageWriter(_DCPWriter):
         try:
             with DirectFile(tmp) as f:
                 _, digest = write_container(f, infos, {"format": FORMAT, "rank": str(self.rank)},
-                                            memoryview(buf), self.codec, self.level, threads=self.threads)
+                                            memoryview(buf), self.codec, self.level, threads=self.threads,
+                                            key=self.keys.primary if self.keys else None, name=str(path))
                 f.fsync()
             os.replace(tmp, path)
         except BaseException:
@@ -232,8 +235,10 @@ class StorageReader(_DCPReader):
     """Reads what :class:`StorageWriter` wrote; every rank file is checked against the checksum the
     metadata recorded before any of its bytes reach a tensor (CheckpointCorrupt otherwise)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, threads: int = 0, expected_checksum: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, threads: int = 0, expected_checksum: str | None = None,
+                 keys: KeyRing | None = None) -> None:
         super().__init__()
+        self.keys = keys  # for encrypted rank files (default: $FLIGHTLOG_CHECKPOINT_KEY)
         self.path = Path(path)
         self.threads = threads
         self.expected_checksum = expected_checksum  # the registry's: the metadata must be the one registered
@@ -294,7 +299,7 @@ class StorageReader(_DCPReader):
 
     def _read_file(self, file: str, checksum: str, reqs: list[Any], planner: LoadPlanner) -> None:
         """Decompress and verify one rank file as a whole, then hand its items to the planner."""
-        with CheckpointReader(self.path / file, verify=False, expected_checksum=checksum) as r:
+        with CheckpointReader(self.path / file, verify=False, expected_checksum=checksum, keys=self.keys) as r:
             data = r.read_data(threads=self.threads, verify=True)
             for req in reqs:
                 name = self.storage[req.storage_index].name

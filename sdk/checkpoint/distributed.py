@@ -24,8 +24,11 @@ from flightlog.checkpoint.checkpointer import (
     ModelCheckpointer,
     PendingCheckpoint,
     check_checkpoint_name,
+    config_keyring,
+    encryption_keys,
 )
 from flightlog.checkpoint.state import metric_value
+from flightlog.proto.checkpoint.keys import KeyRing
 from flightlog.proto.checkpoint.registry import STANDALONE_NAME, Registry
 from flightlog.proto.errors import CheckpointError
 from flightlog.proto.osutil import fsync_dir, pid_alive
@@ -116,7 +119,8 @@ class DistributedCheckpointer:
     def __init__(self, checkpoint_dir: str | os.PathLike[str], *, run_id: str, config_hash: str = "",
                  compression: str = "zstd", compression_level: int = 1, max_checkpoints: int = 10,
                  keep_every_n_steps: int = 0, monitor: str | None = None, mode: str = "min",
-                 async_save: bool = False, timeout: float = 1800.0) -> None:
+                 async_save: bool = False, timeout: float = 1800.0, encryption: str = "none",
+                 keys: KeyRing | None = None) -> None:
         import torch.distributed as dist
 
         self.dir = Path(checkpoint_dir).expanduser().absolute()
@@ -127,6 +131,7 @@ class DistributedCheckpointer:
         self.retention = {"max_checkpoints": max_checkpoints, "keep_every_n_steps": keep_every_n_steps,
                           "monitor": monitor, "mode": mode}
         self.async_save = async_save
+        self.encryption, self._keys = encryption_keys(encryption, keys)  # every rank file sealed, or none
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.timeout = timeout
         self._pg: Any = None
@@ -145,7 +150,8 @@ class DistributedCheckpointer:
         return cls(Path.cwd() / c.checkpoint_dir, run_id=tracker.run_id, config_hash=tracker.metadata.config_hash,
                    compression=c.compression, compression_level=c.compression_level,
                    max_checkpoints=c.max_checkpoints, keep_every_n_steps=c.keep_every_n_steps, monitor=c.monitor,
-                   mode=c.mode, async_save=c.dcp_async, timeout=c.dcp_timeout_seconds)
+                   mode=c.mode, async_save=c.dcp_async, timeout=c.dcp_timeout_seconds,
+                   encryption=c.encryption, keys=config_keyring(c))
 
     # --- saving --------------------------------------------------------------------------------
 
@@ -182,6 +188,7 @@ class DistributedCheckpointer:
             future: concurrent.futures.Future[CheckpointMetadata] = concurrent.futures.Future()
             begin, commit = self._hooks(spec) if self.rank == 0 else (None, None)
             writer = StorageWriter(path, codec=self.compression, level=self.compression_level, on_begin=begin,
+                                   keys=self._keys if self.encryption != "none" else None,
                                    on_commit=commit)
             try:
                 if use_async:
@@ -345,7 +352,7 @@ class DistributedCheckpointer:
             named = self.dir / f"ckpt-{run_id or self.run_id}-{target}{DCP_SUFFIX}"  # a save(name=...)
             target = str(named) if named.is_dir() else target
         directory = Path(target).absolute()
-        reader = StorageReader(directory, expected_checksum=_registered_checksum(directory))
+        reader = StorageReader(directory, expected_checksum=_registered_checksum(directory), keys=self._keys)
         state = _state(model, optimizer, None, None, {})
         state["flightlog"] = ""
         dcp_load(state, storage_reader=reader, planner=_plain_planner(), process_group=self._group)
