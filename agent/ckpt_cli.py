@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from flightlog.agent.cliutil import add_location_args, printable, resolve_location
+from flightlog.proto.audit import record
 from flightlog.proto.errors import CheckpointError, FlightlogError
 
 __all__ = ["add_subparsers"]
@@ -170,6 +171,8 @@ def _export(args: argparse.Namespace) -> int:
     from flightlog.proto.checkpoint.reader import CheckpointReader
 
     row = _row_for(args, args.path)
+    record("checkpoint.export", args.path, run=str(row.get("run_id") or "") if row else "",
+           data_dir=resolve_location(args)[0].data_dir, detail=f"to {args.to}")
     with CheckpointReader(args.path, expected_checksum=row["checksum"] if row and row["state"] == "done" else None) as r:
         if args.model_only:  # the JSON state refers to the optimizer tensors left out: keep only the basics
             names = [n for n in r.tensors if not n.startswith("@")]

@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from flightlog.agent.cliutil import add_location_args, printable, resolve_location
+from flightlog.proto.audit import record
 from flightlog.proto.errors import FlightlogError
 
 __all__ = ["main", "run_agent"]
@@ -260,6 +261,8 @@ def _runs_export(args: argparse.Namespace) -> int:
     store = _store(args)
     try:
         run_id = store.resolve_run(args.run)
+        record("run.export", f"run:{run_id}", run=run_id, data_dir=_paths(args)[0].data_dir,
+               detail=f"format {args.format}" + (f", key {args.key}" if args.key else ""))
         if args.key is not None and args.key not in (keys := store.metric_keys(run_id)):
             raise FlightlogError(f"run {run_id} has no metric {args.key!r}; its keys: "
                                  f"{', '.join(repr(k) for k in keys[:50]) or 'none'}{' ...' if len(keys) > 50 else ''}")
@@ -293,6 +296,7 @@ def _plot(args: argparse.Namespace) -> int:
     finally:
         store.close()
     out = Path(args.out) if args.out else paths.data_dir / "runs" / run_id / "plots"
+    record("run.plot", f"run:{run_id}", run=run_id, data_dir=paths.data_dir, detail=f"to {out}")
     written = render_plots(paths.store, run_id, out)
     if not written:
         print(f"run {run_id} has no loss or accuracy metrics to plot")
@@ -334,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def replay_located(args: argparse.Namespace) -> int:
         args.dir = str(_wal_dir(args))  # DIR, DIR/wal of a data directory, or the data directory's WAL
+        record("wal.replay", f"wal:{args.dir}", data_dir=_paths(args)[0].data_dir)
         return int(replay(args))
 
     rp.set_defaults(func=replay_located)
@@ -361,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flightlog.agent.ckpt_cli import add_subparsers as add_ckpt
 
     add_ckpt(sub)
+    from flightlog.agent.audit_cli import add_subparsers as add_audit
+
+    add_audit(sub)
     return p
 
 

@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 
 import xxhash
 
+from flightlog.proto.audit import record
 from flightlog.proto.errors import CheckpointError
 from flightlog.proto.osutil import PRIVATE_FILE_MODE, fsync_dir, make_dirs, pid_alive
 
@@ -303,6 +304,7 @@ def commit_checkpoint(spec: dict[str, Any], registry_path: str | os.PathLike[str
     for p in doomed:
         try:
             os.unlink(p)
+            record("checkpoint.retention_delete", str(p), run=str(spec.get("run_id") or ""))
         except FileNotFoundError:
             pass
         except OSError as exc:

@@ -22,6 +22,7 @@ from flightlog.checkpoint.loading import apply_state, candidates, in_place_targe
 from flightlog.checkpoint.staging import BOUNCE_BYTES, StagingBuffer, StagingPool, default_staging_dir, stage
 from flightlog.checkpoint.state import FORMAT_TAG, collect_state, git_commit, metric_value, plan_layout
 from flightlog.checkpoint.writers import AgentWriter, LocalWriter
+from flightlog.proto.audit import record
 from flightlog.proto.checkpoint.codecs import check_level
 from flightlog.proto.checkpoint.format import EXTENSIONS
 from flightlog.proto.checkpoint.reader import CheckpointReader
@@ -395,6 +396,7 @@ class ModelCheckpointer:
                 log.warning("flightlog: skipping checkpoint %s: %s", cand, exc)
                 errors.append(str(exc))
                 continue
+            record("checkpoint.load", str(cand), run=self._run(run_id) or "")
             return apply_state(state, model, optimizer, scheduler, scaler, strict, restore_rng)
         if errors:
             raise CheckpointCorrupt(f"no valid checkpoint in {self.dir}: " + "; ".join(errors))
