@@ -19,6 +19,7 @@ import msgspec
 from msgspec import Meta
 
 from flightlog.proto.errors import ConfigError
+from flightlog.proto.secrets import resolve_config_refs
 
 __all__ = [
     "TrackingConfig",
@@ -27,6 +28,7 @@ __all__ = [
     "AgentConfig",
     "WalConfig",
     "DistributedConfig",
+    "AccessConfig",
     "Config",
     "load_config",
     "config_hash",
@@ -62,6 +64,11 @@ class TrackingConfig(_Section):
     use_mlflow: bool = False
     mlflow_tracking_uri: str = "sqlite:///mlflow.db"
     mlflow_experiment_name: str | None = None
+    # Credentials: a ${secret:NAME} or ${env:NAME} reference only, resolved by the sink (flightlog.proto.secrets)
+    mlflow_username: str | None = None
+    mlflow_password: str | None = None
+    mlflow_token: str | None = None
+    wandb_api_key: str | None = None
 
 
 class CheckpointConfig(_Section):
@@ -125,6 +132,14 @@ class DistributedConfig(_Section):
     log_ranks: Literal["zero", "all"] = "zero"
 
 
+class AccessConfig(_Section):
+    #: Share runs and checkpoints with this group (files 0640, folders 0750, group-owned); None: private.
+    group: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    #: A node-wide agent run as a service account: serves every uid, each run readable by its owner, the group
+    #: and root (also `flightlog agent --multi-user`).
+    multi_user: bool = False
+
+
 class Config(_Section):
     description: str = ""
     tags: list[str] = msgspec.field(default_factory=list)
@@ -134,6 +149,7 @@ class Config(_Section):
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
     wal: WalConfig = msgspec.field(default_factory=WalConfig)
     distributed: DistributedConfig = msgspec.field(default_factory=DistributedConfig)
+    access: AccessConfig = msgspec.field(default_factory=AccessConfig)
 
 
 _Source = Union[str, os.PathLike[str], Mapping[str, Any], Config, None]
@@ -179,6 +195,7 @@ def load_config(source: _Source = None, *, env: Mapping[str, str] | None = None)
         _apply_env(data, origins, env)
     else:
         raise ConfigError(f"load_config: unsupported source {type(source).__name__}; pass a path, dict or Config")
+    data = resolve_config_refs(data, lambda key: _origin(key, origins, default_src), env)
     try:
         return msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
@@ -196,7 +213,7 @@ def config_hash(config: Config | Mapping[str, Any] | str | os.PathLike[str]) -> 
     else:
         cfg = load_config(config, env={})  # env={}: the identity must not depend on the shell
     data = msgspec.to_builtins(cfg)
-    del data["agent"]
+    del data["agent"], data["access"]  # node-local: who may read a run is not what the experiment is
     return hashlib.sha256(msgspec.json.encode(data, order="sorted")).hexdigest()
 
 

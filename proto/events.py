@@ -39,6 +39,7 @@ __all__ = [
     "CheckpointRequest",
     "CheckpointWait",
     "Reply",
+    "RunExportRequest",
     "Control",
 ]
 
@@ -291,6 +292,14 @@ class CheckpointWait(msgspec.Struct, tag="ckwait", array_like=True):
     timeout: float = 600.0
 
 
+class RunExportRequest(msgspec.Struct, tag="runexp", array_like=True):
+    """A run and its metric points (of ``key``, or all), read by the agent for a peer that may read it (its
+    owner, ``access.group``, root) but not the store's files (a multi-user agent's)."""
+
+    run: str
+    key: str | None = None
+
+
 class Reply(msgspec.Struct, tag="reply", array_like=True):
     ok: bool
     error: str = ""
@@ -298,5 +307,6 @@ class Reply(msgspec.Struct, tag="reply", array_like=True):
 
 
 Control = Union[
-    Hello, Register, Unregister, FlushRequest, EventBatch, StatusRequest, CheckpointRequest, CheckpointWait, Reply
+    Hello, Register, Unregister, FlushRequest, EventBatch, StatusRequest, CheckpointRequest, CheckpointWait, Reply,
+    RunExportRequest,
 ]

@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -37,6 +38,7 @@ from flightlog.proto.events import (
     Text,
 )
 from flightlog.proto.names import safe_relpath
+from flightlog.proto.secrets import credential
 
 from ._common import RunSinkBase, flatten, image_bytes, safe_name
 from ._errors import ErrorTable, Rule
@@ -231,6 +233,10 @@ class MLflowTracker(RunSinkBase):
     # --- writing ---
 
     def _write_run(self, run_id: str, start: RunStart, events: list[tuple[int, Event]]) -> None:
+        with mlflow_credentials(self.tracking(start)):
+            self._write_authenticated(run_id, start, events)
+
+    def _write_authenticated(self, run_id: str, start: RunStart, events: list[tuple[int, Event]]) -> None:
         from mlflow.entities import Param, RunTag
 
         run = self._run(run_id, start)
@@ -361,6 +367,35 @@ class _Collected:
     artifacts: list[Artifact] = field(default_factory=list)
     images: list[Image] = field(default_factory=list)
     end: tuple[int, RunEnd] | None = None
+
+
+_CREDENTIAL_ENV = {"mlflow_username": "MLFLOW_TRACKING_USERNAME", "mlflow_password": "MLFLOW_TRACKING_PASSWORD",
+                   "mlflow_token": "MLFLOW_TRACKING_TOKEN"}
+
+
+@contextmanager
+def mlflow_credentials(tracking: TrackingConfig) -> Iterator[None]:
+    """MLflow's own basic-auth or token variables, set in this (the agent's) process only while one run's
+    requests are made (MLflow reads them per request; this sink makes its requests from one thread at a time),
+    so each run's server gets its credentials and no other server sees them. Nothing else is touched when a
+    run names none."""
+    wanted = {env: credential(value, f"tracking.{key}", PermanentBackendError)
+              for key, env in _CREDENTIAL_ENV.items() if (value := getattr(tracking, key))}
+    if not wanted:
+        yield
+        return
+    saved = {env: os.environ.get(env) for env in _CREDENTIAL_ENV.values()}
+    for env in _CREDENTIAL_ENV.values():
+        os.environ.pop(env, None)
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for env, old in saved.items():
+            if old is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = old
 
 
 def _local_artifact_root(tracking: TrackingConfig) -> str | None:
