@@ -270,6 +270,7 @@ class CheckpointSpec(msgspec.Struct, kw_only=True):
     git_commit: str = ""
     created: float = 0.0
     upload: Literal["none", "best", "all"] = "none"
+    group: str = ""  # access.group: the file and its folder are shared with this group (0640/0750)
 
 
 class CheckpointRequest(msgspec.Struct, tag="ckreq", array_like=True):

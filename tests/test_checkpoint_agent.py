@@ -24,9 +24,11 @@ def _size(p: Path) -> int:
         return 0
 
 
-def _seen(store: Path, deadline_s: float = 30.0) -> list[tuple[Any, ...]]:
-    """Rows of the store sink's checkpoints_seen table, once there are any (or [] at the deadline)."""
+def _seen(store: Path, deadline_s: float = 30.0, count: int = 1) -> list[tuple[Any, ...]]:
+    """Rows of the store sink's checkpoints_seen table, once there are ``count`` (or what is there at the
+    deadline): the events may reach the store in more than one batch."""
     end = time.monotonic() + deadline_s
+    rows: list[tuple[Any, ...]] = []
     while time.monotonic() < end:
         try:
             db = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
@@ -36,10 +38,10 @@ def _seen(store: Path, deadline_s: float = 30.0) -> list[tuple[Any, ...]]:
                 db.close()
         except sqlite3.OperationalError:
             rows = []
-        if rows:
+        if len(rows) >= count:
             return rows
         time.sleep(0.05)
-    return []
+    return rows
 
 
 def test_tracker_saves_through_the_agent_and_sinks_see_it(agent: AgentProcess, base_config: dict,
@@ -68,7 +70,7 @@ def test_tracker_saves_through_the_agent_and_sinks_see_it(agent: AgentProcess, b
     with Registry(agent.paths.store) as reg:
         rows = reg.entries(str(ckdir), ("done", "deleted"))
     assert [r["state"] for r in rows] == ["deleted", "done", "done", "done"]
-    seen = _seen(agent.paths.store)
+    seen = _seen(agent.paths.store, count=4)
     assert len(seen) == 4, seen
     by_step = {r[4]: r for r in seen}
     assert by_step[2][0] == paths[1] and by_step[2][1] == metas[1].size and by_step[2][2] == metas[1].checksum

@@ -231,3 +231,27 @@ def test_mlflow_basic_auth_from_the_secret_store(auth_server: AuthMlflowServer, 
         if root.exists():
             for secret in (PASSWORD, WRONG):
                 assert not files_holding(root, secret.encode()), (root, secret)
+
+
+def test_wandb_api_key_from_the_store_is_written_nowhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb")
+    from conftest_backends import drive
+
+    from flightlog.agent.sinks import WandBTracker
+
+    key = "f1" * 20  # W&B keys are 40 hex characters
+    assert set_secret("wb", key, monkeypatch) == 0
+    wb = tmp_path / "wandb-dir"
+    tracking = {"wandb_mode": "offline", "wandb_dir": str(wb), "wandb_project": "proj",
+                "wandb_api_key": "${secret:wb}"}
+    write_wal(tmp_path / "wal", run_events("w1", "wrun", tracking, steps=10, keys=["loss"], sinks=["wandb"]))
+    [runner] = drive([WandBTracker(tmp_path / "state")], tmp_path / "wal", tmp_path / "db.sqlite")
+    assert runner.stats.state == "ok", runner.stats.last_error
+    assert any(p.suffix == ".wandb" for p in wb.rglob("*"))
+    for root in (wb, tmp_path / "state", tmp_path / "wal"):
+        assert not files_holding(root, key.encode()), root
+    # A missing secret parks the run on this sink with the fix in the message.
+    write_wal(tmp_path / "wal2", run_events("w2", "wrun2", {**tracking, "wandb_api_key": "${secret:nope}"},
+                                            steps=3, keys=["loss"], sinks=["wandb"]))
+    [again] = drive([WandBTracker(tmp_path / "state2")], tmp_path / "wal2", tmp_path / "db2.sqlite")
+    assert "w2" in again.core.quarantined_runs and "flightlog secrets set nope" in again.stats.last_error

@@ -19,7 +19,7 @@ import xxhash
 
 from flightlog.proto.audit import record
 from flightlog.proto.errors import CheckpointError
-from flightlog.proto.osutil import PRIVATE_FILE_MODE, fsync_dir, make_dirs, pid_alive
+from flightlog.proto.osutil import PRIVATE_FILE_MODE, fsync_dir, make_dirs, pid_alive, share_with_group
 
 from .codecs import check_level, compress_chunk
 from .format import (
@@ -288,6 +288,9 @@ def commit_checkpoint(spec: dict[str, Any], registry_path: str | os.PathLike[str
                 if mm is not None:
                     mm.close()
             os.replace(tmp, path)
+            if spec.get("group"):  # access.group: the team may read it (0640, the folder 0750)
+                share_with_group(path, spec["group"])
+                share_with_group(directory, spec["group"])
             fsync_dir(directory)
         except BaseException as exc:
             tmp.unlink(missing_ok=True)

@@ -125,6 +125,7 @@ class ModelCheckpointer:
         config_hash: str = "",
         threads: int = 0,
         upload: str = "none",
+        group: str = "",
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -139,6 +140,7 @@ class ModelCheckpointer:
         self.compression, self.compression_level = compression, compression_level
         self.min_free_bytes = min_free_bytes
         self.upload = upload  # done by the agent's MLflow/W&B sinks: only through a tracker
+        self.group = group  # access.group: checkpoints shared with it (0640, the folder 0750)
         self.run_id = check_run_id(run_id) if run_id else uuid.uuid4().hex[:16]
         self.config_hash = config_hash
         self.registry_path = Path(registry) if registry else self.dir / STANDALONE_NAME
@@ -170,6 +172,7 @@ class ModelCheckpointer:
             staging_dir=tracker.paths.ring_dir.parent / "ckpt", registry=tracker.paths.store,
             run_id=tracker.run_id, config_hash=tracker.metadata.config_hash,
             upload=c.upload if tracking.use_mlflow or tracking.use_wandb else "none",
+            group=tracker.config.access.group or "",
         )
         ck._writer = AgentWriter(tracker._link, tracker.paths, ck._local)
         return ck
@@ -245,6 +248,7 @@ class ModelCheckpointer:
                                     monitor=self.monitor, mode=self.mode),  # type: ignore[arg-type]
             min_free_bytes=self.min_free_bytes, run_id=self.run_id, config_hash=self.config_hash,
             git_commit=self._git, created=meta["created"], upload=self.upload,  # type: ignore[arg-type]
+            group=self.group,
         )
 
     def _pinned(self) -> torch.Tensor:
