@@ -33,7 +33,7 @@ from .format import (
     gzip_trailer_member,
     plan_chunks,
 )
-from .registry import Registry
+from .registry import STANDALONE_NAME, Registry
 
 __all__ = ["DirectFile", "write_container", "commit_checkpoint", "recover_interrupted", "tensors_of_spec", "fsync_dir", "TMP_MARK"]
 
@@ -307,7 +307,8 @@ def commit_checkpoint(spec: dict[str, Any], registry_path: str | os.PathLike[str
     for p in doomed:
         try:
             os.unlink(p)
-            record("checkpoint.retention_delete", str(p), run=str(spec.get("run_id") or ""))
+            record("checkpoint.retention_delete", str(p), run=str(spec.get("run_id") or ""),
+                   data_dir=None if Path(registry_path).name == STANDALONE_NAME else Path(registry_path).parent)
         except FileNotFoundError:
             pass
         except OSError as exc:

@@ -400,7 +400,8 @@ class ModelCheckpointer:
                 log.warning("flightlog: skipping checkpoint %s: %s", cand, exc)
                 errors.append(str(exc))
                 continue
-            record("checkpoint.load", str(cand), run=self._run(run_id) or "")
+            record("checkpoint.load", str(cand), run=self._run(run_id) or "",  # into the agent's data dir
+                   data_dir=None if self.registry_path.name == STANDALONE_NAME else self.registry_path.parent)
             return apply_state(state, model, optimizer, scheduler, scaler, strict, restore_rng)
         if errors:
             raise CheckpointCorrupt(f"no valid checkpoint in {self.dir}: " + "; ".join(errors))
