@@ -63,7 +63,7 @@ def as_uid(uid: int, sock: Path, messages: list[Control]) -> list[Reply]:
                           "-c", code, str(sock), *(frame_control(m).hex() for m in messages)],
                          capture_output=True, text=True, timeout=60)
     replies = [decode_control(bytes.fromhex(line)[4:]) for line in out.stdout.split()]
-    assert all(isinstance(r, Reply) for r in replies), (replies, out.stderr)
+    assert len(replies) == len(messages) and all(isinstance(r, Reply) for r in replies), (replies, out.stderr)
     return replies  # type: ignore[return-value]
 
 
@@ -72,7 +72,8 @@ def open_paths(monkeypatch: pytest.MonkeyPatch) -> Iterator[AgentPaths]:
     """Paths under a 0755 folder, the socket's folder 0755 too (a node agent's /run/flightlog)."""
     base = Path(tempfile.mkdtemp(prefix="fl-mu-", dir="/tmp"))
     os.chmod(base, 0o755)
-    (base / "sock").mkdir(mode=0o755)
+    (base / "sock").mkdir()
+    os.chmod(base / "sock", 0o755)  # whatever the umask (a backend sink earlier in the session may set 077)
     monkeypatch.setenv("FLIGHTLOG_DATA_DIR", str(base / "data"))
     monkeypatch.setenv("FLIGHTLOG_AGENT_SOCKET", str(base / "sock" / "a.sock"))
     monkeypatch.setenv("FLIGHTLOG_SHM_DIR", str(base / "shm"))
