@@ -206,6 +206,10 @@ class AuditLog:
             count, head, tail_ok = _tail(fd)
             problem = self._seal_problem(count, head, key, tail_ok)
             if problem:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    os.write(fd, b"\n")  # a cut mid-line: the evidence goes on a line of its own
+                    count, head, _ = _tail(fd)
                 self._write(fd, AuditEntry(count, time.time(), who.uid, who.user, who.pid, self._host, MISMATCH,
                                            AUDIT_LOG, "error", head, detail=problem))
                 count, head, _ = _tail(fd)

@@ -117,6 +117,17 @@ def test_a_cut_in_the_middle_of_a_line_is_caught(tmp_path: Path) -> None:
     assert not v.ok and v.bad_entry == N - 1, v
 
 
+def test_a_cut_mid_line_then_an_append_keeps_the_evidence_on_its_own_line(tmp_path: Path) -> None:
+    audit = filled(tmp_path)
+    data = audit.path.read_bytes()
+    audit.path.write_bytes(data[: len(data) - 10])
+    AuditLog(tmp_path).append("run.export", "run:later")
+    lines = lines_of(audit)
+    assert [parse_entry(x).action for x in lines[N:]] == [MISMATCH, "run.export"]
+    v = audit.verify()
+    assert not v.ok and v.bad_entry == N - 1, v
+
+
 def test_truncation_stays_evident_after_later_appends(tmp_path: Path) -> None:
     """Cut the log, then let flightlog append again: the new seal would cover the cut, so the append
     records the mismatch first, in the chain, and verify names it."""
