@@ -17,7 +17,7 @@ __all__ = ["add_subparsers"]
 
 def add_subparsers(sub: Any) -> None:
     """Add the ``ckpt`` command to the ``flightlog`` parser's subparsers."""
-    c = sub.add_parser("ckpt", help="checkpoints: list, show, verify, export")
+    c = sub.add_parser("ckpt", help="checkpoints: list, show, verify, export, rm")
     csub = c.add_subparsers(dest="ckpt_command", required=True)
 
     def where(sp: argparse.ArgumentParser) -> None:
@@ -49,6 +49,33 @@ def add_subparsers(sub: Any) -> None:
     export.add_argument("--to", required=True, help="destination .safetensors file")
     export.add_argument("--model-only", action="store_true", help="leave out optimizer, scheduler and RNG tensors")
     export.set_defaults(func=_export)
+
+    rm = csub.add_parser("rm", help="delete a checkpoint file and mark it deleted in the registry (audited)")
+    where(rm)
+    rm.add_argument("path")
+    rm.set_defaults(func=_rm)
+
+
+def _rm(args: argparse.Namespace) -> int:
+    from flightlog.proto.checkpoint.registry import Registry
+    from flightlog.proto.osutil import fsync_dir
+
+    path = Path(args.path).absolute()
+    _open_registry(args).close()  # the same checks (and errors) as every other ckpt command
+    with Registry(_registry_path(args)) as reg:
+        row = reg.get(str(path))
+        if row is None or row["state"] != "done":
+            state = row["state"] if row else "not registered"
+            raise FlightlogError(f"{path} is not a durable checkpoint of this registry ({state}); `flightlog ckpt "
+                                 "ls --all` lists them")
+        reg.mark_deleted(str(path))
+    path.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    record("checkpoint.delete", str(path), run=str(row.get("run_id") or ""),
+           data_dir=resolve_location(args)[0].data_dir)
+    print(f"deleted {path}" + (" (it was the run's best: the run has no best until its next save)"
+                               if row["is_best"] else ""))
+    return 0
 
 
 def _registry_path(args: argparse.Namespace) -> Path:

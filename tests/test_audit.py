@@ -248,6 +248,9 @@ def test_cli_reads_and_the_checkpoint_paths_each_leave_one_entry(
     assert main(["ckpt", "export", saved[-1].path, "--dir", str(tmp_path / "ckpt"), *loc,
                  "--to", str(tmp_path / "plain.safetensors")]) == 0
     assert actions(data)[-1] == ("checkpoint.export", "ok")
+    assert main(["ckpt", "rm", saved[-1].path, "--dir", str(tmp_path / "ckpt"), *loc]) == 0
+    assert actions(data)[-1] == ("checkpoint.delete", "ok") and not Path(saved[-1].path).exists()
+    assert main(["ckpt", "rm", saved[-1].path, "--dir", str(tmp_path / "ckpt"), *loc]) == 1  # not twice
     assert main(["wal", "replay", str(tmp_path / "nowal"), *loc, "--to", f"store={tmp_path}/s.db"]) == 1
     (data / "wal").mkdir()
     capsys.readouterr()
