@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from flightlog.agent.cliutil import add_location_args, printable, resolve_location
+from flightlog.proto.audit import record
 from flightlog.proto.errors import CheckpointError, CheckpointKeyError, FlightlogError
 
 __all__ = ["add_subparsers"]
@@ -16,7 +17,7 @@ __all__ = ["add_subparsers"]
 
 def add_subparsers(sub: Any) -> None:
     """Add the ``ckpt`` command to the ``flightlog`` parser's subparsers."""
-    c = sub.add_parser("ckpt", help="checkpoints: list, show, verify, export")
+    c = sub.add_parser("ckpt", help="checkpoints: list, show, verify, export, rm")
     csub = c.add_subparsers(dest="ckpt_command", required=True)
 
     def where(sp: argparse.ArgumentParser) -> None:
@@ -51,6 +52,33 @@ def add_subparsers(sub: Any) -> None:
     export.add_argument("--to", required=True, help="destination .safetensors file")
     export.add_argument("--model-only", action="store_true", help="leave out optimizer, scheduler and RNG tensors")
     export.set_defaults(func=_export)
+
+    rm = csub.add_parser("rm", help="delete a checkpoint file and mark it deleted in the registry (audited)")
+    where(rm)
+    rm.add_argument("path")
+    rm.set_defaults(func=_rm)
+
+
+def _rm(args: argparse.Namespace) -> int:
+    from flightlog.proto.checkpoint.registry import Registry
+    from flightlog.proto.osutil import fsync_dir
+
+    path = Path(args.path).absolute()
+    _open_registry(args).close()  # the same checks (and errors) as every other ckpt command
+    with Registry(_registry_path(args)) as reg:
+        row = reg.get(str(path))
+        if row is None or row["state"] != "done":
+            state = row["state"] if row else "not registered"
+            raise FlightlogError(f"{path} is not a durable checkpoint of this registry ({state}); `flightlog ckpt "
+                                 "ls --all` lists them")
+        reg.mark_deleted(str(path))
+    path.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    record("checkpoint.delete", str(path), run=str(row.get("run_id") or ""),
+           data_dir=resolve_location(args)[0].data_dir)
+    print(f"deleted {path}" + (" (it was the run's best: the run has no best until its next save)"
+                               if row["is_best"] else ""))
+    return 0
 
 
 def _registry_path(args: argparse.Namespace) -> Path:
@@ -213,6 +241,8 @@ def _export(args: argparse.Namespace) -> int:
     from flightlog.proto.checkpoint.reader import CheckpointReader
 
     row = _row_for(args, args.path)
+    record("checkpoint.export", args.path, run=str(row.get("run_id") or "") if row else "",
+           data_dir=resolve_location(args)[0].data_dir, detail=f"to {args.to}")
     with CheckpointReader(args.path, expected_checksum=row["checksum"] if row and row["state"] == "done" else None,
                           keys=_keys(args)) as r:
         if args.model_only:  # the JSON state refers to the optimizer tensors left out: keep only the basics

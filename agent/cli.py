@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from flightlog.agent.cliutil import add_location_args, printable, resolve_location
+from flightlog.proto.audit import record
 from flightlog.proto.errors import FlightlogError
 
 __all__ = ["main", "run_agent"]
@@ -36,6 +37,7 @@ def run_agent(args: argparse.Namespace) -> int:
     if getattr(args, "settings_json", None):
         raw = json.loads(args.settings_json)
     settings = AgentSettings.from_config(raw, sidecar=getattr(args, "sidecar", False))
+    settings.multi_user = settings.multi_user or getattr(args, "multi_user", False)
     agent = Agent(paths, settings)
     try:
         # Before the event loop: several ranks may start sidecars at once, and the losers just leave
@@ -262,10 +264,45 @@ def _runs_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_via_agent(args: argparse.Namespace) -> int:
+    """The run as the agent reads it for us (a multi-user agent's store is not ours to open)."""
+    from flightlog.proto.control import connect
+    from flightlog.proto.events import RunExportRequest
+
+    paths, _ = _paths(args)
+    client = connect(paths)
+    if client is None:
+        raise FlightlogError(f"no agent on {paths.socket} to export run {args.run} through; start it, or pass "
+                             "--data-dir of a store you can read")
+    try:
+        reply = client.request(RunExportRequest(args.run, args.key), timeout=300)
+    finally:
+        client.close()
+    if not reply.ok:
+        raise FlightlogError(reply.error)
+    run = reply.data
+    out = open(args.out, "w") if args.out else sys.stdout
+    try:
+        if args.format == "jsonl":
+            for point in run["metrics"]:
+                out.write(json.dumps(point) + "\n")
+        else:
+            out.write(json.dumps(run, indent=2) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
 def _runs_export(args: argparse.Namespace) -> int:
+    store_path = _paths(args)[0].store
+    if args.via_agent or (store_path.exists() and not os.access(store_path, os.R_OK)):
+        return _export_via_agent(args)
     store = _store(args)
     try:
         run_id = store.resolve_run(args.run)
+        record("run.export", f"run:{run_id}", run=run_id, data_dir=_paths(args)[0].data_dir,
+               detail=f"format {args.format}" + (f", key {args.key}" if args.key else ""))
         if args.key is not None and args.key not in (keys := store.metric_keys(run_id)):
             raise FlightlogError(f"run {run_id} has no metric {args.key!r}; its keys: "
                                  f"{', '.join(repr(k) for k in keys[:50]) or 'none'}{' ...' if len(keys) > 50 else ''}")
@@ -310,6 +347,7 @@ def _plot(args: argparse.Namespace) -> int:
     finally:
         store.close()
     out = Path(args.out) if args.out else paths.data_dir / "runs" / run_id / "plots"
+    record("run.plot", f"run:{run_id}", run=run_id, data_dir=paths.data_dir, detail=f"to {out}")
     written = render_plots(paths.store, run_id, out)
     if not written:
         print(f"run {run_id} has no loss or accuracy metrics to plot")
@@ -327,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("agent", help="run the agent in the foreground (node daemon)")
     common(a)
     a.add_argument("--sidecar", action="store_true", help="exit once producers are gone and sinks caught up")
+    a.add_argument("--multi-user", action="store_true",
+                   help="node-wide agent for every user (run it as a service account): runs are owned by the uid "
+                        "that logs them, readable by it, access.group and root")
     a.add_argument("--settings-json", help=argparse.SUPPRESS)
     a.add_argument("-v", "--verbose", action="store_true")
     a.set_defaults(func=run_agent)
@@ -351,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def replay_located(args: argparse.Namespace) -> int:
         args.dir = str(_wal_dir(args))  # DIR, DIR/wal of a data directory, or the data directory's WAL
+        record("wal.replay", f"wal:{args.dir}", data_dir=_paths(args)[0].data_dir)
         return int(replay(args))
 
     rp.set_defaults(func=replay_located)
@@ -367,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("--format", choices=["jsonl", "json"], default="jsonl")
     re_.add_argument("--key", help="only this metric")
     re_.add_argument("--out", help="file to write (default: stdout)")
+    re_.add_argument("--via-agent", action="store_true",
+                     help="ask the agent to read it (a multi-user agent's runs; the default when the store is "
+                          "not readable)")
     re_.set_defaults(func=_runs_export)
     rs = rsub.add_parser("show", help="one run: status, config hash, git, command line, environment, params")
     common(rs)
@@ -383,6 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     from flightlog.agent.ckpt_cli import add_subparsers as add_ckpt
 
     add_ckpt(sub)
+    from flightlog.agent.audit_cli import add_subparsers as add_audit
+
+    add_audit(sub)
+    from flightlog.agent.secrets_cli import add_subparsers as add_secrets
+
+    add_secrets(sub)
     return p
 
 

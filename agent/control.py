@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import struct
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import SocketAttribute, SocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from flightlog.proto.audit import record
 from flightlog.proto.codec import FRAME_HEADER, decode_control, frame_control
 from flightlog.proto.errors import ProtocolError
 from flightlog.proto.events import (
@@ -25,10 +24,13 @@ from flightlog.proto.events import (
     Hello,
     Register,
     Reply,
+    RunExportRequest,
     StatusRequest,
     Unregister,
 )
 from flightlog.proto.frames import MAX_EVENT_BYTES, count_frames
+
+from .access import AccessPolicy, Peer, RunOwners, export_run, peer_of
 
 if TYPE_CHECKING:
     from .daemon import Agent
@@ -47,27 +49,26 @@ def peer_uid_allowed(peer_uid: int, own_uid: int | None = None) -> bool:
     return peer_uid == own or peer_uid == 0
 
 
-def _peer_uid(sock: socket.socket) -> int:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
-
-
 class ControlServer:
     """Serves control connections for ``agent``; counts the connections that registered a producer."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, policy: AccessPolicy | None = None) -> None:
         self.agent = agent
         self.clients = 0
+        self.policy = policy or AccessPolicy()
+        self.owners = RunOwners(agent.paths.data_dir)
 
     async def handle(self, stream: SocketStream) -> None:
         registered: list[str] = []
         async with stream:
-            raw = stream.extra(SocketAttribute.raw_socket)
-            uid = _peer_uid(raw)
-            if not peer_uid_allowed(uid):
-                log.warning("refused a control connection from uid %d", uid)
-                await stream.send(frame_control(Reply(ok=False, error=f"uid {uid} may not use this agent")))
+            peer = peer_of(stream.extra(SocketAttribute.raw_socket))
+            if not self.policy.may_connect(peer.uid):
+                log.warning("refused a control connection from uid %d (pid %d)", peer.uid, peer.pid)
+                error = self.policy.connect_refusal(peer.uid)
+                await anyio.to_thread.run_sync(lambda: record(
+                    "access.refused", f"agent:{self.agent.paths.socket}", "denied", data_dir=self.agent.paths.data_dir,
+                    uid=peer.uid, pid=peer.pid, detail="control connection"))
+                await stream.send(frame_control(Reply(ok=False, error=error)))
                 return
             reader = BufferedByteReceiveStream(stream)
             try:
@@ -85,7 +86,7 @@ class ControlServer:
                     except ProtocolError as exc:
                         await stream.send(frame_control(Reply(ok=False, error=str(exc))))
                         return
-                    reply = await self.dispatch(msg, registered)
+                    reply = await self.dispatch(msg, registered, peer)
                     await stream.send(frame_control(reply))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.IncompleteRead, OSError):
                 return
@@ -93,8 +94,19 @@ class ControlServer:
                 if registered:
                     self.clients -= 1
 
-    async def dispatch(self, msg: Any, registered: list[str]) -> Reply:
+    async def dispatch(self, msg: Any, registered: list[str], peer: Peer | None = None) -> Reply:
         agent = self.agent
+        peer = peer or Peer(os.getpid(), os.getuid(), os.getgid())
+        if isinstance(msg, RunExportRequest):
+            return await anyio.to_thread.run_sync(export_run, agent.paths.store, agent.paths.data_dir, self.policy,
+                                                  self.owners, peer, msg)
+        if isinstance(msg, Register) and msg.run_id and self.policy.multi_user:
+            owner = await anyio.to_thread.run_sync(self.owners.claim, msg.run_id, peer.uid)
+            if owner != peer.uid:
+                return Reply(ok=False, error=f"run {msg.run_id} belongs to uid {owner}, not to uid {peer.uid}")
+        if isinstance(msg, EventBatch) and self.policy.multi_user and msg.producer_id not in registered:
+            # Another user's events could otherwise be written into a run under this connection's name.
+            return Reply(ok=False, error=f"producer {msg.producer_id} was not registered on this connection")
         if isinstance(msg, Hello):
             if msg.schema > SCHEMA_VERSION:
                 return Reply(ok=False, error=f"SDK schema {msg.schema} is newer than this agent's {SCHEMA_VERSION}")

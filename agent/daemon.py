@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import anyio
 
+from flightlog.proto.audit import audit_key_uses
 from flightlog.proto.codec import encode_event
 from flightlog.proto.config import AgentConfig, WalConfig, decode_config
 from flightlog.proto.errors import AgentLocked
@@ -21,6 +22,7 @@ from flightlog.proto.events import Event
 from flightlog.proto.frames import append_frame
 from flightlog.proto.paths import AgentPaths, ensure_private_dir
 
+from .access import AccessPolicy
 from .control import ControlServer, peer_uid_allowed
 from .doorbell import Doorbell
 from .health import HealthBoard, HealthLoop
@@ -52,6 +54,8 @@ class AgentSettings:
     idle_exit_seconds: float = _AGENT.idle_exit_seconds
     drain_timeout_seconds: float = 300.0
     metrics_address: str | None = _AGENT.metrics_address
+    multi_user: bool = False  # `flightlog agent --multi-user`: serve every uid (see agent.access)
+    access_group: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -66,6 +70,7 @@ class AgentSettings:
             fsync=wal.fsync, fsync_ms=wal.fsync_ms, segment_bytes=wal.segment_bytes, max_wal_bytes=wal.max_bytes,
             sidecar=sidecar, idle_exit_seconds=agent.idle_exit_seconds, extra=cfg,
             metrics_address=agent.metrics_address,
+            multi_user=config.access.multi_user, access_group=config.access.group,
         )
 
 
@@ -80,7 +85,8 @@ class Agent:
         self._lock_fd = -1
         self._extra_sinks = list(sinks or [])
         self.runners: list[SinkRunner] = []
-        self.control = ControlServer(self)
+        self.control = ControlServer(self, AccessPolicy(multi_user=self.settings.multi_user,
+                                                        group=self.settings.access_group))
         self.started = time.time()
         self._stop = anyio.Event()
         self.wal_lock = threading.Lock()  # ingest and agent-generated events append from worker threads
@@ -126,6 +132,7 @@ class Agent:
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until stopped (node daemon) or until idle and drained (sidecar)."""
         self.acquire_lock()
+        audit_key_uses(self.paths.data_dir)  # the checkpoint keys this agent seals with leave audit entries
         s = self.settings
         self.wal = WAL(self.paths.wal_dir, segment_bytes=s.segment_bytes, fsync=s.fsync)
         rec = self.wal.recovery
@@ -166,7 +173,8 @@ class Agent:
             self.paths.socket.unlink()  # stale: we hold the lock, so no live agent uses it
         except FileNotFoundError:
             pass
-        listener = await anyio.create_unix_listener(self.paths.socket, mode=0o600)
+        # Multi-user: anyone may connect (the folder's mode is the admin's call); SO_PEERCRED decides the rest.
+        listener = await anyio.create_unix_listener(self.paths.socket, mode=0o666 if s.multi_user else 0o600)
         log.info("flightlog agent %d serving %s (data %s)", os.getpid(), self.paths.socket, self.paths.data_dir)
         try:
             async with anyio.create_task_group() as tg:

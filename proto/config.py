@@ -19,6 +19,7 @@ import msgspec
 from msgspec import Meta
 
 from flightlog.proto.errors import ConfigError
+from flightlog.proto.secrets import resolve_config_refs
 
 __all__ = [
     "TrackingConfig",
@@ -28,6 +29,7 @@ __all__ = [
     "WalConfig",
     "DistributedConfig",
     "NotifyConfig",
+    "AccessConfig",
     "Config",
     "parse_address",
     "load_config",
@@ -64,6 +66,11 @@ class TrackingConfig(_Section):
     use_mlflow: bool = False
     mlflow_tracking_uri: str = "sqlite:///mlflow.db"
     mlflow_experiment_name: str | None = None
+    # Credentials: a ${secret:NAME} or ${env:NAME} reference only, resolved by the sink (flightlog.proto.secrets)
+    mlflow_username: str | None = None
+    mlflow_password: str | None = None
+    mlflow_token: str | None = None
+    wandb_api_key: str | None = None
 
 
 class CheckpointConfig(_Section):
@@ -162,6 +169,14 @@ class DistributedConfig(_Section):
     log_ranks: Literal["zero", "all"] = "zero"
 
 
+class AccessConfig(_Section):
+    #: Share runs and checkpoints with this group (files 0640, folders 0750, group-owned); None: private.
+    group: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    #: A node-wide agent run as a service account: serves every uid, each run readable by its owner, the group
+    #: and root (also `flightlog agent --multi-user`).
+    multi_user: bool = False
+
+
 class Config(_Section):
     description: str = ""
     tags: list[str] = msgspec.field(default_factory=list)
@@ -176,6 +191,7 @@ class Config(_Section):
     wal: WalConfig = msgspec.field(default_factory=WalConfig)
     distributed: DistributedConfig = msgspec.field(default_factory=DistributedConfig)
     notify: NotifyConfig = msgspec.field(default_factory=NotifyConfig)
+    access: AccessConfig = msgspec.field(default_factory=AccessConfig)
 
 
 _Source = Union[str, os.PathLike[str], Mapping[str, Any], Config, None]
@@ -221,6 +237,7 @@ def load_config(source: _Source = None, *, env: Mapping[str, str] | None = None)
         _apply_env(data, origins, env)
     else:
         raise ConfigError(f"load_config: unsupported source {type(source).__name__}; pass a path, dict or Config")
+    data = resolve_config_refs(data, lambda key: _origin(key, origins, default_src), env)
     try:
         return msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
@@ -241,7 +258,7 @@ def config_hash(config: Config | Mapping[str, Any] | str | os.PathLike[str],
     else:
         cfg = load_config(config, env={})  # env={}: the identity must not depend on the shell
     data = msgspec.to_builtins(cfg)
-    del data["agent"]
+    del data["agent"], data["access"]  # node-local: who may read a run is not what the experiment is
     del data["notify"]  # who is told about trouble does not change the experiment
     if params:
         data = {"config": data, "params": msgspec.to_builtins(params, enc_hook=repr)}

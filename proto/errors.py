@@ -19,6 +19,10 @@ __all__ = [
     "CheckpointIncomplete",
     "CheckpointKeyError",
     "TrackerFinished",
+    "AuditError",
+    "AuditCorrupt",
+    "AccessDenied",
+    "SecretError",
 ]
 
 
@@ -95,3 +99,19 @@ class CheckpointKeyError(CheckpointError):
 
 class TrackerFinished(FlightlogError, RuntimeError):
     """A tracker method was called after ``finish()``: the run's ring and connection are released."""
+
+
+class AuditError(FlightlogError):
+    """The audit log (``<data dir>/audit.log``), its key or its seal cannot be used."""
+
+
+class AuditCorrupt(AuditError):
+    """An audit entry is not one, or the chain or seal does not hold: the log was edited, cut or reordered."""
+
+
+class AccessDenied(FlightlogError, PermissionError):
+    """This user may not read that run or checkpoint (its owner, members of ``access.group`` and root may)."""
+
+
+class SecretError(ConfigError):
+    """A secret (``${secret:NAME}``) is missing or the secret store cannot be used."""

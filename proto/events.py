@@ -40,6 +40,7 @@ __all__ = [
     "CheckpointRequest",
     "CheckpointWait",
     "Reply",
+    "RunExportRequest",
     "Control",
 ]
 
@@ -293,11 +294,11 @@ class CheckpointSpec(msgspec.Struct, kw_only=True):
     encryption: str = "none"  # or "aes-256-gcm" (flightlog.proto.checkpoint.crypto): seal with key_id's key
     key_id: str = ""
     key: str = ""  # that key, base64: it crosses only the private control socket, and is never written anywhere
+    group: str = ""  # access.group: the file and its folder are shared with this group (0640/0750)
 
     def __repr__(self) -> str:  # a logged spec must not show the key
         fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__struct_fields__ if k != "key")
         return f"CheckpointSpec({fields}, key=<redacted>)"
-
 
 class CheckpointRequest(msgspec.Struct, tag="ckreq", array_like=True):
     """Ask the agent to write a staged checkpoint. ``spec`` is an encoded CheckpointSpec, decoded by the
@@ -319,6 +320,14 @@ class CheckpointWait(msgspec.Struct, tag="ckwait", array_like=True):
     timeout: float = 600.0
 
 
+class RunExportRequest(msgspec.Struct, tag="runexp", array_like=True):
+    """A run and its metric points (of ``key``, or all), read by the agent for a peer that may read it (its
+    owner, ``access.group``, root) but not the store's files (a multi-user agent's)."""
+
+    run: str
+    key: str | None = None
+
+
 class Reply(msgspec.Struct, tag="reply", array_like=True):
     ok: bool
     error: str = ""
@@ -328,4 +337,5 @@ class Reply(msgspec.Struct, tag="reply", array_like=True):
 Control = Union[
     Hello, Register, Unregister, FlushRequest, EventBatch, StatusRequest, CheckpointRequest, CheckpointWait, Reply,
     HealthRequest,
+    RunExportRequest,
 ]

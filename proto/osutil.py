@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 __all__ = ["PRIVATE_DIR_MODE", "PRIVATE_FILE_MODE", "PRIVATE_UMASK", "make_dirs", "restrict_umask", "pid_alive",
-           "process_alive", "process_start_ticks", "fsync_dir"]
+           "process_alive", "process_start_ticks", "fsync_dir", "share_with_group", "GROUP_DIR_MODE",
+           "GROUP_FILE_MODE"]
 
 #: What flightlog creates: directories 0700, files 0600 (group sharing is for a later, explicit setting).
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
+#: What ``access.group`` shares: the group may read (and enter), never write.
+GROUP_DIR_MODE = 0o750
+GROUP_FILE_MODE = 0o640
 #: The umask a process that runs backend libraries (mlflow, wandb, sqlite) gets, so their files are private too.
 PRIVATE_UMASK = 0o077
 
@@ -31,6 +36,24 @@ def make_dirs(path: str | os.PathLike[str], mode: int = PRIVATE_DIR_MODE) -> lis
             continue  # made meanwhile by someone else: theirs, not ours to chmod
         created.append(d)
     return created
+
+
+def share_with_group(path: str | os.PathLike[str], group: str) -> None:
+    """Give ``path`` (a file or folder of ours, not followed if a symlink) to ``group``, readable by it:
+    files 0640, folders 0750 (``access.group``). A group that does not exist is a ConfigError naming it."""
+    import grp
+
+    from flightlog.proto.errors import ConfigError
+
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"access.group: no group {group!r} on this host; create it or fix the setting") from None
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return
+    os.chown(path, -1, gid, follow_symlinks=False)
+    os.chmod(path, GROUP_DIR_MODE if stat.S_ISDIR(st.st_mode) else GROUP_FILE_MODE)
 
 
 def restrict_umask() -> int:

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flightlog.proto.secrets import is_reference
+
 __all__ = [
     "MASK",
     "DEFAULT_SECRET_WORDS",
@@ -147,7 +149,8 @@ def redact_capture(info: Mapping[str, Any]) -> dict[str, Any]:
 
 def _harmless(value: Any) -> bool:
     """Values that cannot hold a credential (flags, empty fields) stay visible under any key."""
-    return value is None or isinstance(value, bool) or (isinstance(value, (str, dict, list, tuple)) and not value)
+    return value is None or isinstance(value, bool) or (isinstance(value, (str, dict, list, tuple)) and not value) \
+        or is_reference(value)  # ${secret:NAME}: names a secret, holds none; the agent resolves it where used
 
 
 def _redact_argv(argv: list[str]) -> list[str]:

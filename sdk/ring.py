@@ -259,7 +259,9 @@ class RingProducer:
             self.spill_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             path = spill_path(self.spill_dir, self.producer_id, self._spill_gen)
             try:
-                self._spill_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                # O_NOFOLLOW: a symlink planted at this predictable name is refused, nothing written through it
+                self._spill_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                         0o600)
             except OSError as exc:
                 self._spill_gen -= 1
                 self._spill_failed(path, exc)

@@ -28,6 +28,7 @@ def _seen(store: Path, deadline_s: float = 30.0, at_least: int = 1) -> list[tupl
     """Rows of the store sink's checkpoints_seen table, once there are ``at_least`` (or what is there at the
     deadline)."""
     end = time.monotonic() + deadline_s
+    rows: list[tuple[Any, ...]] = []
     while time.monotonic() < end:
         try:
             db = sqlite3.connect(f"file:{store}?mode=ro", uri=True)

@@ -426,6 +426,13 @@ def test_agent_written_encrypted_checkpoint(agent: AgentProcess, base_config: di
     assert verify_file(path, meta.checksum, deep=False) == meta.checksum  # outer checksum without the key
     with pytest.raises(CheckpointKeyError, match="'k1'"):
         verify_file(path, meta.checksum)
+    # the audit log of the agent's data dir: the agent's seal, the trainer's open, and the refused open of
+    # the deep verify just above (this process, which no longer has the key), each one entry
+    from flightlog.proto.audit import AuditLog
+
+    uses = [e for e in AuditLog(agent.paths.data_dir).entries() if e.action == "key.use" and e.object == str(path)]
+    assert sorted((e.detail, e.outcome) for e in uses) == [("key k1: open", "no key"), ("key k1: open", "ok"),
+                                                           ("key k1: seal", "ok")], uses
     secrets = [K1.material, base64.b64encode(K1.material), PATTERN]
     weight = _bytes(m)["0.weight"][:32]
     staging = agent.paths.ring_dir.parent / "ckpt"

@@ -24,6 +24,7 @@ import re
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -49,6 +50,7 @@ from flightlog.proto.events import (
     Text,
 )
 from flightlog.proto.names import safe_relpath
+from flightlog.proto.secrets import credential
 
 from ._common import RunSinkBase, flatten, image_bytes, safe_name
 from ._errors import ErrorTable, Rule
@@ -249,6 +251,10 @@ class MLflowTracker(RunSinkBase):
     # --- writing ---
 
     def _write_run(self, run_id: str, start: RunStart, events: list[tuple[int, Event]]) -> None:
+        with mlflow_credentials(self.tracking(start)):
+            self._write_authenticated(run_id, start, events)
+
+    def _write_authenticated(self, run_id: str, start: RunStart, events: list[tuple[int, Event]]) -> None:
         from mlflow.entities import Param, RunTag
 
         run = self._run(run_id, start)
@@ -448,6 +454,35 @@ def _wait_for_creator(client: Any, exp_id: str, start: RunStart) -> str:
     raise RetryableBackendError(
         f"no MLflow run tagged {RUN_ID_TAG}={start.run_id} yet: node {start.node or start.node_rank} waits for the "
         "agent of node 0 (where rank 0 runs) to create it; if node 0 has no flightlog agent, start one there")
+
+
+_CREDENTIAL_ENV = {"mlflow_username": "MLFLOW_TRACKING_USERNAME", "mlflow_password": "MLFLOW_TRACKING_PASSWORD",
+                   "mlflow_token": "MLFLOW_TRACKING_TOKEN"}
+
+
+@contextmanager
+def mlflow_credentials(tracking: TrackingConfig) -> Iterator[None]:
+    """MLflow's own basic-auth or token variables, set in this (the agent's) process only while one run's
+    requests are made (MLflow reads them per request; this sink makes its requests from one thread at a time),
+    so each run's server gets its credentials and no other server sees them. Nothing else is touched when a
+    run names none."""
+    wanted = {env: credential(value, f"tracking.{key}", PermanentBackendError)
+              for key, env in _CREDENTIAL_ENV.items() if (value := getattr(tracking, key))}
+    if not wanted:
+        yield
+        return
+    saved = {env: os.environ.get(env) for env in _CREDENTIAL_ENV.values()}
+    for env in _CREDENTIAL_ENV.values():
+        os.environ.pop(env, None)
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for env, old in saved.items():
+            if old is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = old
 
 
 def _local_artifact_root(tracking: TrackingConfig) -> str | None:

@@ -29,6 +29,7 @@ from flightlog.proto.events import (
     Text,
 )
 from flightlog.proto.osutil import make_dirs
+from flightlog.proto.secrets import credential
 
 from ._common import RunSinkBase, flatten, image_bytes, safe_name
 from ._errors import ErrorTable, Rule
@@ -144,6 +145,9 @@ class WandBTracker(RunSinkBase):
             settings["init_timeout"] = 30
         if os.environ.get("WANDB_BASE_URL"):
             settings["base_url"] = os.environ["WANDB_BASE_URL"]  # read per run: the agent may outlive a change
+        if tracking.wandb_api_key:  # a ${secret:NAME} reference, resolved here only, into wandb's settings
+            settings["api_key"] = credential(tracking.wandb_api_key, "tracking.wandb_api_key",
+                                             PermanentBackendError)
         config = {k: v for k, v in (start.config or {}).items()}
         captured, source = wandb_capture(start)  # git, command line: what W&B records of its own process
         config["flightlog"] = captured

@@ -139,6 +139,12 @@ class Registry:
         self.db.execute("UPDATE checkpoints SET state='failed', error=?, tmp_path=NULL WHERE path=? AND state='writing'",
                         (error, path))
 
+    def mark_deleted(self, path: str) -> bool:
+        """A durable checkpoint deleted by hand (``flightlog ckpt rm``): no longer loadable nor best."""
+        cur = self.db.execute("UPDATE checkpoints SET state='deleted', is_best=0 WHERE path=? AND state='done'",
+                              (str(path),))
+        return cur.rowcount > 0
+
     def mark_interrupted(self, path: str) -> None:
         self.fail(path, "interrupted: the writer died before the file was durable")
 

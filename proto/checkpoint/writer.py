@@ -17,8 +17,9 @@ from typing import Any, BinaryIO
 
 import xxhash
 
+from flightlog.proto.audit import record
 from flightlog.proto.errors import CheckpointError
-from flightlog.proto.osutil import PRIVATE_FILE_MODE, fsync_dir, make_dirs, pid_alive
+from flightlog.proto.osutil import PRIVATE_FILE_MODE, fsync_dir, make_dirs, pid_alive, share_with_group
 
 from .codecs import check_level, compress_chunk
 from .crypto import Sealer, key_from_spec
@@ -34,7 +35,7 @@ from .format import (
     plan_chunks,
 )
 from .keys import Key, KeyUse, notify_key_use
-from .registry import Registry
+from .registry import STANDALONE_NAME, Registry
 
 __all__ = ["DirectFile", "write_container", "commit_checkpoint", "recover_interrupted", "tensors_of_spec", "fsync_dir", "TMP_MARK"]
 
@@ -345,6 +346,9 @@ def commit_checkpoint(spec: dict[str, Any], registry_path: str | os.PathLike[str
                 if mm is not None:
                     mm.close()
             os.replace(tmp, path)
+            if spec.get("group"):  # access.group: the team may read it (0640, the folder 0750)
+                share_with_group(path, spec["group"])
+                share_with_group(directory, spec["group"])
             fsync_dir(directory)
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
@@ -361,6 +365,8 @@ def commit_checkpoint(spec: dict[str, Any], registry_path: str | os.PathLike[str
     for p in doomed:
         try:
             os.unlink(p)
+            record("checkpoint.retention_delete", str(p), run=str(spec.get("run_id") or ""),
+                   data_dir=None if Path(registry_path).name == STANDALONE_NAME else Path(registry_path).parent)
         except FileNotFoundError:
             pass
         except OSError as exc:

@@ -23,6 +23,7 @@ from flightlog.checkpoint.loading import apply_state, candidates, in_place_targe
 from flightlog.checkpoint.staging import BOUNCE_BYTES, StagingBuffer, StagingPool, default_staging_dir, stage
 from flightlog.checkpoint.state import FORMAT_TAG, collect_state, git_commit, metric_value, plan_layout
 from flightlog.checkpoint.writers import AgentWriter, LocalWriter
+from flightlog.proto.audit import audit_key_uses, record
 from flightlog.proto.checkpoint.codecs import check_level
 from flightlog.proto.checkpoint.crypto import ENCRYPTIONS
 from flightlog.proto.checkpoint.format import EXTENSIONS
@@ -32,6 +33,7 @@ from flightlog.proto.checkpoint.registry import STANDALONE_NAME, Registry
 from flightlog.proto.errors import CheckpointCorrupt, CheckpointError, CheckpointKeyError, FlightlogError
 from flightlog.proto.events import CheckpointSpec, RetentionSpec
 from flightlog.proto.names import check_file_name
+from flightlog.proto.paths import resolve_paths
 from flightlog.validate import check_run_id
 
 __all__ = ["ModelCheckpointer", "CheckpointMetadata", "PendingCheckpoint", "check_checkpoint_name", "config_keyring",
@@ -141,6 +143,7 @@ class ModelCheckpointer:
         upload: str = "none",
         encryption: str = "none",
         keys: KeyRing | None = None,
+        group: str = "",
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -150,12 +153,15 @@ class ModelCheckpointer:
             raise ValueError("max_checkpoints and keep_every_n_steps must be >= 0, max_in_flight >= 1")
         check_level(compression, compression_level)
         self.encryption, self._keys = encryption_keys(encryption, keys)
+        if self._keys is not None:  # loads here open with these keys: each use is an audit entry
+            audit_key_uses(Path(registry).parent if registry else resolve_paths().data_dir)
         self.dir = Path(checkpoint_dir).expanduser().absolute()
         self.max_checkpoints, self.keep_every_n_steps = max_checkpoints, keep_every_n_steps
         self.monitor, self.mode = monitor, mode
         self.compression, self.compression_level = compression, compression_level
         self.min_free_bytes = min_free_bytes
         self.upload = upload  # done by the agent's MLflow/W&B sinks: only through a tracker
+        self.group = group  # access.group: checkpoints shared with it (0640, the folder 0750)
         self.run_id = check_run_id(run_id) if run_id else uuid.uuid4().hex[:16]
         self.config_hash = config_hash
         self.registry_path = Path(registry) if registry else self.dir / STANDALONE_NAME
@@ -188,6 +194,7 @@ class ModelCheckpointer:
             run_id=tracker.run_id, config_hash=tracker.metadata.config_hash,
             upload=c.upload if tracking.use_mlflow or tracking.use_wandb else "none",
             encryption=c.encryption, keys=config_keyring(c),
+            group=tracker.config.access.group or "",
         )
         ck._writer = AgentWriter(tracker._link, tracker.paths, ck._local)
         return ck
@@ -272,6 +279,7 @@ class ModelCheckpointer:
             min_free_bytes=self.min_free_bytes, run_id=self.run_id, config_hash=self.config_hash,
             git_commit=self._git, created=meta["created"], upload=self.upload,  # type: ignore[arg-type]
             **self._seal_fields(),
+            group=self.group,
         )
 
     def _seal_fields(self) -> dict[str, Any]:
@@ -451,6 +459,8 @@ class ModelCheckpointer:
                 log.warning("flightlog: skipping checkpoint %s: %s", cand, exc)
                 errors.append(exc)
                 continue
+            record("checkpoint.load", str(cand), run=self._run(run_id) or "",  # into the agent's data dir
+                   data_dir=None if self.registry_path.name == STANDALONE_NAME else self.registry_path.parent)
             return apply_state(state, model, optimizer, scheduler, scaler, strict, restore_rng)
         if errors:  # all of them for want of a key: that is what to fix, not damage
             kind = CheckpointKeyError if all(isinstance(e, CheckpointKeyError) for e in errors) else CheckpointCorrupt

@@ -41,7 +41,9 @@ class StagingBuffer:
         if n > self.capacity or self.tensor is None:
             size = max(-(-(n + n // 8) // (2 << 20)) * (2 << 20), 2 << 20)
             self.tensor = None
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            # First creation exclusive, every open without following a symlink planted at the name.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if self.capacity else os.O_EXCL),
+                         0o600)
             try:
                 os.ftruncate(fd, size)
                 os.posix_fallocate(fd, 0, size)
