@@ -192,14 +192,16 @@ class Store:
     def apply(self, events: Iterable[Event]) -> int:
         """Write events (inside the caller's transaction). Returns the number of metric points written."""
         points = _chunks.PointBuffer()
-        add = points.add
+        metrics: list[Metrics] = []  # taken a column at a time (PointBuffer.add_metrics)
         db = self.db
         for ev in events:
             # isinstance, not a lookup of type(ev): as fast here, and a type checker follows it
             if isinstance(ev, Metrics):
-                add(ev.run_id, ev.step, ev.timestamp, ev.values, ev.rank)
+                metrics.append(ev)
             elif isinstance(ev, SystemStats):
-                add(ev.run_id, ev.step, ev.timestamp, ev.values, 0)
+                points.add_metrics(metrics)  # what came before it first: a series keeps its arrival order
+                metrics.clear()
+                points.add(ev.run_id, ev.step, ev.timestamp, ev.values, 0)
             elif isinstance(ev, RunStart):
                 self._run_start(ev)
             elif isinstance(ev, RunEnd):
@@ -226,6 +228,7 @@ class Store:
                     "INSERT INTO artifacts VALUES (?,?,?,?,?,?,?)",
                     (ev.run_id, ev.name, ev.path, ev.timestamp, ev.kind, ev.checksum, ev.size),
                 )
+        points.add_metrics(metrics)
         return _chunks.append_points(db, points, self._cctx) if points.series else 0
 
     def _run_start(self, ev: RunStart) -> None:

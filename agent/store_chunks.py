@@ -13,6 +13,7 @@ import numpy.typing as npt
 import zstandard
 
 from flightlog.proto.errors import StoreCorrupt
+from flightlog.proto.events import Metrics
 
 __all__ = ["CHUNK_SCHEMA", "Columns", "Envelope", "PointBuffer", "SEAL_POINTS", "MAX_CHUNK_POINTS",
            "append_points", "count_points", "decode_chunk", "encode_chunk", "envelope", "has_row_table",
@@ -145,26 +146,67 @@ class PointBuffer:
     __slots__ = ("series",)
 
     def __init__(self) -> None:
-        self.series: dict[tuple[str, str], list[tuple[int, float, float, int]]] = {}
+        # (run, key) -> steps, timestamps, values, ranks
+        self.series: dict[tuple[str, str], tuple[list[int], list[float], list[float], list[int]]] = {}
+
+    def _lists(self, run_id: str, key: str) -> tuple[list[int], list[float], list[float], list[int]]:
+        lists = self.series.get((run_id, key))
+        if lists is None:
+            lists = self.series[(run_id, key)] = ([], [], [], [])
+        return lists
 
     def add(self, run_id: str, step: int, ts: float, values: dict[str, float], rank: int) -> None:
-        series = self.series
+        """One event's values."""
         for k, v in values.items():
-            pts = series.get((run_id, k))
-            if pts is None:
-                pts = series[(run_id, k)] = []
-            pts.append((step, ts, v, rank))
+            s, t, vs, r = self._lists(run_id, k)
+            s.append(step)
+            t.append(ts)
+            vs.append(v)
+            r.append(rank)
+
+    def add_metrics(self, events: list[Metrics]) -> None:
+        """Many Metrics events, in order. The common case, every event of a run with the same keys, takes each
+        column with one comprehension: no per-value Python work beyond reading it."""
+        if not events:
+            return
+        runs = {ev.run_id for ev in events}
+        by_run: dict[str, list[Metrics]] = {runs.pop(): events} if len(runs) == 1 else {}
+        if not by_run:
+            for ev in events:
+                group = by_run.get(ev.run_id)
+                if group is None:
+                    group = by_run[ev.run_id] = []
+                group.append(ev)
+        for run_id, group in by_run.items():
+            dicts = [ev.values for ev in group]
+            keys = list(dicts[0])
+            try:
+                columns = [[d[k] for d in dicts] for k in keys]
+            except KeyError:
+                columns = []
+            # every event has the first one's keys and, counted together, no more: the same keys throughout
+            if not columns or sum(map(len, dicts)) != len(keys) * len(dicts):
+                for ev in group:
+                    self.add(run_id, ev.step, ev.timestamp, ev.values, ev.rank)
+                continue
+            steps, ts, ranks = [ev.step for ev in group], [ev.timestamp for ev in group], [ev.rank for ev in group]
+            for k, values in zip(keys, columns, strict=True):
+                s, t, vs, r = self._lists(run_id, k)
+                s.extend(steps)
+                t.extend(ts)
+                vs.extend(values)
+                r.extend(ranks)
 
     def __len__(self) -> int:
-        return sum(len(p) for p in self.series.values())
+        return sum(len(p[0]) for p in self.series.values())
 
     def columns(self) -> Iterator[tuple[str, str, Columns]]:
-        for (run_id, key), pts in self.series.items():
-            yield run_id, key, _to_columns(run_id, key, pts)
+        for (run_id, key), lists in self.series.items():
+            yield run_id, key, _to_columns(run_id, key, lists)
 
 
-def _to_columns(run_id: str, key: str, pts: list[tuple[int, float, float, int]]) -> Columns:
-    steps, ts, values, ranks = zip(*pts, strict=True)
+def _to_columns(run_id: str, key: str, lists: tuple[list[int], list[float], list[float], list[int]]) -> Columns:
+    steps, ts, values, ranks = lists
     try:
         cols = Columns(np.array(steps, np.int64), np.array(ts, np.float64), np.array(values, np.float64),
                        np.array(ranks, np.int64))

@@ -126,6 +126,35 @@ def test_a_rolled_back_batch_leaves_the_open_chunk_as_it_was(tmp_path: Path) -> 
         assert store.metric_arrays("r", "m")[0].tolist() == [*range(10), 11]
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(0, 30), st.sampled_from([1.0, 2.0]),
+                          st.dictionaries(st.sampled_from(["x", "y", "system/z"]), FLOATS, max_size=3),
+                          st.integers(0, 2), st.booleans()), max_size=120),
+       st.lists(st.integers(1, 60), min_size=1, max_size=8))
+def test_any_events_in_any_commits_export_as_a_row_per_value_would(
+        tmp_path_factory: pytest.TempPathFactory, evs: list[tuple[Any, ...]], cuts: list[int]) -> None:
+    events: list[Any] = [Metrics(r, s, t, v, k) if not sysstat else SystemStats(r, t, v, s)
+                         for r, s, t, v, k, sysstat in evs]
+    rows = [(r, key, s, t, val, 0 if sysstat else k, i)
+            for i, (r, s, t, v, k, sysstat) in enumerate(evs) for key, val in v.items()]
+    with Store(tmp_path_factory.mktemp("s") / "s.db") as store:
+        i = 0
+        for cut in cuts * 20:
+            if i >= len(events):
+                break
+            with store.transaction():
+                store.apply(events[i:i + cut])
+            i += cut
+        for run in ("a", "b"):
+            mine = sorted((row for row in rows if row[0] == run), key=lambda row: (row[1], row[2], row[3], row[6]))
+            got = [(p["key"], p["step"], p["timestamp"], p["value"], p["rank"]) for p in store.metric_points(run)]
+
+            def num(v: float) -> Any:
+                return "NaN" if v != v else "Infinity" if v == math.inf else "-Infinity" if v == -math.inf else v
+
+            assert got == [(k, s, t, num(v), rk) for _, k, s, t, v, rk, _ in mine]
+
+
 # --- reading -------------------------------------------------------------------------------------------------------
 
 def test_metric_arrays_sorted_by_step_then_time_per_rank(tmp_path: Path) -> None:
