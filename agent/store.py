@@ -424,8 +424,10 @@ class Store:
                 cols = _chunks.read_columns(self.db, run_id, k).sorted()
             # -0.0 + 0.0 is 0.0: what the row store gave back (SQLite keeps an integral REAL as an integer)
             values = (cols.values + 0.0).tolist()
-            for step, ts, value, r in zip(cols.steps.tolist(), cols.ts.tolist(), values, cols.ranks.tolist(),
-                                          strict=True):
+            times: list[float | None] = cols.ts.tolist()
+            if np.isnan(cols.ts).any():  # SQLite held a NaN timestamp as NULL: export says null, as it did
+                times = [None if t != t else t for t in times]
+            for step, ts, value, r in zip(cols.steps.tolist(), times, values, cols.ranks.tolist(), strict=True):
                 yield {"run": run_id, "key": k, "step": step, "timestamp": ts, "value": _json_number(value),
                        "rank": r}
 

@@ -3,6 +3,7 @@ fuzzed), the SQL of the ``metric_chunks`` table (append, read, migrate from the 
 min/max envelope per pixel column that charts draw from. ``agent/store.py`` owns the connection and the lock."""
 from __future__ import annotations
 
+import math
 import sqlite3
 import struct
 from collections.abc import Iterable, Iterator
@@ -15,18 +16,20 @@ import zstandard
 from flightlog.proto.errors import StoreCorrupt
 from flightlog.proto.events import Metrics
 
-__all__ = ["CHUNK_SCHEMA", "Columns", "Envelope", "PointBuffer", "SEAL_POINTS", "MAX_CHUNK_POINTS",
+__all__ = ["CHUNK_SCHEMA", "Columns", "Envelope", "PointBuffer", "SEAL_POINTS", "MAX_CHUNK_POINTS", "MAX_OPEN_PIECES",
            "append_points", "count_points", "decode_chunk", "encode_chunk", "envelope", "has_row_table",
            "keys", "last_step", "migrate_rows", "read_columns", "read_row_table"]
 
-#: One row per chunk of a (run, key) series, in the order its points arrived (``seq``). The last chunk of a
-#: series stays open (``sealed=0``, stored uncompressed) until it holds SEAL_POINTS points: a trickle of
-#: points rewrites one small blob per commit, never a row per value. Stats are over the chunk's points
+#: One row per chunk of a (run, key) series, in the order its points arrived (``seq``). The last few chunks of
+#: a series are open pieces (``sealed=0``, stored uncompressed, see ``append_points``) until together they
+#: hold SEAL_POINTS points: then they are merged and compressed. An open piece counts the open pieces and
+#: their points up to itself (``open_pieces``, ``open_points``): one row says what the series' tail holds. Stats are over the chunk's points
 #: (value min/max over its finite values, NULL if none): what a reader prunes and an envelope uses.
 CHUNK_SCHEMA = """
 CREATE TABLE IF NOT EXISTS metric_chunks (run_id TEXT NOT NULL, key TEXT NOT NULL, seq INTEGER NOT NULL,
     sealed INTEGER NOT NULL, n INTEGER NOT NULL, min_step INTEGER, max_step INTEGER, min_ts REAL, max_ts REAL,
-    min_value REAL, max_value REAL, min_rank INTEGER, max_rank INTEGER, data BLOB NOT NULL);
+    min_value REAL, max_value REAL, min_rank INTEGER, max_rank INTEGER, data BLOB NOT NULL,
+    open_pieces INTEGER NOT NULL DEFAULT 0, open_points INTEGER NOT NULL DEFAULT 0);
 CREATE UNIQUE INDEX IF NOT EXISTS metric_chunks_series ON metric_chunks (run_id, key, seq);
 """
 
@@ -34,6 +37,10 @@ CREATE UNIQUE INDEX IF NOT EXISTS metric_chunks_series ON metric_chunks (run_id,
 #: writes them as sealed chunks at once. No chunk holds more than MAX_CHUNK_POINTS.
 SEAL_POINTS = 512
 MAX_CHUNK_POINTS = 16384
+MAX_OPEN_PIECES = 32
+_SMALL = 16  # points of a commit's series written without numpy
+_INSERT = ("INSERT INTO metric_chunks (run_id, key, seq, sealed, n, min_step, max_step, min_ts, max_ts, min_value,"
+           " max_value, min_rank, max_rank, data, open_pieces, open_points) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
 #: What the decoder accepts at most (a chunk of another build may be bigger than this one writes).
 MAX_DECODE_POINTS = 1 << 20
 
@@ -63,6 +70,9 @@ class Columns(NamedTuple):
     def sorted(self, x: Literal["step", "time"] = "step") -> Columns:
         """Stable sort by step then timestamp (``time``: by timestamp then step); ties keep arrival order."""
         first, second = (self.steps, self.ts) if x == "step" else (self.ts, self.steps)
+        rising = np.diff(first)
+        if not (rising < 0).any() and not (np.diff(second)[rising == 0] < 0).any():
+            return self  # already in order (one trainer's steps): no sort
         order = np.lexsort((second, first))  # lexsort is stable: equal keys keep their order
         return self.take(order)
 
@@ -217,20 +227,48 @@ def _to_columns(run_id: str, key: str, lists: tuple[list[int], list[float], list
 
 
 def append_points(db: sqlite3.Connection, buffer: PointBuffer, cctx: zstandard.ZstdCompressor) -> int:
-    """Write a transaction's points (inside the caller's transaction): each series' open chunk takes them, a
-    full one is sealed. Returns the number of points written."""
+    """Write a transaction's points (inside the caller's transaction). Returns the number of points written.
+
+    A series ends in a few open pieces (uncompressed, ``sealed=0``): a small commit adds one, so a trickle
+    costs one small INSERT per commit, as a row per value did. When the pieces would reach MAX_OPEN_PIECES,
+    or hold SEAL_POINTS points with the new ones, they are merged: into sealed, compressed chunks once there
+    are SEAL_POINTS points, else into one open piece."""
     written = 0
-    for run_id, key, new in buffer.columns():
-        written += len(new.steps)
-        last = db.execute("SELECT rowid, seq, sealed, data FROM metric_chunks WHERE run_id=? AND key=?"
+    for (run_id, key), lists in buffer.series.items():
+        m = len(lists[0])
+        written += m
+        last = db.execute("SELECT seq, open_pieces, open_points FROM metric_chunks WHERE run_id=? AND key=?"
                           " ORDER BY seq DESC LIMIT 1", (run_id, key)).fetchone()
-        seq = 0 if last is None else int(last[1]) + 1
-        if last is not None and not last[2]:
-            new = _concat([decode_chunk(last[3]), new])
-            db.execute("DELETE FROM metric_chunks WHERE rowid=?", (last[0],))
-            seq = int(last[1])
+        seq, pieces, points = (0, 0, 0) if last is None else (int(last[0]) + 1, int(last[1]), int(last[2]))
+        # a bigger commit also merges: only the last piece's counters are ever read
+        merge = pieces > 0 and (pieces + 1 >= MAX_OPEN_PIECES or points + m >= SEAL_POINTS or m > _SMALL)
+        if not merge and m <= _SMALL:
+            db.execute(_INSERT, (run_id, key, seq, 0, *_small_piece(run_id, key, lists), pieces + 1, points + m))
+            continue
+        new = _to_columns(run_id, key, lists)
+        if merge:
+            seq -= pieces
+            rows = db.execute("SELECT data FROM metric_chunks WHERE run_id=? AND key=? AND seq>=? ORDER BY seq",
+                              (run_id, key, seq)).fetchall()
+            new = _concat([*(decode_chunk(data) for (data,) in rows), new])
+            db.execute("DELETE FROM metric_chunks WHERE run_id=? AND key=? AND seq>=?", (run_id, key, seq))
         _write_series(db, run_id, key, seq, new, cctx)
     return written
+
+
+def _small_piece(run_id: str, key: str, lists: tuple[list[int], list[float], list[float], list[int]]) -> tuple[
+        Any, ...]:
+    """Stats and bytes of an open piece of a few points, without numpy (whose per-call cost is what a trickle
+    would pay): the same bytes ``encode_chunk(..., compress=False)`` makes."""
+    steps, ts, values, ranks = lists
+    if not all(_INT64_MIN <= v <= _INT64_MAX for v in (*steps, *ranks)):
+        raise OverflowError(f"a step or rank of {key!r} in run {run_id!r} is too large for a 64-bit SQLite INTEGER")
+    m = len(steps)
+    deltas = [steps[0], *((b - a + (1 << 63)) % (1 << 64) - (1 << 63) for a, b in zip(steps, steps[1:]))]
+    blob = _HEADER.pack(_MAGIC, _RAW, 0, 0, m) + struct.pack(f"<{m}q{m}d{m}d{m}q", *deltas, *ts, *values, *ranks)
+    fin = [v for v in values if math.isfinite(v)]
+    return (m, min(steps), max(steps), min(ts), max(ts), min(fin) if fin else None, max(fin) if fin else None,
+            min(ranks), max(ranks), blob)
 
 
 def _write_series(db: sqlite3.Connection, run_id: str, key: str, seq: int, cols: Columns,
@@ -243,13 +281,19 @@ def _write_series(db: sqlite3.Connection, run_id: str, key: str, seq: int, cols:
         part = cols.take(slice(start, start + MAX_CHUNK_POINTS))
         start += len(part.steps)
         sealed = seal_all or start < n or len(part.steps) >= SEAL_POINTS
-        db.execute("INSERT INTO metric_chunks VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                   (run_id, key, seq, int(sealed), *_stats(part), encode_chunk(part, compress=sealed, cctx=cctx)))
+        open_n = 0 if sealed else len(part.steps)
+        db.execute(_INSERT, (run_id, key, seq, int(sealed), *_stats(part), encode_chunk(part, compress=sealed, cctx=cctx),
+                             int(not sealed), open_n))
         seq += 1
     return seq
 
 
 def _stats(c: Columns) -> tuple[Any, ...]:
+    if len(c.steps) <= 16:  # a trickle's piece: plain Python is cheaper than numpy's per-call overhead
+        steps, ts, ranks = c.steps.tolist(), c.ts.tolist(), c.ranks.tolist()
+        fin = [v for v in c.values.tolist() if math.isfinite(v)]
+        return (len(steps), min(steps), max(steps), min(ts), max(ts), min(fin) if fin else None,
+                max(fin) if fin else None, min(ranks), max(ranks))
     finite = c.values[np.isfinite(c.values)]
     vmin, vmax = (float(finite.min()), float(finite.max())) if len(finite) else (None, None)
     return (len(c.steps), int(c.steps.min()), int(c.steps.max()), float(c.ts.min()), float(c.ts.max()), vmin, vmax,

@@ -45,6 +45,16 @@ def test_a_chunk_round_trips_every_bit(points: list[tuple[int, float, float, int
     assert _bits(sc.decode_chunk(sc.encode_chunk(cols, compress=compress))) == _bits(cols)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(I64, FLOATS, FLOATS, I64), min_size=1, max_size=16))
+def test_a_small_piece_is_the_bytes_of_an_open_chunk(points: list[tuple[int, float, float, int]]) -> None:
+    lists = tuple(list(col) for col in zip(*points, strict=True))
+    *stats, blob = sc._small_piece("r", "k", lists)  # type: ignore[arg-type]
+    cols = _cols(points)
+    assert blob == sc.encode_chunk(cols, compress=False) and stats[0] == len(points)
+    assert (stats[1], stats[2]) == (min(p[0] for p in points), max(p[0] for p in points))
+
+
 def _valid_chunk() -> bytes:
     cols = _cols([(i, 1.7e9 + i, math.sin(i), i % 3) for i in range(200)])
     return sc.encode_chunk(cols, compress=True)
@@ -106,7 +116,9 @@ def test_points_are_chunks_not_rows_at_a_trickle_and_in_a_flood(tmp_path: Path) 
         with store.transaction():  # a flood: 40,000 points of two keys in one commit
             store.apply([Metrics("f", i, float(i), {"a": 1.0, "b": float(i)}) for i in range(20_000)])
         rows = _chunk_rows(store)
-        assert [r[3:] for r in rows if r[0] == "r"] == [(1, 512), (1, 512), (0, 176)]
+        trickle = [r[3:] for r in rows if r[0] == "r"]  # sealed chunks of 512, then open pieces
+        assert trickle[:2] == [(1, 512), (1, 512)] and {s for s, _ in trickle[2:]} == {0}
+        assert sum(n for _, n in trickle[2:]) == 176 and len(trickle[2:]) < sc.MAX_OPEN_PIECES
         assert sum(r[4] for r in rows if r[0] == "f") == 40_000 and len([r for r in rows if r[0] == "f"]) == 4
         assert all(r[4] <= sc.MAX_CHUNK_POINTS for r in rows)
         assert store.metric_count() == 41_200 and store.metric_count("f", "b") == 20_000
