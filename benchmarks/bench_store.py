@@ -2,9 +2,10 @@
 
 - ``sink_cpu``: CPU of the agent's store sink (its runner on the one delivery engine: WAL read, decode, apply,
   commit with the cursor) delivering a pre-filled WAL, for the row-per-value store of ``--old-commit`` (its
-  ``agent/store.py`` from git) and the chunk store of this tree, next to an in-memory sink (what the engine's
-  WAL read and decode cost alone). ``cores_at_500k`` is CPU seconds per 500,000 events: the share of a core the
-  sink needs at 0.5 M events/s; ``store_cores_at_500k`` the part above the in-memory sink.
+  ``agent/store.py`` from git) and the chunk store of this tree, next to a sink that acks and forgets (what the
+  engine's WAL read, decode and cursor commits cost alone). ``cores_at_500k`` is CPU seconds per 500,000
+  events: the share of a core the sink needs at 0.5 M events/s; ``store_cores_at_500k`` the part above the
+  null sink (the store's own).
 - ``read``: the same series read back (``metric_series``, export, and the chunk store's ``metric_arrays`` and
   ``metric_envelope``), seconds of wall time.
 - ``freshness``: a real agent (local store, TensorBoard and MLflow sinks; a real ``mlflow server``), a paced
@@ -78,7 +79,6 @@ def sink_cpu(work: Path, n: int, keys: int, old: types.ModuleType, repeats: int)
     import anyio
 
     from flightlog.agent.runner import CursorStore, SinkRunner
-    from flightlog.agent.sinks.memory import InMemorySink
     from flightlog.agent.sinks.store import LocalStoreSink
     from flightlog.agent.wal import WALReader
 
@@ -92,6 +92,22 @@ def sink_cpu(work: Path, n: int, keys: int, old: types.ModuleType, repeats: int)
 
             return SinkCursor(*saved) if saved else SinkCursor()
 
+    class NullSink:
+        """Acks and forgets: what the engine (WAL read, decode, batching, cursor commits) costs alone."""
+
+        name, batch_size, all_runs = "null", LocalStoreSink.batch_size, True
+
+        def open(self) -> None:
+            return None
+
+        def write(self, batch: Any) -> Any:
+            from flightlog.agent.sinks.base import Ack
+
+            return Ack(delivered=len(batch.events))
+
+        def close(self) -> None:
+            pass
+
     class RowCursorStore(CursorStore):
         """The runner's cursor store on the old Store too (the new one would migrate the rows away)."""
 
@@ -103,19 +119,17 @@ def sink_cpu(work: Path, n: int, keys: int, old: types.ModuleType, repeats: int)
     wal_dir = work / f"wal-{keys}"
     fill_wal(wal_dir, n, keys)
     out: dict[str, Any] = {"events": n, "values_per_event": keys}
-    for peer in ("memory", "row_store", "chunk_store"):
+    for peer in ("null", "row_store", "chunk_store"):
         best: dict[str, Any] | None = None
         for r in range(repeats):
             db = work / f"{peer}-{keys}-{r}.db"
-            sink: Any = (InMemorySink(batch_size=LocalStoreSink.batch_size) if peer == "memory" else
-                         RowStoreSink(db) if peer == "row_store" else LocalStoreSink(db))
+            sink: Any = (NullSink() if peer == "null" else RowStoreSink(db) if peer == "row_store" else
+                         LocalStoreSink(db))
             cursors = RowCursorStore(db) if peer == "row_store" else CursorStore(db)
             runner = SinkRunner(sink, WALReader(wal_dir), cursors, until_caught_up=True)
             c0, t0 = time.process_time(), time.perf_counter()
             anyio.run(runner.run)
             cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-            if peer == "memory":
-                sink.events.clear()
             row = {"cpu_s": round(cpu, 3), "wall_s": round(wall, 3), "us_per_event": round(1e6 * cpu / n, 3),
                    "cores_at_500k": round(cpu * CORES_AT / n, 3), "db": str(db)}
             if db.exists():
@@ -124,7 +138,7 @@ def sink_cpu(work: Path, n: int, keys: int, old: types.ModuleType, repeats: int)
                 best = row
         assert best is not None
         out[peer] = best
-    base = out["memory"]["cpu_s"]
+    base = out["null"]["cpu_s"]
     for peer in ("row_store", "chunk_store"):
         out[peer]["store_cores_at_500k"] = round(max(0.0, out[peer]["cpu_s"] - base) * CORES_AT / n, 3)
     out["chunk_vs_row_cpu"] = round(out["chunk_store"]["cpu_s"] / out["row_store"]["cpu_s"], 3)
@@ -377,7 +391,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for row in result.get("sink_cpu", []):
-        for peer in ("memory", "row_store", "chunk_store"):
+        for peer in ("null", "row_store", "chunk_store"):
             row[peer].pop("db", None)
     print(json.dumps(result, indent=2))
 
