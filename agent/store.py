@@ -1,6 +1,7 @@
 """The local store: all SQL on the agent's database (``flightlog.db`` in its data directory: runs, params,
-tags, metric points, sink cursors). The embedded default backend, what `flightlog runs` reads, and what the
-monitor and the plot service read runs and metrics from. (The checkpoint registry's table lives in the same
+tags, metric points as compressed columnar chunks (their codec: ``store_chunks.py``), sink cursors). The
+embedded default backend, what `flightlog runs` reads, and what the monitor and the plot service read runs
+and metrics from. (The checkpoint registry's table lives in the same
 file; its SQL is the shared core's, ``flightlog.proto.checkpoint.registry``.)"""
 from __future__ import annotations
 
@@ -14,8 +15,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
+from typing import Any, Concatenate, Literal, NamedTuple, ParamSpec, TypeVar
 
+import numpy as np
+import numpy.typing as npt
+import zstandard
+
+from flightlog.agent import store_chunks as _chunks
+from flightlog.agent.store_chunks import Envelope
 from flightlog.proto import sqlite as _sqlite
 from flightlog.proto.errors import FlightlogError
 from flightlog.proto.events import (
@@ -31,12 +38,10 @@ from flightlog.proto.events import (
     Text,
 )
 
-__all__ = ["Store", "RunState", "SCHEMA", "RankEnd", "combine_rank_ends"]
+__all__ = ["Envelope", "Store", "RunState", "SCHEMA", "RankEnd", "combine_rank_ends"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
-_EXPORT_CHUNK = 10_000  # rows per fetch of metric_points
-
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, name TEXT NOT NULL, description TEXT, status TEXT, created_at REAL,
@@ -44,9 +49,6 @@ CREATE TABLE IF NOT EXISTS runs (
     tags TEXT, sinks TEXT, metadata TEXT, dropped INTEGER DEFAULT 0);
 CREATE TABLE IF NOT EXISTS params (run_id TEXT, key TEXT, value TEXT, PRIMARY KEY (run_id, key));
 CREATE TABLE IF NOT EXISTS tags (run_id TEXT, key TEXT, value TEXT, PRIMARY KEY (run_id, key));
-CREATE TABLE IF NOT EXISTS metrics (run_id TEXT, key TEXT, step INTEGER, ts REAL, value REAL,
-    rank INTEGER NOT NULL DEFAULT 0);
-CREATE INDEX IF NOT EXISTS metrics_run_key_step ON metrics (run_id, key, step);
 CREATE TABLE IF NOT EXISTS texts (run_id TEXT, key TEXT, step INTEGER, ts REAL, text TEXT);
 CREATE TABLE IF NOT EXISTS checkpoints_seen (run_id TEXT, path TEXT, epoch INTEGER, step INTEGER, ts REAL,
     metrics TEXT, size INTEGER, checksum TEXT, is_best INTEGER);
@@ -61,7 +63,7 @@ CREATE INDEX IF NOT EXISTS quarantine_sink_run ON quarantine (sink, run_id);
 CREATE TABLE IF NOT EXISTS run_ranks (run_id TEXT, rank INTEGER, world_size INTEGER, status TEXT, error TEXT,
     ended_at REAL, dropped INTEGER DEFAULT 0, PRIMARY KEY (run_id, rank));
 CREATE TABLE IF NOT EXISTS run_nodes (run_id TEXT PRIMARY KEY, nodes INTEGER, local_world INTEGER);
-"""
+""" + _chunks.CHUNK_SCHEMA
 
 #: Which rank's end names a distributed run's status, first first: a rank's failure (its traceback) is
 #: the cause when the launcher then kills the others.
@@ -87,11 +89,6 @@ def combine_rank_ends(run_id: str, world_size: int, ends: dict[int, RankEnd]) ->
     first = next((r for r in bad if ends[r].status == status), 0)
     return RunEnd(run_id, status, max(e.timestamp for e in ends.values()), error,
                   sum(e.dropped for e in ends.values()), first)
-
-
-def _finite_or_none(v: float) -> float | None:
-    # SQLite stores NaN as NULL; keep that explicit so export can say "NaN".
-    return None if v != v else v
 
 
 def _locked(method: Callable[Concatenate[Store, _P], _R]) -> Callable[Concatenate[Store, _P], _R]:
@@ -144,6 +141,7 @@ class Store:
         self.path = Path(path)
         self.readonly = readonly
         self._lock = threading.RLock()
+        self._cctx = zstandard.ZstdCompressor(level=3)  # used under the lock only
         try:
             if readonly:
                 if not self.path.exists():
@@ -155,21 +153,22 @@ class Store:
                 self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 self.db = _sqlite.connect(self.path)
                 self.db.executescript(SCHEMA)
-                self._add_rank_column()
+                self._migrate_rows()
         except sqlite3.DatabaseError as exc:
             raise FlightlogError(f"cannot open the flightlog store {self.path}: {exc}") from exc
 
-    def _add_rank_column(self) -> None:
-        """A store made before metric points carried their rank gets the column (0: rank 0's, as they were)."""
-        if not self._has_rank_column():
-            try:
-                self.db.execute("ALTER TABLE metrics ADD COLUMN rank INTEGER NOT NULL DEFAULT 0")
-            except sqlite3.OperationalError as exc:
-                if "duplicate column" not in str(exc):  # another connection of the agent added it just now
-                    raise
-
-    def _has_rank_column(self) -> bool:
-        return any(row[1] == "rank" for row in self.db.execute("PRAGMA table_info(metrics)"))
+    def _migrate_rows(self) -> None:
+        """A store of an older version (a row per metric value; before ranks, without a rank column: rank 0's)
+        gets its points moved into chunks, in one transaction: all of them or none (another connection of
+        the agent opening it at the same moment finds the work done)."""
+        if not _chunks.has_row_table(self.db):
+            return
+        try:
+            with _sqlite.transaction(self.db):
+                _chunks.migrate_rows(self.db, self._cctx)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise FlightlogError(f"cannot move the metric rows of {self.path} into chunks: {exc}; the store is"
+                                 " as it was: copy it aside and start with a new one") from exc
 
     def close(self) -> None:
         with self._lock:
@@ -193,16 +192,17 @@ class Store:
     @_locked
     def apply(self, events: Iterable[Event]) -> int:
         """Write events (inside the caller's transaction). Returns the number of metric points written."""
-        points: list[tuple[str, str, int, float, float | None, int]] = []
+        points = _chunks.PointBuffer()
+        metrics: list[Metrics] = []  # taken a column at a time (PointBuffer.add_metrics)
         db = self.db
         for ev in events:
             # isinstance, not a lookup of type(ev): as fast here, and a type checker follows it
             if isinstance(ev, Metrics):
-                run, step, ts, rank = ev.run_id, ev.step, ev.timestamp, ev.rank
-                points.extend((run, k, step, ts, _finite_or_none(v), rank) for k, v in ev.values.items())
+                metrics.append(ev)
             elif isinstance(ev, SystemStats):
-                points.extend((ev.run_id, k, ev.step, ev.timestamp, _finite_or_none(v), 0)
-                              for k, v in ev.values.items())
+                points.add_metrics(metrics)  # what came before it first: a series keeps its arrival order
+                metrics.clear()
+                points.add(ev.run_id, ev.step, ev.timestamp, ev.values, 0)
             elif isinstance(ev, RunStart):
                 self._run_start(ev)
             elif isinstance(ev, RunEnd):
@@ -231,9 +231,8 @@ class Store:
                     "INSERT INTO artifacts VALUES (?,?,?,?,?,?,?)",
                     (ev.run_id, ev.name, ev.path, ev.timestamp, ev.kind, ev.checksum, ev.size),
                 )
-        if points:
-            db.executemany("INSERT INTO metrics (run_id, key, step, ts, value, rank) VALUES (?,?,?,?,?,?)", points)
-        return len(points)
+        points.add_metrics(metrics)
+        return _chunks.append_points(db, points, self._cctx) if points.series else 0
 
     def _run_start(self, ev: RunStart) -> None:
         """A run's row; rank 0's RunStart describes the run even when another rank's came first (other ranks
@@ -340,34 +339,53 @@ class Store:
 
     @_locked
     def metric_keys(self, run_id: str) -> list[str]:
-        return [k for (k,) in self.db.execute("SELECT DISTINCT key FROM metrics WHERE run_id=?", (run_id,))]
+        return _chunks.keys(self.db, run_id)
+
+    def metric_series(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) of one metric in step order, finite values only (NaN and infinities are not drawn)."""
+        steps, _, values = self.metric_arrays(run_id, key)
+        finite = np.isfinite(values)
+        return list(zip(steps[finite].tolist(), (values[finite] + 0.0).tolist(), strict=True))  # -0.0: 0.0
 
     @_locked
-    def metric_series(self, run_id: str, key: str) -> list[tuple[int, float]]:
-        """(step, value) of one metric in step order, finite values only (NaN is stored as NULL)."""
-        rows = self.db.execute(
-            "SELECT step, value FROM metrics WHERE run_id=? AND key=? AND value IS NOT NULL ORDER BY step, ts",
-            (run_id, key),
-        )
-        return [(int(s), float(v)) for s, v in rows if not math.isinf(v)]
+    def metric_arrays(self, run_id: str, key: str, rank: int | None = None) -> tuple[
+            npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """(steps, timestamps, values) of one metric as numpy arrays (int64, float64, float64), sorted by step,
+        then timestamp, then arrival; every rank's points or ``rank``'s; NaN and infinities included."""
+        cols = _chunks.read_columns(self.db, run_id, key, rank=rank).sorted()
+        return cols.steps, cols.ts, cols.values
+
+    @_locked
+    def metric_envelope(self, run_id: str, key: str, columns: int, x: Literal["step", "time"] = "step",
+                        lo: float | None = None, hi: float | None = None, rank: int | None = None) -> Envelope:
+        """One metric reduced to ``columns`` pixel columns of the x axis (``step``, or ``time``: unix
+        seconds) over [lo, hi] (default: its finite points' range): per column the number of finite points
+        and their min, max, first and last (``store_chunks.Envelope``). Only chunks overlapping [lo, hi] are
+        decoded."""
+        cols = _chunks.read_columns(self.db, run_id, key, rank=rank, x=x, lo=lo, hi=hi)
+        return _chunks.envelope(cols, columns, x, lo, hi)
+
+    @_locked
+    def metric_count(self, run_id: str | None = None, key: str | None = None) -> int:
+        """How many metric points the store holds: of every run, of ``run_id``, of one key of it."""
+        return _chunks.count_points(self.db, run_id, key)
 
     @_locked
     def last_step(self, run_id: str, *, skip_prefix: str = "system/") -> int | None:
         """The highest step of a run's metrics, not counting keys under ``skip_prefix`` (the monitor's
         ``system/`` stats count seconds, not training steps); None if it has none."""
-        (step,) = self.db.execute(
-            "SELECT MAX(step) FROM metrics WHERE run_id=?1 AND (?2 = '' OR substr(key, 1, length(?2)) != ?2)",
-            (run_id, skip_prefix),
-        ).fetchone()
-        return None if step is None else int(step)
+        return _chunks.last_step(self.db, run_id, skip_prefix)
 
     # --- reading -------------------------------------------------------------------------------
 
     @_locked
     def runs(self) -> list[dict[str, Any]]:
+        points = ("(SELECT COALESCE(SUM(n), 0) FROM metric_chunks m WHERE m.run_id = r.run_id)"
+                  if not _chunks.has_row_table(self.db) else
+                  "(SELECT COUNT(*) FROM metrics m WHERE m.run_id = r.run_id)")  # read-only, of an older version
         cur = self.db.execute(
             "SELECT r.run_id, r.name, r.status, r.created_at, r.ended_at, r.config_hash,"
-            " (SELECT COUNT(*) FROM metrics m WHERE m.run_id = r.run_id) FROM runs r ORDER BY r.created_at"
+            f" {points} FROM runs r ORDER BY r.created_at"
         )
         keys = ("run_id", "name", "status", "created_at", "ended_at", "config_hash", "points")
         return [dict(zip(keys, row)) for row in cur]
@@ -406,23 +424,19 @@ class Store:
         return out
 
     def metric_points(self, run_id: str, key: str | None = None) -> Iterator[dict[str, Any]]:
-        """A run's points (of one key, or all) for export. Read in chunks, each under the lock, so a long
-        export never holds the store for the whole run."""
+        """A run's points (of one key, or all) for export, by key, step, timestamp. Read a key at a time, each
+        under the lock, so a long export never holds the store for the whole run."""
         with self._lock:
-            rank = "rank" if self._has_rank_column() else "0"  # a read-only store of an older version
-        sql = f"SELECT key, step, ts, value, {rank} FROM metrics WHERE run_id=?"
-        args: tuple[Any, ...] = (run_id,)
-        if key is not None:
-            sql += " AND key=?"
-            args += (key,)
-        with self._lock:
-            cur = self.db.execute(sql + " ORDER BY key, step, ts", args)
-        while True:
+            keys = self.metric_keys(run_id) if key is None else [key]
+        for k in keys:
             with self._lock:
-                rows = cur.fetchmany(_EXPORT_CHUNK)
-            if not rows:
-                return
-            for k, step, ts, value, r in rows:
+                cols = _chunks.read_columns(self.db, run_id, k).sorted()
+            # -0.0 + 0.0 is 0.0: what the row store gave back (SQLite keeps an integral REAL as an integer)
+            values = (cols.values + 0.0).tolist()
+            times: list[float | None] = cols.ts.tolist()
+            if np.isnan(cols.ts).any():  # SQLite held a NaN timestamp as NULL: export says null, as it did
+                times = [None if t != t else t for t in times]
+            for step, ts, value, r in zip(cols.steps.tolist(), times, values, cols.ranks.tolist(), strict=True):
                 yield {"run": run_id, "key": k, "step": step, "timestamp": ts, "value": _json_number(value),
                        "rank": r}
 
@@ -463,9 +477,9 @@ def _when(ts: float | None) -> str:
     return datetime.datetime.fromtimestamp(ts or 0).isoformat(timespec="seconds")
 
 
-def _json_number(value: float | None) -> float | str:
+def _json_number(value: float) -> float | str:
     """JSON has no NaN/Infinity: export them as strings, the way MLflow's REST API does."""
-    if value is None:
+    if value != value:
         return "NaN"
     if math.isinf(value):
         return "Infinity" if value > 0 else "-Infinity"

@@ -33,6 +33,8 @@ from typing import Any
 
 import psutil
 
+from flightlog.proto.errors import FlightlogError
+
 HERE = Path(__file__).resolve()
 
 
@@ -188,7 +190,7 @@ class Service:
 
 
 class LatencyProbe(threading.Thread):
-    """Polls the local store every 20 ms; a row's latency is the poll that first saw it minus its timestamp."""
+    """Polls the local store every 20 ms; a point's latency is the poll that first saw it minus its timestamp."""
 
     def __init__(self, store: Path, since: float) -> None:
         super().__init__(daemon=True)
@@ -197,28 +199,29 @@ class LatencyProbe(threading.Thread):
         self.stop_flag = threading.Event()
 
     def run(self) -> None:
-        last = 0
-        db = None
+        seen: dict[str, int] = {}  # run -> points of 'loss' already counted
+        store = None
         while not self.stop_flag.wait(0.02):
             try:
-                if db is None:
+                if store is None:
                     if not self.store.exists():
                         continue
-                    from flightlog.proto.sqlite import connect
+                    from flightlog.agent.store import Store
 
-                    db = connect(self.store, readonly=True, timeout=1.0)
-                    last = db.execute("SELECT coalesce(max(rowid), 0) FROM metrics").fetchone()[0]
-                rows = db.execute("SELECT rowid, ts FROM metrics WHERE rowid > ? AND key = 'loss'",
-                                  (last,)).fetchall()
-            except sqlite3.Error:
+                    store = Store(self.store, readonly=True)
+                    seen = {r.run_id: store.metric_count(r.run_id, "loss") for r in store.run_states()}
+                fresh: list[float] = []
+                for r in store.run_states():
+                    n = store.metric_count(r.run_id, "loss")
+                    if n > seen.get(r.run_id, 0):  # a trainer's steps only grow: the newest points are the last
+                        fresh += store.metric_arrays(r.run_id, "loss")[1][seen.get(r.run_id, 0):].tolist()
+                        seen[r.run_id] = n
+            except (sqlite3.Error, FlightlogError):
                 continue
             now = time.time()
-            for rowid, ts in rows:
-                last = max(last, rowid)
-                if ts >= self.since:
-                    self.latencies.append(now - ts)
-        if db is not None:
-            db.close()
+            self.latencies += [now - ts for ts in fresh if ts >= self.since]
+        if store is not None:
+            store.close()
 
 
 def pct(xs: list[float], q: float) -> float | None:

@@ -11,6 +11,7 @@ __all__ = [
     "AgentLocked",
     "WALError",
     "WALCorrupt",
+    "StoreCorrupt",
     "BackendError",
     "RetryableBackendError",
     "PermanentBackendError",
@@ -61,6 +62,10 @@ class WALError(FlightlogError):
 
 class WALCorrupt(WALError):
     """A WAL segment holds bytes that are not a valid record."""
+
+
+class StoreCorrupt(FlightlogError):
+    """The local store holds bytes that are not what it wrote (a metric chunk that does not decode)."""
 
 
 class BackendError(FlightlogError):

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import random
-import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 
 import flightlog
 from flightlog import capture
+from flightlog.agent.store import Store
 from flightlog.agent.wal import WalCursor, WALReader
 from flightlog.progress import NEVER, Progress
 from flightlog.proto.codec import decode_event
@@ -367,10 +367,11 @@ def test_tracker_progress_metrics(agent: Any, base_config: dict) -> None:
     assert points, "no progress metrics were logged"
     assert all(e.values["progress/steps_per_second"] > 0 for e in points)
     assert [e.step for e in points] == sorted(e.step for e in points)
-    db = sqlite3.connect(agent.paths.store)
+    db = Store(agent.paths.store, readonly=True)
     deadline = time.monotonic() + 20
     # Sinks deliver when their batch is full or their linger time passed: wait for all, not the first.
-    while time.monotonic() < deadline and db.execute(
-            "SELECT COUNT(*) FROM metrics WHERE key='progress/eta_seconds'").fetchone()[0] < len(points):
+    while time.monotonic() < deadline and db.metric_count(t.run_id, "progress/eta_seconds") < len(points):
         time.sleep(0.1)
-    assert db.execute("SELECT COUNT(*) FROM metrics WHERE key='progress/eta_seconds'").fetchone()[0] == len(points)
+    found = db.metric_count(t.run_id, "progress/eta_seconds")
+    db.close()
+    assert found == len(points)

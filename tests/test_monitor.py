@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -239,17 +238,17 @@ def test_agent_monitor_without_nvml_logs_system_metrics_and_alerts(
     try:
         cfg = {**base_config, "monitoring": {"interval_seconds": 0.3}}
         with flightlog.ExperimentTracker("mon", cfg) as t:
-            db = sqlite3.connect(agent_paths.store)
+            db = Store(agent_paths.store, readonly=True)
             deadline = time.monotonic() + 30
             count = 0
             while time.monotonic() < deadline:
-                count = db.execute("SELECT COUNT(*) FROM metrics WHERE run_id=? AND key='system/cpu_percent'",
-                                   (t.run_id,)).fetchone()[0]
+                count = db.metric_count(t.run_id, "system/cpu_percent")
                 if count >= 3:
                     break
                 time.sleep(0.1)
             assert count >= 3, proc.read_log()
-            keys = {k for (k,) in db.execute("SELECT DISTINCT key FROM metrics WHERE run_id=?", (t.run_id,))}
+            keys = set(db.metric_keys(t.run_id))
+            db.close()
             status = subprocess.run(
                 [sys.executable, "-m", "flightlog.agent.cli", "status", "--data-dir", str(agent_paths.data_dir),
                  "--socket", str(agent_paths.socket)], capture_output=True, text=True, timeout=30)

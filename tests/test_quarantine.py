@@ -65,7 +65,7 @@ def _store_points(paths: AgentPaths, run_id: str) -> int:
         return 0
     store = Store(paths.store, readonly=True)
     try:
-        return int(store.db.execute("SELECT COUNT(*) FROM metrics WHERE run_id=?", (run_id,)).fetchone()[0])
+        return store.metric_count(run_id)
     except sqlite3.Error:  # the table is not there yet
         return 0
     finally:

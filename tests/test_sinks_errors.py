@@ -65,7 +65,7 @@ def test_replay_into_a_store_quarantines_the_bad_event(tmp_path: Path) -> None:
                  progress=False)
     assert res.events == 41 and res.quarantined == 1 and res.cursor.seq == len(evs)
     store = Store(tmp_path / "out.db", readonly=True)
-    assert store.db.execute("SELECT COUNT(*) FROM metrics").fetchone()[0] == 40
+    assert store.metric_count() == 40
     store.close()
     state = Store(tmp_path / "state" / "state.sqlite", readonly=True)
     [row] = state.quarantine_rows()
