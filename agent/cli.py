@@ -361,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flightlog.agent.ckpt_cli import add_subparsers as add_ckpt
 
     add_ckpt(sub)
+    from flightlog.agent.ui.server import add_subparser as add_ui
+
+    add_ui(sub)
     return p
 
 
