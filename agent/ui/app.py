@@ -16,7 +16,7 @@ _STATUSES = ["", "running", "completed", "failed", "crashed", "killed"]
 def _filters() -> data.RunFilter:
     c = st.columns(5)
     return data.RunFilter(name=c[0].text_input("name or id", key="f-name"), tag=c[1].text_input("tag", key="f-tag"),
-                          status=str(c[2].selectbox("status", _STATUSES, key="f-status") or ""),
+                          status=str(c[2].selectbox("status", _STATUSES, key="f-status", format_func=lambda s: s or "any") or ""),
                           config_hash=c[3].text_input("config hash", key="f-hash"),
                           host=c[4].text_input("host", key="f-host"))
 

@@ -27,7 +27,7 @@ def _edit_panel(run_id: str, run: dict[str, Any], tags: list[str]) -> None:
             with open_store(write=True) as store:
                 queries.set_tags(store, run_id, [t.strip() for t in new_tags.split(",") if t.strip()])
                 queries.set_notes(store, run_id, notes)
-            st.success("saved")
+            st.session_state["saved"] = f"tags and notes of {run_id} saved"
             st.rerun()
 
 
@@ -62,7 +62,7 @@ def _checkpoint_panel(run_id: str) -> None:
         st.caption("no checkpoints")
         return
     table([{"path": r["path"], "state": r["state"], "step": r["step"], "epoch": r["epoch"],
-            "best": "best" if r.get("is_best") else "", "size": r["size"], "saved": when(r.get("saved")),
+            "best": "★ best" if r.get("is_best") else "", "size": r["size"], "saved": when(r.get("saved")),
             "metrics": r.get("metrics")} for r in rows])
     done = [r for r in rows if r["state"] == "done"]
     if not done:
@@ -117,6 +117,8 @@ def _run_body(run_id: str) -> None:
         run = d["run"]
         st.title(f"{run['name']}")
         st.caption(f"{run_id} · {run['status']} · started {when(run['created_at'])}")
+        if st.session_state.get("saved"):
+            st.success(st.session_state.pop("saved"))
         tabs = st.tabs(["Overview", "Metrics", "System", "Config", "Environment", "Git", "Artifacts",
                         "Checkpoints", "Edit"])
         with tabs[0]:
@@ -141,7 +143,8 @@ def _run_body(run_id: str) -> None:
         _checkpoint_panel(run_id)
     with tabs[8]:
         _edit_panel(run_id, run, _tags(run))
-        _delete_panel(run_id, run)
+    st.divider()
+    _delete_panel(run_id, run)  # under the tabs: a rerun shows the first tab again, and the question must show
 
 
 def _tags(run: dict[str, Any]) -> list[str]:
