@@ -47,5 +47,5 @@ def exposed_data(key: str, axis: str, series: list[Series]) -> dict[str, Any]:
         {"run_id": s.run_id, "label": s.label, "points": s.points, "dropped": s.env.dropped,
          "columns": [[a, b, lo, hi, n] for a, b, lo, hi, n in zip(
              s.env.left.tolist(), s.env.right.tolist(), s.env.lo.tolist(), s.env.hi.tolist(),
-             s.env.count.tolist())]}
+             s.env.counts.tolist())]}
         for s in series]}

@@ -23,10 +23,12 @@ class Envelope(NamedTuple):
     lo_x: Floats  # where the least value is (its first occurrence)
     hi_x: Floats  # where the greatest is
     mean: Floats
-    count: Ints  # finite points in the column
+    counts: Ints  # finite points in the column
     dropped: int  # points left out: NaN or infinite value or x, or outside the range asked for
 
-    def __len__(self) -> int:  # type: ignore[override]  # the columns, not the tuple's fields
+    @property
+    def columns(self) -> int:
+        """The columns that hold points."""
         return int(self.lo.shape[0])
 
 

@@ -3,6 +3,7 @@ checkpoints, tags and notes, deletion) and compare page (side by side, config an
 overlaid charts). Streamlit code only; the data comes from ``flightlog.agent.ui.data``."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,7 @@ def _checkpoint_panel(run_id: str) -> None:
         c2.caption(f"file missing: {exc.strerror}")
         return
     if size <= _DOWNLOAD_LIMIT:
-        c2.download_button("Download", lambda: Path(row["path"]).read_bytes(), file_name=Path(row["path"]).name,
+        c2.download_button("Download", functools.partial(Path(row["path"]).read_bytes), file_name=Path(row["path"]).name,
                            key=f"download-{run_id}", on_click="ignore")
     else:
         c2.code(f"flightlog ckpt export {row['path']} --out DIR", language="bash")
@@ -91,7 +92,7 @@ def _artifact_panel(arts: list[dict[str, Any]], run_id: str) -> None:
     for i, a in enumerate(arts):
         p = Path(a["path"])
         if p.is_file() and p.stat().st_size <= _DOWNLOAD_LIMIT:
-            st.download_button(f"Download {a['name']}", lambda p=p: p.read_bytes(), file_name=p.name,
+            st.download_button(f"Download {a['name']}", functools.partial(p.read_bytes), file_name=p.name,
                                key=f"art-{run_id}-{i}", on_click="ignore")
 
 

@@ -82,6 +82,6 @@ def chart_panel(store: Store, runs: list[tuple[str, str]], keys: list[str], pref
                                    log_y=log_y)
         spec = charts.metric_spec(key, data.chart_records(series), axis=axis, log_y=log_y, smoothing=smoothing)
         st.vega_lite_chart(spec, width="stretch")
-        shown = ", ".join(f"{s.label}: {s.points:,} points in {len(s.env)} columns" for s in series)
+        shown = ", ".join(f"{s.label}: {s.points:,} points in {s.env.columns} columns" for s in series)
         with st.expander(f"chart data: {key} ({shown})"):
             st.code(json.dumps(charts.exposed_data(key, axis, series)), language="json")
