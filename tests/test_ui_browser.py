@@ -53,6 +53,16 @@ def _make_runs(base: Path) -> dict[str, str]:
     return ids
 
 
+def _wait_points(paths: AgentPaths, run_id: str, n: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with Store(paths.store, readonly=True) as s:
+            if data.metric_arrays(s, run_id, "train/loss")[0].shape[0] >= n:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"run {run_id} did not reach {n} points in the store in {timeout} s")
+
+
 def _wait_for_store(paths: AgentPaths, ids: dict[str, str], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -88,8 +98,9 @@ def _start_ui(paths: AgentPaths, log: Path) -> tuple[subprocess.Popen[bytes], st
 
 
 class UI:
-    def __init__(self, url: str, paths: AgentPaths, ids: dict[str, str], shots: Path, browser: Browser) -> None:
-        self.url, self.paths, self.ids, self.shots = url, paths, ids, shots
+    def __init__(self, url: str, paths: AgentPaths, ids: dict[str, str], shots: Path, browser: Browser,
+                 live: flightlog.ExperimentTracker) -> None:
+        self.url, self.paths, self.ids, self.shots, self.live = url, paths, ids, shots, live
         self.page: Page = browser.new_page(viewport={"width": 1400, "height": 1000})
         self.page.set_default_timeout(60_000)
         expect.set_options(timeout=60_000)  # a shared, slow machine: Streamlit reruns take seconds
@@ -110,20 +121,27 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UI]:
         (base / "data").mkdir(mode=0o700)
         paths = resolve_paths()
         agent = AgentProcess(paths).start()
-        proc = None
+        proc = live = None
         try:
             ids = _make_runs(base)
+            live = flightlog.ExperimentTracker("live", {"tracking": {"use_tensorboard": False},
+                                                        "agent": {"autostart": False}})
+            for s in range(10):
+                live.log_metrics({"train/loss": float(s)}, step=s)
             _wait_for_store(paths, ids)
+            _wait_points(paths, live.run_id, 10)
             proc, url = _start_ui(paths, base / "ui.log")
             shots = base / "screenshots"
             shots.mkdir()
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
                 try:
-                    yield UI(url, paths, ids, shots, browser)
+                    yield UI(url, paths, ids, shots, browser, live)
                 finally:
                     browser.close()
         finally:
+            if live is not None:
+                live.finish()
             if proc is not None:
                 proc.terminate()
                 proc.wait(30)
@@ -140,14 +158,14 @@ def _png(path: Path) -> None:
 def test_runs_table_filters(ui: UI) -> None:
     page = ui.page
     page.goto(ui.url)
-    expect(page.get_by_text("3 of 3 runs")).to_be_visible()
+    expect(page.get_by_text("4 of 4 runs")).to_be_visible()
     page.get_by_label("tag").fill("baseline")
     page.get_by_label("tag").press("Enter")
-    expect(page.get_by_text("1 of 3 runs")).to_be_visible()
+    expect(page.get_by_text("1 of 4 runs")).to_be_visible()
     _png(ui.shot("runs-filtered"))
     page.get_by_label("tag").fill("")
     page.get_by_label("tag").press("Enter")
-    expect(page.get_by_text("3 of 3 runs")).to_be_visible()
+    expect(page.get_by_text("4 of 4 runs")).to_be_visible()
     _png(ui.shot("runs"))
 
 
@@ -226,11 +244,26 @@ def test_edit_tags_and_delete_a_run(ui: UI) -> None:
         assert run_id in {r.run_id for r in store.run_states()}
     page.get_by_role("button", name="Yes, delete it").click()
     expect(page.get_by_text(f"run {run_id} deleted")).to_be_visible()
-    expect(page.get_by_text("2 of 2 runs")).to_be_visible()
+    expect(page.get_by_text("3 of 3 runs")).to_be_visible()
     with Store(ui.paths.store, readonly=True) as store:
         assert run_id not in {r.run_id for r in store.run_states()}
         assert list(store.metric_points(run_id)) == []
     _png(ui.shot("after-delete"))
+
+
+def test_running_run_refreshes_live_and_cannot_be_deleted(ui: UI) -> None:
+    page, live = ui.page, ui.live
+    page.goto(f"{ui.url}run?run={live.run_id}")
+    page.get_by_role("tab", name="Metrics").click()
+    metrics = page.get_by_role("tabpanel", name="Metrics")
+    expect(metrics.get_by_text("chart data: train/loss (live: 10 points")).to_be_visible()
+    expect(page.get_by_text("a running run cannot be deleted")).to_be_visible()
+    for s in range(10, 25):
+        live.log_metrics({"train/loss": float(s)}, step=s)
+    _wait_points(ui.paths, live.run_id, 25)
+    # no reload: the page of a running run reruns itself
+    expect(metrics.get_by_text("chart data: train/loss (live: 25 points")).to_be_visible()
+    _png(ui.shot("live"))
 
 
 def test_agent_page(ui: UI) -> None:
@@ -242,5 +275,5 @@ def test_agent_page(ui: UI) -> None:
     _png(ui.shot("agent"))
     assert sorted(p.name for p in ui.shots.iterdir()) == sorted(
         f"{n}.png" for n in ("runs-filtered", "runs", "run-metrics", "run-checkpoints", "compare",
-                             "delete-confirm", "after-delete", "agent"))
+                             "delete-confirm", "after-delete", "live", "agent"))
     assert os.path.getsize(ui.shots / "agent.png") > 1000
