@@ -127,7 +127,7 @@ def _run_body(run_id: str) -> None:
         with tabs[1]:
             chart_panel(store, [(run_id, run["name"])], d["metric_keys"], f"run-{run_id}")
         with tabs[2]:
-            chart_panel(store, [(run_id, run["name"])], d["system_keys"], f"sys-{run_id}")
+            chart_panel(store, [(run_id, run["name"])], d["system_keys"], f"sys-{run_id}", first=4)
     with tabs[3]:
         st.json(d["config"])
     with tabs[4]:
@@ -192,6 +192,5 @@ def compare_page() -> None:
             table([{"key": k, a["run"]["run_id"]: repr(x), b["run"]["run_id"]: repr(y)}
                    for k, x, y in data.diff_runs(a[key], b[key])])
         keys = sorted(set.intersection(*(set(d["metric_keys"]) for d in details)))
-        chosen = st.multiselect("metrics", keys, default=keys[:4], key="compare-keys")
         chart_panel(store, [(d["run"]["run_id"], f"{d['run']['name']} ({d['run']['run_id'][:8]})") for d in details],
-                    list(chosen), "compare")
+                    keys, "compare", first=4)

@@ -70,14 +70,15 @@ def chart_controls(prefix: str) -> tuple[str, float, bool]:
 
 
 def chart_panel(store: Store, runs: list[tuple[str, str]], keys: list[str], prefix: str,
-                columns: int = 800) -> None:
-    """One chart per key, overlaying ``runs`` (id, label) on a shared axis, each drawn from the server-side
-    envelope; under each, the chart's data (per pixel column) as JSON."""
+                columns: int = 800, first: int = 6) -> None:
+    """One chart per chosen key (the first ``first`` until the user picks), overlaying ``runs`` (id, label)
+    on a shared axis, each drawn from the server-side envelope; under each, its data (per column) as JSON."""
     if not keys:
         st.caption("no metrics")
         return
+    chosen = st.multiselect("metrics", keys, default=keys[:first], key=f"{prefix}-keys")
     axis, smoothing, log_y = chart_controls(prefix)
-    for key in keys:
+    for key in chosen:
         series = data.chart_series(store, runs, key, axis=axis, columns=columns, smoothing=smoothing,
                                    log_y=log_y)
         spec = charts.metric_spec(key, data.chart_records(series), axis=axis, log_y=log_y, smoothing=smoothing)
