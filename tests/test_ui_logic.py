@@ -103,6 +103,9 @@ def test_runs_table_of_10000_runs_filters_and_sorts(tmp_path: Path) -> None:
     by_kv = data.filter_runs(rows, data.RunFilter(tag="team=vision", status="completed", config_hash="h0"))
     assert by_kv and all(r.status == "completed" and r.config_hash == "h0" and "team=vision" in r.tags for r in by_kv)
     assert data.filter_runs(rows, data.RunFilter(name="RUN0000"))[0].run_id.startswith("run0000")
+    cols = data.runs_columns(shown[:3])
+    assert cols["run_id"] == [r.run_id for r in shown[:3]] and all("sweep" in t for t in cols["tags"])
+    assert cols["created"][0] == data.when(shown[0].created_at) and cols["ended"][0] == ""
     with pytest.raises(FlightlogError, match="cannot sort"):
         data.sort_runs(rows, "nope")
     store.close()

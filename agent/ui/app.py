@@ -59,13 +59,8 @@ def runs_page() -> None:
     key = str(c1.selectbox("sort by", data.SORT_KEYS, key="sort-key"))
     shown = data.sort_runs(data.filter_runs(rows, f), key, descending=c2.checkbox("descending", True, key="sort-desc"))
     st.caption(f"{len(shown)} of {len(rows)} runs")
-    event = st.dataframe(
-        {"run_id": [r.run_id for r in shown], "name": [r.name for r in shown],
-         "status": [r.status for r in shown], "created": [when(r.created_at) for r in shown],
-         "ended": [when(r.ended_at) for r in shown], "config_hash": [r.config_hash for r in shown],
-         "host": [r.host for r in shown], "tags": [", ".join(r.tags) for r in shown],
-         "notes": [r.notes for r in shown]},
-        hide_index=True, on_select="rerun", selection_mode="multi-row", key="runs-table")
+    event = st.dataframe(data.runs_columns(shown), hide_index=True, on_select="rerun",
+                         selection_mode="multi-row", key="runs-table")
     _open_controls(shown, list(event.selection.rows) if event is not None else [])
 
 

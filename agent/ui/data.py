@@ -2,6 +2,7 @@
 sorted, chart series on one shared axis, a run's details and checkpoints, and the diff of two runs."""
 from __future__ import annotations
 
+import datetime
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,7 +17,7 @@ from flightlog.agent.ui.queries import RunRow, artifacts
 from flightlog.proto.errors import CheckpointError, FlightlogError
 
 __all__ = ["Arrays", "metric_arrays", "RunFilter", "filter_runs", "sort_runs", "SORT_KEYS", "Series",
-           "chart_series", "chart_records", "flatten", "diff_runs", "run_details", "checkpoints",
+           "when", "runs_columns", "chart_series", "chart_records", "flatten", "diff_runs", "run_details", "checkpoints",
            "verify_checkpoint"]
 
 Arrays = tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]]
@@ -79,6 +80,20 @@ def sort_runs(rows: list[RunRow], key: str = "created_at", descending: bool = Tr
         return (v is not None, v if v is not None else 0)
 
     return sorted(rows, key=k, reverse=descending)
+
+
+def when(ts: float | None) -> str:
+    """A timestamp as local date and time to the second ('' for none)."""
+    return "" if not ts else datetime.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="seconds")
+
+
+def runs_columns(rows: list[RunRow]) -> dict[str, list[str]]:
+    """The runs table as the page shows it: one list per column."""
+    return {"run_id": [r.run_id for r in rows], "name": [r.name for r in rows],
+            "status": [r.status for r in rows], "created": [when(r.created_at) for r in rows],
+            "ended": [when(r.ended_at) for r in rows], "config_hash": [r.config_hash for r in rows],
+            "host": [r.host for r in rows], "tags": [", ".join(r.tags) for r in rows],
+            "notes": [r.notes for r in rows]}
 
 
 class Series(NamedTuple):

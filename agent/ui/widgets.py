@@ -3,7 +3,6 @@ axis/smoothing/log controls), small tables. Thin: the logic is in ``data``, ``ch
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import streamlit as st
 
 from flightlog.agent.store import Store
 from flightlog.agent.ui import charts, data
+from flightlog.agent.ui.data import when
 from flightlog.proto.paths import AgentPaths, resolve_paths
 
 __all__ = ["PAGES", "agent_paths", "open_store", "chart_panel", "chart_controls", "when", "table"]
@@ -39,10 +39,6 @@ def open_store(*, write: bool = False) -> Iterator[Store]:
         yield store
     finally:
         store.close()
-
-
-def when(ts: float | None) -> str:
-    return "" if not ts else datetime.datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="seconds")
 
 
 def table(rows: list[dict[str, Any]], **kwargs: Any) -> None:
