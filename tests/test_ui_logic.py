@@ -149,3 +149,15 @@ def test_tags_notes_and_delete(tmp_path: Path) -> None:
         queries.delete_run(ro, "run00010")
     ro.close()
     store.close()
+
+
+def test_ui_command_refuses_a_data_dir_without_a_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flightlog.agent.cli import main as cli_main
+    from flightlog.agent.ui.server import HOST, free_port, streamlit_command
+
+    assert cli_main(["ui", "--data-dir", str(tmp_path / "nothing")]) == 1
+    err = capsys.readouterr().err
+    assert "no flightlog store at" in err and "--data-dir" in err
+    cmd = streamlit_command(free_port(), tmp_path, tmp_path / "a.sock")
+    assert cmd[cmd.index("--server.address") + 1] == HOST == "127.0.0.1"  # never another interface
+    assert cmd[-4:] == ["--data-dir", str(tmp_path), "--socket", str(tmp_path / "a.sock")]
