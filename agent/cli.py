@@ -434,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flightlog.agent.secrets_cli import add_subparsers as add_secrets
 
     add_secrets(sub)
+    from flightlog.agent.ui.server import add_subparser as add_ui
+
+    add_ui(sub)
     return p
 
 

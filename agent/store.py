@@ -470,6 +470,15 @@ class Store:
             return []
         return [dict(zip(keys, row)) for row in cur]
 
+    # --- web UI ---
+
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection under the store's lock, for the web UI's own read queries
+        (``flightlog.agent.ui.queries``): no transaction, so a read never holds up the agent's writer."""
+        with self._lock:
+            yield self.db
+
 
 def _when(ts: float | None) -> str:
     import datetime
