@@ -73,6 +73,17 @@ class AgentProcess:
         return self.proc.returncode
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored() -> Iterator[None]:
+    """Each test ends with the environment it started with: `flightlog.agent.cli.main` called in-process
+    exports --data-dir/--socket (for the children a command starts), which must not leak into later tests."""
+    saved = dict(os.environ)
+    yield
+    for key in set(os.environ) - set(saved):
+        del os.environ[key]
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def agent_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[AgentPaths]:
     """Isolated paths: the env vars point every tracker in this test (and its children) at them."""
