@@ -139,6 +139,11 @@ class Registry:
         self.db.execute("UPDATE checkpoints SET state='failed', error=?, tmp_path=NULL WHERE path=? AND state='writing'",
                         (error, path))
 
+    def forget(self, path: str) -> None:
+        """The file was deleted by someone else's retention (Lightning's ``save_top_k``): never best or latest."""
+        with transaction(self.db) as db:
+            db.execute("UPDATE checkpoints SET state='deleted', is_best=0 WHERE path=?", (str(path),))
+
     def mark_interrupted(self, path: str) -> None:
         self.fail(path, "interrupted: the writer died before the file was durable")
 
