@@ -52,6 +52,8 @@ MAX_PARAM_LENGTH = 6000
 MAX_TAG_LENGTH = 8000
 RUN_ID_TAG = "flightlog.run_id"
 STATUS_TAG = "flightlog.status"
+#: A run's parent (a study's trial -> the study): the flightlog run id, turned into MLflow's own parent tag.
+PARENT_TAG = "flightlog.parent_run_id"
 #: flightlog's end statuses (proto.events.END_STATUSES) as MLflow's; a crash is a failure there.
 _STATUS = {"completed": "FINISHED", "failed": "FAILED", "killed": "KILLED", CRASHED: "FAILED"}
 _RETRYABLE_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED",
@@ -235,6 +237,10 @@ class MLflowTracker(RunSinkBase):
 
         run = self._run(run_id, start)
         got = self._collect(run_id, events)
+        if got.tags.get(PARENT_TAG):
+            parent = self._mlflow_id_of(run, got.tags[PARENT_TAG])
+            if parent:
+                got.tags["mlflow.parentRunId"] = parent
         for group in got.param_groups:
             self._send(run, [Param(k, v) for k, v in group.items()], [], [])
         self._send(run, [Param(k, v) for k, v in got.params.items()],
@@ -256,6 +262,16 @@ class MLflowTracker(RunSinkBase):
             state.update(ended=True, ended_seq=seq)
             self.save_state(run_id, state)
             self._runs.pop(run_id, None)
+
+    def _mlflow_id_of(self, run: _MlRun, flightlog_run_id: str) -> str | None:
+        """The MLflow run id of another flightlog run (open in this sink, or found in ``run``'s experiment)."""
+        known = self._runs.get(flightlog_run_id)
+        if known is not None:
+            return known.id
+        info = self._call(run, "reading the MLflow run's experiment", run.client.get_run, run.id).info
+        found = self._call(run, f"finding the parent run {flightlog_run_id!r}", run.client.search_runs,
+                           [info.experiment_id], f"tags.`{RUN_ID_TAG}` = '{flightlog_run_id}'", max_results=1)
+        return found[0].info.run_id if found else None  # type: ignore[no-any-return]
 
     def _collect(self, run_id: str, events: list[tuple[int, Event]]) -> _Collected:
         """A run's events as MLflow entities and uploads, in the order MLflow must see them."""

@@ -91,7 +91,7 @@ class WandBTracker(RunSinkBase):
             self._wandb = wandb
         return self._wandb
 
-    def _open_run(self, run_id: str, start: RunStart) -> _WbRun | None:
+    def _open_run(self, run_id: str, start: RunStart, group: str | None = None) -> _WbRun | None:
         wb = self._runs.get(run_id)
         if wb is not None:
             return wb
@@ -117,7 +117,7 @@ class WandBTracker(RunSinkBase):
             run = wandb.init(
                 project=tracking.wandb_project, entity=tracking.wandb_entity or None,
                 name=start.name, notes=start.description or None, tags=[str(t)[:64] for t in start.tags] or None,
-                config=config, mode=mode, dir=directory, id=wandb_run_id(run_id), resume="allow",
+                config=config, mode=mode, dir=directory, id=wandb_run_id(run_id), resume="allow", group=group,
                 reinit="create_new", settings=wandb.Settings(**settings),
             )
         except Exception as exc:
@@ -149,7 +149,7 @@ class WandBTracker(RunSinkBase):
         events = [(s, ev) for s, ev in events if s > done]
         if not events or state.get("ended"):
             return
-        wb = self._open_run(run_id, start)
+        wb = self._open_run(run_id, start, _group_of(events))
         if wb is None:  # wandb_mode: disabled
             return
         run, st = wb.run, wb.state
@@ -259,6 +259,19 @@ class WandBTracker(RunSinkBase):
                 self._wandb.teardown()
             except Exception:
                 log.warning("W&B: teardown failed", exc_info=True)
+
+
+#: A run's parent (a study's trial -> the study): W&B groups the children under the parent's run id.
+PARENT_TAG = "flightlog.parent_run_id"
+
+
+def _group_of(events: list[tuple[int, Event]]) -> str | None:
+    """The W&B group of a run about to be opened: its parent's run id, from a Tags event the SDK sends right
+    after the run's start (W&B takes a group only in ``wandb.init``)."""
+    for _seq, ev in events:
+        if isinstance(ev, Tags) and ev.tags.get(PARENT_TAG):
+            return str(ev.tags[PARENT_TAG])[:128]
+    return None
 
 
 def _media(ev: Histogram | Image) -> Any:
