@@ -179,3 +179,52 @@ def test_trainer_logs_everywhere_keeps_top_k_and_resumes_exactly(setup: dict[str
         for name in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(torch.as_tensor(state0[i][name]), torch.as_tensor(saved0[i][name])), (i, name)
     assert t2.global_step > saved["global_step"]  # and training went on from there
+
+
+def test_pytorch_lightning_path_without_a_logger_writes_flightlog_checkpoints(tmp_path: Path) -> None:
+    """``import pytorch_lightning``: its Trainer accepts the plugin (its own CheckpointIO class); with no
+    flightlog run the files are written by a thread of this process, registered beside them, and top-k works."""
+    pl = pytest.importorskip("pytorch_lightning")
+    from flightlog.integrations import pytorch_lightning as fl_pl
+
+    class PlTiny(pl.LightningModule):  # the same model on the other package's base class
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        training_step = Tiny.training_step
+        validation_step = Tiny.validation_step
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    fl_pl.reset_active()
+    io = fl_pl.FlightlogCheckpointIO()
+    ck = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "pl", save_top_k=1, monitor="val_loss")
+    train, val = loaders()
+    t = pl.Trainer(max_epochs=2, logger=False, plugins=[io], callbacks=[ck], accelerator="cpu", devices=1,
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    t.fit(PlTiny(), train, val)
+    (kept,) = sorted((tmp_path / "pl").glob("*.ckpt"))
+    assert str(kept) == ck.best_model_path
+    with Registry(tmp_path / "pl" / "registry.db") as reg:
+        assert reg.get(str(kept))["state"] == "done"
+        assert [r["state"] for r in reg.entries(str(tmp_path / "pl"), ("deleted",))] in ([], ["deleted"])
+    state = io.load_checkpoint(kept)
+    assert kept.name == f"epoch={state['epoch']}-step={state['global_step']}.ckpt"
+    assert state["state_dict"].keys() == t.lightning_module.state_dict().keys()
+    if state["global_step"] == t.global_step:  # the last epoch was the best: the weights training ended with
+        for k, v in t.lightning_module.state_dict().items():
+            assert torch.equal(state["state_dict"][k], v), k
+
+
+@pytest.mark.parametrize(("env", "rank", "tracks"), [
+    ({}, 0, True), ({}, 1, False),  # Lightning's own launcher: rank 0 only, as its loggers
+    ({"TORCHELASTIC_RUN_ID": "j1", "RANK": "1", "WORLD_SIZE": "2"}, 1, True),  # torchrun: every rank joins
+    ({"SLURM_JOB_ID": "7", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, 1, True),
+    ({"TORCHELASTIC_RUN_ID": "j1", "RANK": "0", "WORLD_SIZE": "1"}, 1, False),
+])
+def test_which_ranks_track(env: dict[str, str], rank: int, tracks: bool) -> None:
+    from flightlog.integrations._common import tracks_this_rank
+
+    assert tracks_this_rank(rank, env) is tracks

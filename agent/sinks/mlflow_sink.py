@@ -271,7 +271,7 @@ class MLflowTracker(RunSinkBase):
         info = self._call(run, "reading the MLflow run's experiment", run.client.get_run, run.id).info
         found = self._call(run, f"finding the parent run {flightlog_run_id!r}", run.client.search_runs,
                            [info.experiment_id], f"tags.`{RUN_ID_TAG}` = '{flightlog_run_id}'", max_results=1)
-        return found[0].info.run_id if found else None  # type: ignore[no-any-return]
+        return str(found[0].info.run_id) if found else None
 
     def _collect(self, run_id: str, events: list[tuple[int, Event]]) -> _Collected:
         """A run's events as MLflow entities and uploads, in the order MLflow must see them."""

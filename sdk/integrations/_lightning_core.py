@@ -185,7 +185,7 @@ class _PathCheckpointer(ModelCheckpointer):
     def _path_for(self, *args: Any, **kwargs: Any) -> str:
         if self._target is not None:
             return self._target
-        return super()._path_for(*args, **kwargs)  # type: ignore[no-any-return]
+        return super()._path_for(*args, **kwargs)
 
     @property
     def _target_lock(self) -> threading.Lock:
@@ -230,8 +230,9 @@ class CheckpointIOCore:
         if self._ck is not None and self._ck_tracker is tracker and not self._ck._closed:
             return self._ck
         self.settle(close=True)
+        ck: ModelCheckpointer
         if tracker is not None:
-            ck = _PathCheckpointer.for_tracker(tracker)
+            ck = _PathCheckpointer.for_tracker(tracker)  # a classmethod: builds this subclass
         else:
             c = (self._config or load_config(None)).checkpointing
             ck = _PathCheckpointer(Path(near).parent, compression=c.compression,
@@ -239,6 +240,7 @@ class CheckpointIOCore:
         # Lightning's ModelCheckpoint keeps its top k and deletes the rest through remove_checkpoint;
         # flightlog's own retention must not delete a file Lightning still counts on.
         ck.max_checkpoints, ck.keep_every_n_steps, ck.monitor = 0, 0, None
+        assert isinstance(ck, _PathCheckpointer)
         self._ck, self._ck_tracker = ck, tracker
         return ck
 
@@ -266,7 +268,7 @@ class CheckpointIOCore:
             return self._torch_io().load_checkpoint(path, map_location=map_location,  # type: ignore[no-any-return]
                                                     weights_only=weights_only)
         own = self._ck is not None and not self._ck._closed
-        ck = self._ck if own and self._ck is not None else self._reader(target)
+        ck: ModelCheckpointer = self._ck if own and self._ck is not None else self._reader(target)
         into = _Into()
         try:
             ck.load(target, into, map_location="cpu" if map_location is None else map_location,

@@ -13,30 +13,28 @@ from __future__ import annotations
 from typing import Any
 
 try:
-    from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
-    from lightning.pytorch.loggers import Logger
-    from lightning.pytorch.loggers.logger import DummyExperiment
+    import lightning.fabric.plugins as _plugins
+    import lightning.pytorch.loggers as _loggers
 except ImportError:  # only the standalone package is installed
-    from lightning_fabric.plugins import CheckpointIO, TorchCheckpointIO  # type: ignore[no-redef]
-    from pytorch_lightning.loggers import Logger  # type: ignore[no-redef]
-    from pytorch_lightning.loggers.logger import DummyExperiment  # type: ignore[no-redef]
+    import lightning_fabric.plugins as _plugins  # type: ignore[no-redef]
+    import pytorch_lightning.loggers as _loggers  # type: ignore[no-redef]
 
 from flightlog.integrations._lightning_core import CheckpointIOCore, LoggerCore, reset_active
 
 __all__ = ["FlightlogLogger", "FlightlogCheckpointIO", "reset_active"]
 
 
-class FlightlogLogger(LoggerCore, Logger):  # type: ignore[misc]
+class FlightlogLogger(LoggerCore, _loggers.Logger):
     """``FlightlogLogger(name, config=None, *, upload_checkpoints=True, **tracker_options)``: a Lightning
     logger onto one flightlog run. ``tracker_options`` go to ``ExperimentTracker`` (``run_id=`` continues a
     run, ``tags=``, ``description=``). ``experiment`` is the tracker; ``version`` its run id."""
 
-    _dummy = DummyExperiment
+    _dummy = _loggers.logger.DummyExperiment  # type: ignore[attr-defined]
 
 
-class FlightlogCheckpointIO(CheckpointIOCore, CheckpointIO):  # type: ignore[misc]
+class FlightlogCheckpointIO(CheckpointIOCore, _plugins.CheckpointIO):
     """``FlightlogCheckpointIO(config=None, *, tracker=None, restore_rng=False)``: Lightning's checkpoints
     in flightlog's format, written by the agent of the FlightlogLogger's run (or of ``tracker``; without
     either, by a writer thread of this process with the registry beside the files)."""
 
-    _torch_io: Any = TorchCheckpointIO
+    _torch_io: Any = _plugins.TorchCheckpointIO

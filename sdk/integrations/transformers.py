@@ -24,7 +24,7 @@ from flightlog.tracker import ExperimentTracker
 __all__ = ["FlightlogCallback", "register_report_to"]
 
 
-class FlightlogCallback(TrainerCallback):  # type: ignore[misc]
+class FlightlogCallback(TrainerCallback):
     """``FlightlogCallback(name=None, config=None, *, checkpoints=True, **tracker_options)``. ``name``
     defaults to ``args.run_name`` (else the output folder's name); with ``report_to="flightlog"`` the
     Trainer builds it without arguments (config: the ``FLIGHTLOG_*`` environment, e.g.
