@@ -117,8 +117,8 @@ class WandBTracker(RunSinkBase):
             run = wandb.init(
                 project=tracking.wandb_project, entity=tracking.wandb_entity or None,
                 name=start.name, notes=start.description or None, tags=[str(t)[:64] for t in start.tags] or None,
-                config=config, mode=mode, dir=directory, id=wandb_run_id(run_id), resume="allow", group=group,
-                reinit="create_new", settings=wandb.Settings(**settings),
+                config=config, mode=mode, dir=directory, id=wandb_run_id(run_id), resume="allow",
+                reinit="create_new", settings=wandb.Settings(**settings), **({"group": group} if group else {}),
             )
         except Exception as exc:
             self._raise(exc, f"starting W&B run {start.name!r} ({mode})")

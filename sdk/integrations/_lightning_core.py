@@ -38,7 +38,8 @@ def reset_active() -> None:
 
 
 def _framework_rank() -> int:
-    from lightning_fabric.utilities.rank_zero import rank_zero_only  # both packages share this object
+    # lightning and pytorch_lightning both set this one object (lightning_utilities, a dependency of each)
+    from lightning_utilities.core.rank_zero import rank_zero_only
 
     return int(getattr(rank_zero_only, "rank", 0) or 0)
 
