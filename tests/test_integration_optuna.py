@@ -99,3 +99,24 @@ def test_wandb_group_is_read_from_the_tags_sent_with_the_start() -> None:
     events: list[tuple[int, Any]] = [(1, Metrics("r-t1", 0, 1.0, {"x": 1.0})), (2, Tags("r-t1", {PARENT_TAG: "r"}, 1.0))]
     assert _group_of(events) == "r"
     assert _group_of(events[:1]) is None
+
+
+def test_trials_are_grouped_under_the_study_in_wandb(agent: AgentProcess, tmp_path: Path) -> None:
+    from conftest_backends import read_wandb_log, wandb_exit_codes, wandb_logs
+
+    from flightlog.agent.sinks.wandb_sink import wandb_run_id
+
+    wb = tmp_path / "wandb"
+    config = {"tracking": {"use_tensorboard": False, "use_wandb": True, "wandb_mode": "offline", "wandb_dir": str(wb)},
+              "checkpointing": {"checkpoint_dir": str(tmp_path / "ckpt")}, "agent": {"autostart": False}}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="wb-study", sampler=optuna.samplers.RandomSampler(seed=0))
+    with FlightlogCallback(config) as fl:
+        study.optimize(lambda t: t.suggest_float("x", 0.0, 1.0), n_trials=2, callbacks=[fl])
+        parent_id = fl.parent.run_id if fl.parent else ""
+    for t in study.trials:
+        child = wandb_run_id(f"{parent_id}-t{t.number}")
+        assert wandb_exit_codes(wb, child) == [0]
+        groups = {r.run.run_group for p in wandb_logs(wb, child) for r in read_wandb_log(p)
+                  if r.WhichOneof("record_type") == "run"}
+        assert groups == {parent_id}
