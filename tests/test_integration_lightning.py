@@ -228,3 +228,21 @@ def test_which_ranks_track(env: dict[str, str], rank: int, tracks: bool) -> None
     from flightlog.integrations._common import tracks_this_rank
 
     assert tracks_this_rank(rank, env) is tracks
+
+
+def test_a_failing_fit_fails_the_run_with_the_traceback(agent: AgentProcess, base_config: dict) -> None:
+    class Broken(Tiny):
+        def training_step(self, batch: Any, idx: int) -> torch.Tensor:
+            if idx == 2:
+                raise RuntimeError("the loss went away")
+            return super().training_step(batch, idx)
+
+    fl_lightning.reset_active()
+    logger = fl_lightning.FlightlogLogger("lit-broken", base_config)
+    train, _val = loaders()
+    t = L.Trainer(max_epochs=1, logger=logger, accelerator="cpu", devices=1, enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1)
+    with pytest.raises(RuntimeError, match="the loss went away"):
+        t.fit(Broken(), train)
+    row = wait_status(agent.paths, logger.version, "failed")
+    assert "RuntimeError: the loss went away" in row["error"]

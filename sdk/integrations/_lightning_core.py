@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
+import traceback
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -151,7 +153,14 @@ class LoggerCore:
             return
         for io in list(self._ios):
             io.settle()
-        self._run.finish(STATUS.get(status, "completed"), "" if status != "failed" else "Lightning: training failed")
+        final, error = STATUS.get(status, "completed"), ""
+        if final == "failed":  # Lightning calls this from its exception handler: the exception is current
+            exc = sys.exc_info()[1]
+            if isinstance(exc, KeyboardInterrupt):
+                final, error = "killed", "KeyboardInterrupt"
+            else:
+                error = traceback.format_exc() if exc is not None else "Lightning: training failed"
+        self._run.finish(final, error)
 
 
 class _Into:
