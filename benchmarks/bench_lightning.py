@@ -1,6 +1,7 @@
 """Lightning with flightlog next to Lightning's own loggers and checkpoint plugins, in the same run.
 
-1. Seconds per training step of a small model (2,000 steps; ``--quick``: 200) with ``FlightlogLogger``,
+1. Seconds per training step of a small model (2,000 steps per logger, in 4 interleaved rounds; ``--quick``:
+   200) with ``FlightlogLogger``,
    ``TensorBoardLogger``, ``MLFlowLogger`` (a local sqlite store), ``WandbLogger(offline=True)`` and no logger,
    every step logging two values (``log_every_n_steps=1``).
 2. Time the training loop is blocked per checkpoint (a ModelCheckpoint every N steps) with
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 warnings.filterwarnings("ignore")
+ROUNDS = 4  # the logger comparison: each logger's steps in this many interleaved fits
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
@@ -98,7 +100,7 @@ def bench_loggers(steps: int, root: Path, cfg: dict[str, Any]) -> dict[str, Any]
 
     from flightlog.integrations.lightning import FlightlogLogger, reset_active
 
-    rows: dict[str, Any] = {}
+    per: dict[str, list[dict[str, Any]]] = {}
     makers = {
         "none": lambda: False,
         "flightlog": lambda: FlightlogLogger("bench", cfg),
@@ -106,14 +108,21 @@ def bench_loggers(steps: int, root: Path, cfg: dict[str, Any]) -> dict[str, Any]
         "mlflow": lambda: MLFlowLogger("bench", tracking_uri=f"sqlite:///{root}/peer-mlflow.db"),
         "wandb_offline": lambda: WandbLogger(project="bench", offline=True, save_dir=str(root / "wandb")),
     }
-    for name, make in makers.items():
-        logger = make()
-        _total, rows[name] = _fit(logger, steps)
-        if name == "wandb_offline":
-            import wandb
+    # Interleaved rounds, the order rotated each round: a shared machine's load drifts over minutes, and
+    # one long fit per logger would measure the drift rather than the loggers.
+    names = list(makers)
+    for r in range(ROUNDS):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            _total, row = _fit(makers[name](), max(steps // ROUNDS, 20))
+            per.setdefault(name, []).append(row)
+            if name == "wandb_offline":
+                import wandb
 
-            wandb.finish()
-        reset_active()
+                wandb.finish()
+            reset_active()
+    rows = {name: {"seconds_per_step": sum(r["seconds_per_step"] for r in got) / len(got),
+                   "p50": sorted(r["p50"] for r in got)[len(got) // 2], "p99": max(r["p99"] for r in got),
+                   "fit_seconds": sum(r["fit_seconds"] for r in got)} for name, got in per.items()}
     base = rows["none"]["seconds_per_step"]
     for row in rows.values():
         row["vs_no_logger"] = row["seconds_per_step"] / base
