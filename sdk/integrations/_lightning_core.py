@@ -89,6 +89,9 @@ class LoggerCore:
     @property
     def tracker(self) -> ExperimentTracker | None:
         """This process's tracker of the run (started on first use), or None on a rank that does not log."""
+        running = self._run.tracker
+        if running is not None:
+            return running  # every log call comes here: no environment look-up once the run is up
         if not tracks_this_rank(_framework_rank()):
             return None
         with self._lock:
