@@ -67,6 +67,8 @@ MAX_TAG_LENGTH = 8000
 RUN_ID_TAG = "flightlog.run_id"
 STATUS_TAG = "flightlog.status"
 NODE_END_TAG = "flightlog.node_end."
+#: A run's parent (a study's trial -> the study): the flightlog run id, turned into MLflow's own parent tag.
+PARENT_TAG = "flightlog.parent_run_id"
 #: flightlog's end statuses (proto.events.END_STATUSES) as MLflow's; a crash is a failure there.
 _STATUS = {"completed": "FINISHED", "failed": "FAILED", "killed": "KILLED", CRASHED: "FAILED"}
 _RETRYABLE_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED",
@@ -260,6 +262,10 @@ class MLflowTracker(RunSinkBase):
         run = self._run(run_id, start)
         self._upload_capture(run_id, run, start)
         got = self._collect(run_id, events)
+        if got.tags.get(PARENT_TAG):
+            parent = self._mlflow_id_of(run, got.tags[PARENT_TAG])
+            if parent:
+                got.tags["mlflow.parentRunId"] = parent
         for group in got.param_groups:
             self._send(run, [Param(k, v) for k, v in group.items()], [], [])
         self._send(run, [Param(k, v) for k, v in got.params.items()],
@@ -310,6 +316,16 @@ class MLflowTracker(RunSinkBase):
             return None
         error = "\n".join(e.error for _, e in sorted(ends.items()) if e.error)  # each names its ranks already
         return RunEnd(final.run_id, final.status, final.timestamp, error, final.dropped, final.rank)
+
+    def _mlflow_id_of(self, run: _MlRun, flightlog_run_id: str) -> str | None:
+        """The MLflow run id of another flightlog run (open in this sink, or found in ``run``'s experiment)."""
+        known = self._runs.get(flightlog_run_id)
+        if known is not None:
+            return known.id
+        info = self._call(run, "reading the MLflow run's experiment", run.client.get_run, run.id).info
+        found = self._call(run, f"finding the parent run {flightlog_run_id!r}", run.client.search_runs,
+                           [info.experiment_id], f"tags.`{RUN_ID_TAG}` = '{flightlog_run_id}'", max_results=1)
+        return str(found[0].info.run_id) if found else None
 
     def _collect(self, run_id: str, events: list[tuple[int, Event]]) -> _Collected:
         """A run's events as MLflow entities and uploads, in the order MLflow must see them."""

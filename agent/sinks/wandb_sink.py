@@ -124,7 +124,7 @@ class WandBTracker(RunSinkBase):
             self._wandb = wandb
         return self._wandb
 
-    def _open_run(self, run_id: str, start: RunStart) -> _WbRun | None:
+    def _open_run(self, run_id: str, start: RunStart, group: str | None = None) -> _WbRun | None:
         wb = self._runs.get(run_id)
         if wb is not None:
             return wb
@@ -157,7 +157,7 @@ class WandBTracker(RunSinkBase):
                 project=tracking.wandb_project, entity=tracking.wandb_entity or None,
                 name=start.name, notes=start.description or None, tags=[str(t)[:64] for t in start.tags] or None,
                 config=config, mode=mode, dir=directory, id=wandb_run_id(run_id), resume="allow",
-                reinit="create_new", settings=wandb.Settings(**settings),
+                reinit="create_new", settings=wandb.Settings(**settings), **({"group": group} if group else {}),
             )
         except Exception as exc:
             self._raise(exc, f"starting W&B run {start.name!r} ({mode})")
@@ -188,7 +188,7 @@ class WandBTracker(RunSinkBase):
         events = [(s, ev) for s, ev in events if s > done]
         if not events or state.get("ended"):
             return
-        wb = self._open_run(run_id, start)
+        wb = self._open_run(run_id, start, _group_of(events))
         if wb is None:  # wandb_mode: disabled
             return
         run, st = wb.run, wb.state
@@ -312,6 +312,19 @@ def _warn_steps(run_id: str, st: dict[str, Any], restarted: int | None, skipped:
         st["warned_backwards"] = True
         log.warning("W&B: run %s logged %d rows with a step below an earlier one; W&B keeps steps increasing,"
                     " so they are only in the other backends", run_id, skipped)
+
+
+#: A run's parent (a study's trial -> the study): W&B groups the children under the parent's run id.
+PARENT_TAG = "flightlog.parent_run_id"
+
+
+def _group_of(events: list[tuple[int, Event]]) -> str | None:
+    """The W&B group of a run about to be opened: its parent's run id, from a Tags event the SDK sends right
+    after the run's start (W&B takes a group only in ``wandb.init``)."""
+    for _seq, ev in events:
+        if isinstance(ev, Tags) and ev.tags.get(PARENT_TAG):
+            return str(ev.tags[PARENT_TAG])[:128]
+    return None
 
 
 def _media(ev: Histogram | Image) -> Any:

@@ -145,6 +145,11 @@ class Registry:
                               (str(path),))
         return cur.rowcount > 0
 
+    def forget(self, path: str) -> None:
+        """The file was deleted by someone else's retention (Lightning's ``save_top_k``): never best or latest."""
+        with transaction(self.db) as db:
+            db.execute("UPDATE checkpoints SET state='deleted', is_best=0 WHERE path=?", (str(path),))
+
     def mark_interrupted(self, path: str) -> None:
         self.fail(path, "interrupted: the writer died before the file was durable")
 
