@@ -191,7 +191,8 @@ class _PathCheckpointer(ModelCheckpointer):
         with self._target_lock:
             self._target = path
             try:
-                return self.save(state, epoch, step, is_best=is_best, **metrics)
+                values: dict[str, Any] = dict(metrics)  # metrics only: none of them is save()'s own name=
+                return self.save(state, epoch, step, is_best=is_best, **values)
             finally:
                 self._target = None
 
