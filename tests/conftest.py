@@ -16,6 +16,10 @@ import pytest
 
 from flightlog.proto.paths import AgentPaths, resolve_paths
 
+# Every `mlflow server` the tests start (they inherit this): no GenAI job runner and its three huey worker
+# processes, which cost a loaded 2-core machine tens of seconds per server start and are never used here.
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+
 
 class AgentProcess:
     """A real `python -m flightlog.agent` process on an isolated data dir and socket."""

@@ -129,7 +129,9 @@ class MlflowServer:
                         return self
             except OSError:
                 time.sleep(0.2)
-        raise RuntimeError("mlflow server did not come up")
+        self.kill()  # a server still starting must not outlive the fixture that gave up on it
+        raise RuntimeError(f"mlflow server did not come up in {timeout:.0f} s: "
+                           f"{(self.root / 'server.log').read_text()[-2000:]}")
 
     def kill(self) -> None:
         """SIGKILL the whole server (uvicorn and its worker)."""
