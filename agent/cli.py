@@ -356,6 +356,31 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_runs(sub: Any, common: Any) -> None:
+    """``flightlog runs ls|export|show``."""
+    r = sub.add_parser("runs", help="runs in the local store")
+    rsub = r.add_subparsers(dest="runs_command", required=True)
+    rl = rsub.add_parser("ls", help="list runs")
+    common(rl)
+    rl.add_argument("--json", action="store_true")
+    rl.set_defaults(func=_runs_ls)
+    re_ = rsub.add_parser("export", help="export a run's metric points (jsonl), or the run with its points (json)")
+    common(re_)
+    re_.add_argument("run", help="run id, id prefix or name")
+    re_.add_argument("--format", choices=["jsonl", "json"], default="jsonl")
+    re_.add_argument("--key", help="only this metric")
+    re_.add_argument("--out", help="file to write (default: stdout)")
+    re_.add_argument("--via-agent", action="store_true",
+                     help="ask the agent to read it (a multi-user agent's runs; the default when the store is "
+                          "not readable)")
+    re_.set_defaults(func=_runs_export)
+    rs = rsub.add_parser("show", help="one run: status, config hash, git, command line, environment, params")
+    common(rs)
+    rs.add_argument("run", help="run id, id prefix or name")
+    rs.add_argument("--json", action="store_true")
+    rs.set_defaults(func=_runs_show)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flightlog", description="flightlog: experiment tracking and checkpoints")
     sub = p.add_subparsers(dest="command", required=True)
@@ -397,27 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp.set_defaults(func=replay_located)
 
-    r = sub.add_parser("runs", help="runs in the local store")
-    rsub = r.add_subparsers(dest="runs_command", required=True)
-    rl = rsub.add_parser("ls", help="list runs")
-    common(rl)
-    rl.add_argument("--json", action="store_true")
-    rl.set_defaults(func=_runs_ls)
-    re_ = rsub.add_parser("export", help="export a run's metric points (jsonl), or the run with its points (json)")
-    common(re_)
-    re_.add_argument("run", help="run id, id prefix or name")
-    re_.add_argument("--format", choices=["jsonl", "json"], default="jsonl")
-    re_.add_argument("--key", help="only this metric")
-    re_.add_argument("--out", help="file to write (default: stdout)")
-    re_.add_argument("--via-agent", action="store_true",
-                     help="ask the agent to read it (a multi-user agent's runs; the default when the store is "
-                          "not readable)")
-    re_.set_defaults(func=_runs_export)
-    rs = rsub.add_parser("show", help="one run: status, config hash, git, command line, environment, params")
-    common(rs)
-    rs.add_argument("run", help="run id, id prefix or name")
-    rs.add_argument("--json", action="store_true")
-    rs.set_defaults(func=_runs_show)
+    _add_runs(sub, common)
 
     pl = sub.add_parser("plot", help="render a run's plots (loss, accuracy, log scale, overfitting) as PNGs")
     common(pl)

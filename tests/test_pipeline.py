@@ -93,7 +93,9 @@ def test_log_flush_and_export(agent: AgentProcess, base_config: dict) -> None:
     assert run["status"] == "completed" and run["description"] == "d"
     assert json.loads(run["tags"]) == ["a", "b"]
     assert run["params"] == {"lr": 1e-4, "batch_size": 32, "layers": [1, 2]}
-    assert run["config_hash"] == flightlog.config_hash(base_config)
+    # the run's hash covers its config and the hyper-parameters it logged (issue "Where users already train")
+    assert run["config_hash"] == flightlog.config_hash(base_config, {"lr": 1e-4, "batch_size": 32, "layers": [1, 2]})
+    assert run["config_hash"] != flightlog.config_hash(base_config)
 
 
 def test_failed_run_records_traceback(agent: AgentProcess, base_config: dict) -> None:

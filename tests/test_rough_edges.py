@@ -140,12 +140,12 @@ def test_a_run_reaches_every_backend_with_capture_images_and_restarting_steps(
     with Store(agent_paths.store, readonly=True) as store:
         row = store.run(run_id)
         assert row["config_hash"] == digest and row["params"]["model"] == {"layers": 2, "width": 8}
-    shown = subprocess.run([sys.executable, "-m", "flightlog.agent", "runs", "show", run_id, "--data-dir",
+    shown = subprocess.run([sys.executable, "-m", "flightlog.agent.cli", "runs", "show", run_id, "--data-dir",
                             str(agent_paths.data_dir)], capture_output=True, text=True, check=True).stdout
     assert commit in shown and "(dirty" in shown and "on main" in shown and digest in shown
     assert "model = " in shown and "python " in shown
     as_json = json.loads(subprocess.run(
-        [sys.executable, "-m", "flightlog.agent", "runs", "show", run_id, "--json", "--data-dir",
+        [sys.executable, "-m", "flightlog.agent.cli", "runs", "show", run_id, "--json", "--data-dir",
          str(agent_paths.data_dir)], capture_output=True, text=True, check=True).stdout)
     assert as_json["git"]["commit"] == commit and "packages" not in as_json["environment"]
 
