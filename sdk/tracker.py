@@ -30,7 +30,7 @@ from flightlog.ring import RingProducer, ring_supported
 from flightlog.transport import Transport, open_transport
 from flightlog.validate import KeyRules, check_experiment_name, check_run_id, check_step
 
-__all__ = ["ExperimentTracker", "ExperimentMetadata", "experiment_tracking"]
+__all__ = ["ExperimentTracker", "ExperimentMetadata", "experiment_tracking", "exit_status"]
 
 log = logging.getLogger("flightlog")
 
@@ -320,12 +320,7 @@ class ExperimentTracker:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.finish("completed")
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self.finish("killed", "KeyboardInterrupt")
-        else:
-            self.finish("failed", "".join(traceback.format_exception(exc_type, exc, tb)))
+        self.finish(*exit_status(exc_type, exc, tb))
 
     # --- reproducibility, progress, artifacts --------------------------------------------------
 
@@ -422,6 +417,16 @@ class ExperimentTracker:
                 self._rules.metrics(ev.values)
         for ev in events:
             self._emit(ev)
+
+
+def exit_status(exc_type: Any, exc: Any, tb: Any) -> tuple[str, str]:
+    """(status, error) of a block that ended with this exception (``__exit__``'s arguments; all None: it
+    did not raise): ``completed``, ``killed`` for KeyboardInterrupt, else ``failed`` with the traceback."""
+    if exc_type is None:
+        return "completed", ""
+    if issubclass(exc_type, KeyboardInterrupt):
+        return "killed", "KeyboardInterrupt"
+    return "failed", "".join(traceback.format_exception(exc_type, exc, tb))
 
 
 @contextmanager

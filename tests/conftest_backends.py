@@ -109,15 +109,17 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 90.0) -> MlflowServer:
+    def start(self, timeout: float = 90.0, *, app: list[str] | None = None,
+              env: dict[str, str] | None = None) -> MlflowServer:
+        """Start it (``app``: e.g. ``["--app-name", "basic-auth"]``; ``env``: the server's environment)."""
         import urllib.request
 
         self.log = open(self.root / "server.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_uri,
+            [sys.executable, "-m", "mlflow", "server", *(app or []), "--backend-store-uri", self.backend_uri,
              "--default-artifact-root", str(self.root / "artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -116,35 +116,17 @@ class AuthMlflowServer(MlflowServer):
     """``mlflow server --app-name basic-auth``: its own auth DB beside (not in) the artifact root; the admin's
     password from the environment (MLflow's bootstrap), never on the command line."""
 
-    def start(self, timeout: float = 120.0) -> AuthMlflowServer:
-        import urllib.request
-
+    def start(self, timeout: float = 120.0, *, app: list[str] | None = None,
+              env: dict[str, str] | None = None) -> AuthMlflowServer:
         ini = self.root / "basic_auth.ini"
         ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{self.root}/auth.db\n"
                        "admin_username = admin\nauthorization_function = "
                        "mlflow.server.auth:authenticate_request_basic_auth\n"
                        "auth_cache_ttl_seconds = 300\n")  # one PBKDF2 check per (user, password), not per request
-        env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
+        env = {**(env or os.environ), "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
                "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex()}
-        self.log = open(self.root / "server.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
-             "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-             "--default-artifact-root", str(self.root / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("mlflow server did not come up")
+        super().start(timeout, app=["--app-name", "basic-auth"], env=env)
+        return self
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import threading
-import traceback
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +17,7 @@ from flightlog.integrations._common import STATUS, ConfigSource, LazyRun, number
 from flightlog.proto.checkpoint.registry import STANDALONE_NAME, Registry
 from flightlog.proto.config import load_config
 from flightlog.proto.paths import resolve_paths
-from flightlog.tracker import ExperimentTracker
+from flightlog.tracker import ExperimentTracker, exit_status
 
 __all__ = ["LoggerCore", "CheckpointIOCore", "active_logger", "reset_active"]
 
@@ -158,11 +157,8 @@ class LoggerCore:
             io.settle()
         final, error = STATUS.get(status, "completed"), ""
         if final == "failed":  # Lightning calls this from its exception handler: the exception is current
-            exc = sys.exc_info()[1]
-            if isinstance(exc, KeyboardInterrupt):
-                final, error = "killed", "KeyboardInterrupt"
-            else:
-                error = traceback.format_exc() if exc is not None else "Lightning: training failed"
+            info = sys.exc_info()
+            final, error = exit_status(*info) if info[0] is not None else ("failed", "Lightning: training failed")
         self._run.finish(final, error)
 
 

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import json
 import threading
-import traceback
 from typing import Any
 
 import msgspec
 
 from flightlog.integrations._common import ConfigSource, plain
 from flightlog.proto.config import Config, load_config
-from flightlog.tracker import ExperimentTracker
+from flightlog.tracker import ExperimentTracker, exit_status
 
 __all__ = ["FlightlogCallback", "PARENT_TAG"]
 
@@ -153,9 +152,4 @@ class FlightlogCallback:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.finish("completed")
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self.finish("killed", "KeyboardInterrupt")
-        else:
-            self.finish("failed", "".join(traceback.format_exception(exc_type, exc, tb)))
+        self.finish(*exit_status(exc_type, exc, tb))
