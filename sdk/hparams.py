@@ -9,7 +9,7 @@ import msgspec
 
 from flightlog import capture
 from flightlog.proto.config import Config, config_hash
-from flightlog.validate import KeyRules
+from flightlog.validate import KeyRules, flatten_params
 
 __all__ = ["RunParams"]
 
@@ -38,17 +38,7 @@ class RunParams:
 
     def record(self, params: Mapping[str, Any]) -> str:
         """Fold logged ``params`` into the run's hash (of the real values, as the config's hash is); returns it."""
-        self._logged.update(_flatten({str(k): v for k, v in params.items()}))
+        self._logged.update(flatten_params({str(k): v for k, v in params.items()}))
         self.hash = config_hash(self._config, self._logged)
         return self.hash
 
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping) and v:
-            out.update(_flatten(v, key))
-        else:
-            out[key] = v
-    return out

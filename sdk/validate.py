@@ -22,6 +22,7 @@ __all__ = [
     "coerce_metrics",
     "mlflow_key_problem",
     "KeyRules",
+    "flatten_params",
 ]
 
 #: SQLite integers and MLflow's steps are signed 64-bit.
@@ -132,12 +133,17 @@ class KeyRules:
         self.check(_flat_keys(params), "hyper-parameter key")
 
 
-def _flat_keys(d: Mapping[str, Any], prefix: str = "") -> list[str]:
-    out: list[str] = []
+def flatten_params(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested hyper-parameters as the MLflow sink keys them: ``{"opt": {"lr": 1}}`` -> ``{"opt.lr": 1}``."""
+    out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if isinstance(v, Mapping) and v:
-            out.extend(_flat_keys(v, key))
+            out.update(flatten_params(v, key))
         else:
-            out.append(key)
+            out[key] = v
     return out
+
+
+def _flat_keys(d: Mapping[str, Any]) -> list[str]:
+    return list(flatten_params(d))
