@@ -168,6 +168,12 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
 # --- readers -----------------------------------------------------------------------------------
 
 
+def approx_points(points: Iterable[tuple[int, float]]) -> list[tuple[int, Any]]:
+    """(step, value) points to compare with ``==``: steps exact, values ``pytest.approx`` (which takes no
+    nested data itself since pytest 9.2)."""
+    return [(step, pytest.approx(value)) for step, value in points]
+
+
 def tb_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar in the run directory's event files, read by TensorBoard's own EventAccumulator."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -28,7 +28,7 @@ RANK = """
     while time.time() < start_at:
         pass
     with flightlog.experiment_tracking("race-job", cfg) as t:
-        print("RUN", t.run_id, flush=True)
+        print(f"RUN {t.run_id}", flush=True)  # one write: ranks share the pipe
         for i in range(n):
             t.log_metrics({"x": float(i)}, step=i)
 """

@@ -192,8 +192,9 @@ def test_crafted_metadata_is_corrupt(tmp_path: Path) -> None:
     m, o = _model(0)
     dcp.save(_state(m, o, 1), storage_writer=StorageWriter(tmp_path / "ck"), no_dist=True)
     meta = tmp_path / "ck" / METADATA_NAME
-    body = meta.read_bytes().rstrip(b"\n").rpartition(b"\n")[0]
-    meta.write_bytes(body.replace(b"rank00000.safetensors.zst", b"../../etc/passwd"))
+    raw = meta.read_bytes()
+    body = raw.rstrip(b"\n").rpartition(b"\n")[0]
+    meta.write_bytes(raw.replace(b"rank00000.safetensors.zst", b"../../etc/passwd"))  # the old checksum line
     with pytest.raises(CheckpointException, match="fails its checksum"):
         dcp.load(_state(m, o, 0), storage_reader=StorageReader(tmp_path / "ck"), no_dist=True)
     meta.write_bytes(seal(body.replace(b"rank00000.safetensors.zst", b"../../etc/passwd")))
@@ -250,7 +251,7 @@ _WORKER = textwrap.dedent("""
         assert all(torch.equal(ref[1]["state"][k][n], got[1]["state"][k][n])
                    for k in ref[1]["state"] for n in ref[1]["state"][k])
         torch.save(ref, path + ".ref.pt")  # the full state, for the single-process load
-    print("rank", rank, "ok", flush=True)
+    print(f"rank {rank} ok", flush=True)  # one write: ranks share the pipe
     dist.destroy_process_group()
 """)
 

@@ -81,7 +81,7 @@ SCRIPT = """
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     with flightlog.experiment_tracking("dcp-job", config) as tracker:
-        print("RUN", rank, tracker.run_id, flush=True)
+        print(f"RUN {rank} {tracker.run_id}", flush=True)  # one write: ranks share the pipe
         if mode in ("save", "kill"):
             ddp = DDP(net(0))
             o1 = torch.optim.Adam(ddp.parameters(), lr=0.01)
@@ -105,9 +105,9 @@ SCRIPT = """
                 (work / "p3").write_text(p3)
                 try:
                     p3.wait()
-                    print("P3 SAVED", rank, flush=True)
+                    print(f"P3 SAVED {rank}", flush=True)
                 except CheckpointError:
-                    print("P3 FAILED", rank, flush=True)
+                    print(f"P3 FAILED {rank}", flush=True)
         else:
             p1, p2 = json.loads((work / "paths.json").read_text())
             ddp = DDP(net(5))
@@ -130,7 +130,7 @@ SCRIPT = """
                 same(ref, got, "state")
                 same(ref["fsdp"][0], plain_full, "plain")
                 assert len(ref["fsdp"][1]["state"]) == 4 and ref["fsdp"][1]["state"]["0.weight"]["step"] == n
-            print("LOADED", rank, flush=True)
+            print(f"LOADED {rank}", flush=True)
     if mode != "kill":
         dist.destroy_process_group()
 """

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import AgentProcess
-from conftest_backends import MlflowServer, ended_mlflow_runs, tb_scalars
+from conftest_backends import MlflowServer, approx_points, ended_mlflow_runs, tb_scalars
 from test_crashed import wait_status
 
 from flightlog.agent.store import Store
@@ -144,7 +144,7 @@ def test_trainer_logs_everywhere_keeps_top_k_and_resumes_exactly(setup: dict[str
     assert len(seen["train_loss"]) == 16 and len(seen["val_loss"]) == 4
     with Store(setup["agent"].paths.store, readonly=True) as store:
         for key, points in seen.items():
-            assert sorted(store.metric_series(run_id, key)) == pytest.approx(sorted(points)), key
+            assert sorted(store.metric_series(run_id, key)) == approx_points(sorted(points)), key
         assert store.run(run_id)["params"] == {"lr": 0.05, "width": 4}
     client = MlflowClient(tracking_uri=setup["mlflow"].uri)
     (ml_run,) = ended_mlflow_runs(client, "lightning", run_id)
@@ -152,7 +152,7 @@ def test_trainer_logs_everywhere_keeps_top_k_and_resumes_exactly(setup: dict[str
     assert ml_run.data.tags["lightning.best_model_path"] == callback.best_model_path
     for key, points in seen.items():
         got = sorted((m.step, m.value) for m in client.get_metric_history(ml_run.info.run_id, key))
-        assert got == pytest.approx(sorted(points)), key
+        assert got == approx_points(sorted(points)), key
     deadline = time.monotonic() + 60
     while True:
         tb = tb_scalars(next((tmp / "tb").glob(f"*{run_id}*")))
@@ -160,7 +160,7 @@ def test_trainer_logs_everywhere_keeps_top_k_and_resumes_exactly(setup: dict[str
             break
         time.sleep(0.3)
     for key, points in seen.items():
-        assert sorted(tb[key]) == pytest.approx(sorted(points)), key
+        assert sorted(tb[key]) == approx_points(sorted(points)), key
 
     # resume from the best file: weights, optimizer state, step and epoch exactly as saved
     best = callback.best_model_path

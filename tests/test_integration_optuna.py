@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import AgentProcess
-from conftest_backends import MlflowServer, ended_mlflow_runs
+from conftest_backends import MlflowServer, approx_points, ended_mlflow_runs
 from test_crashed import wait_status
 
 from flightlog.agent.sinks.wandb_sink import _group_of
@@ -73,7 +73,7 @@ def test_study_is_a_parent_run_with_a_child_per_trial(agent: AgentProcess, mlflo
             assert row["tags_kv"]["optuna.state"] == t.state.name
             assert row["params"] == {"params": {"x": t.params["x"]}}
             series = store.metric_series(row["run_id"], "intermediate")
-            assert series == pytest.approx(sorted(t.intermediate_values.items()))
+            assert series == approx_points(sorted(t.intermediate_values.items()))
             last = max(t.intermediate_values)
             assert store.metric_series(row["run_id"], "value") == [(last, pytest.approx(t.value))]
             if t.state == optuna.trial.TrialState.PRUNED:

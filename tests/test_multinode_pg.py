@@ -71,7 +71,7 @@ RANK = """
     cfg, n, go = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     rank = int(os.environ["RANK"])
     with flightlog.experiment_tracking("multinode", cfg) as t:
-        print("RUN", t.run_id, flush=True)
+        print(f"RUN {t.run_id}", flush=True)  # one write: ranks share the pipe
         for i in range(n):
             if i == n // 2:
                 t.flush()

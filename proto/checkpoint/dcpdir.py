@@ -37,7 +37,9 @@ def unseal(raw: bytes, where: str) -> bytes:
     """The body of sealed bytes, or CheckpointCorrupt naming ``where``."""
     if len(raw) > MAX_METADATA:
         raise CheckpointCorrupt(f"{where}: the metadata is larger than {MAX_METADATA} bytes")
-    body, _, tail = raw.removesuffix(b"\n").rpartition(b"\n")
+    if not raw.endswith(b"\n"):  # the writer ends it with one: without it the file was cut
+        raise CheckpointCorrupt(f"{where}: the checkpoint metadata is truncated (no final newline)")
+    body, _, tail = raw[:-1].rpartition(b"\n")
     if tail != checksum_text(xxhash.xxh3_128_digest(body)).encode():
         raise CheckpointCorrupt(f"{where}: the checkpoint metadata fails its checksum (damaged or truncated)")
     return body
