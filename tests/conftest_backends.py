@@ -159,10 +159,12 @@ class MlflowServer:
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    root = tmp_path_factory.mktemp("mlflow")
-    server = MlflowServer(root).start()
-    yield server
-    server.stop()
+    """A real MLflow server; given minutes to come up (a loaded CI machine), and stopped if it never does."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    try:
+        yield server.start(timeout=300)
+    finally:
+        server.stop()
 
 
 # --- readers -----------------------------------------------------------------------------------

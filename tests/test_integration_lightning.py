@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import AgentProcess
-from conftest_backends import MlflowServer, approx_points, ended_mlflow_runs, tb_scalars
+from conftest_backends import MlflowServer, approx_points, ended_mlflow_runs, mlflow_server, tb_scalars  # noqa: F401
 from test_crashed import wait_status
 
 from flightlog.agent.store import Store
@@ -32,16 +32,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty"),
     pytest.mark.filterwarnings("ignore:.*(GPU available|TPU available|HPU available|LeafSpec).*"),
 ]
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """A real MLflow server; given minutes to come up (a loaded CI machine), and stopped if it never does."""
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    try:
-        yield server.start(timeout=300)
-    finally:
-        server.stop()
-
 
 
 class Tiny(L.LightningModule):

@@ -4,13 +4,12 @@ marked; the parent link in the local store and, as ``mlflow.parentRunId``, on a 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import AgentProcess
-from conftest_backends import MlflowServer, approx_points, ended_mlflow_runs
+from conftest_backends import MlflowServer, approx_points, ended_mlflow_runs, mlflow_server  # noqa: F401
 from test_crashed import wait_status
 
 from flightlog.agent.sinks.wandb_sink import _group_of
@@ -22,16 +21,6 @@ from flightlog.integrations.optuna import PARENT_TAG, FlightlogCallback  # noqa:
 
 pytestmark = [pytest.mark.timeout(300),
               pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning")]
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    """A real MLflow server; given minutes to come up (a loaded CI machine), and stopped if it never does."""
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
-    try:
-        yield server.start(timeout=300)
-    finally:
-        server.stop()
-
 
 N = 20
 
