@@ -16,6 +16,7 @@ from flightlog.proto.errors import PermanentBackendError, RetryableBackendError
 from flightlog.proto.events import Event, RunStart
 
 from .retry import CircuitBreaker, RetryPolicy
+from .run_counts import count_delivered
 from .sinks.base import Ack, Batch
 
 __all__ = [
@@ -76,6 +77,7 @@ class SinkStats:
     undecodable: int = 0
     quarantined_events: int = 0
     retries: int = 0
+    run_delivered: dict[str, int] = field(default_factory=dict)  # run -> its events delivered (health report)
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +305,7 @@ class DeliveryCore:
         refused = dict(ack.refused)
         delivered = [it for it in batch.events if it[1].run_id not in refused]
         self.stats.delivered += len(delivered)
+        count_delivered(self.stats.run_delivered, delivered, batch.run_ids - refused.keys())
         for run_id, reason in refused.items():
             self.stats.last_error = reason
             self._quarantine(run_id, "run", reason, [it for it in batch.events if it[1].run_id == run_id])

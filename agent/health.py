@@ -15,6 +15,7 @@ import anyio
 from flightlog.proto.errors import FlightlogError
 from flightlog.proto.events import Alert, HealthRequest
 
+from .run_counts import RunIndex
 from .sinks._common import atomic_write_json
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ log = logging.getLogger("flightlog.agent")
 HEALTH_FILE = "health.json"
 #: How a sink is named to a person.
 SINK_LABELS = {"store": "local store", "tensorboard": "TensorBoard", "mlflow": "MLflow", "wandb": "W&B",
-               "webhook": "webhook"}
+               "webhook": "webhook", "node_webhook": "node webhook"}
 _TROUBLE = ("retrying", "open circuit")
 _MAX_WAIT = 300.0  # a long poll answers at least this often (a dead trainer's connection is then noticed)
 
@@ -60,6 +61,7 @@ class HealthBoard:
         self.agent = agent
         self._since: dict[str, float] = {}  # sink -> wall time its current run of retries began
         self._store: Any = None
+        self._index: RunIndex | None = None  # which WAL seqs are whose: the run's pending events per sink
 
     # --- the sinks' trouble, as time goes on -----------------------------------------------------
 
@@ -90,36 +92,56 @@ class HealthBoard:
         # The store is asked only when some sink quarantined something (never while all is well).
         rows = await anyio.to_thread.run_sync(self._quarantine_rows, msg.run_id) \
             if any(r.stats.quarantined_events for r in serving) else []
+        counts = await anyio.to_thread.run_sync(self._pending, msg.run_id, serving, upto, next_seq)
         sinks: dict[str, dict[str, Any]] = {}
-        for r in serving:
-            sinks[r.sink.name] = await self._sink_report(r, msg, rows, upto, next_seq, now)
+        for r, pending in zip(serving, counts):
+            sinks[r.sink.name] = await self._sink_report(r, msg, rows, pending, now)
         trouble = sorted((name, s["status"], s["reason"][:200]) for name, s in sinks.items() if s["alert"])
         version = hashlib.sha256(json.dumps(trouble).encode()).hexdigest()[:16]
         return {"run_id": msg.run_id, "version": version, "sinks": sinks, "next_seq": next_seq,
                 "alerts": [*agent.monitor.alerts(), *([agent.ingest.error] if agent.ingest.error else [])]}
 
-    async def _sink_report(self, r: SinkRunner, msg: HealthRequest, rows: list[dict[str, Any]], upto: int,
-                           next_seq: int, now: float) -> dict[str, Any]:
+    def _pending(self, run_id: str, serving: list[SinkRunner], upto: int, next_seq: int) -> list[tuple[int, int]]:
+        """Per sink: the run's own events in the WAL past what the sink is done with, up to ``upto`` and up
+        to the WAL's end (only a sink that is behind costs a look at the WAL; one that is not owes nothing)."""
+        lows = [r.core.done if r.core is not None else r.stats.cursor for r in serving]
+        behind = [i for i, c in enumerate(lows) if c.seq < next_seq]
+        out = [(0, 0)] * len(serving)
+        if not behind:
+            return out
+        if self._index is None:
+            wal = getattr(self.agent, "wal", None)
+            self._index = RunIndex(str(self.agent.paths.wal_dir), limit=wal.end_position if wal else None)
+        got = self._index.pending(run_id, [lows[i] for i in behind], upto, next_seq)
+        for i, pair in zip(behind, got):
+            out[i] = pair
+        return out
+
+    async def _sink_report(self, r: SinkRunner, msg: HealthRequest, rows: list[dict[str, Any]],
+                           pending: tuple[int, int], now: float) -> dict[str, Any]:
+        """``delivered``: the run's events this sink delivered (since the agent started); ``pending``: the
+        run's events in the WAL it has not yet delivered, refused or passed."""
         st, core, name = r.stats, r.core, r.sink.name
         mine = [row for row in rows if row["sink"] == name]
         kept = sum(int(row["events"] or 0) for row in mine)
+        to_upto, to_end = pending
         out: dict[str, Any] = {"sink": name, "label": SINK_LABELS.get(name, name), "state": st.state,
                                "reason": "", "kept_events": 0, "retrying_seconds": 0.0, "alert": False,
-                               "quarantined_events": kept, "replay": ""}
-        done = core.done.seq if core is not None else st.cursor.seq
+                               "quarantined_events": kept, "replay": "", "parked": False,
+                               "delivered": st.run_delivered.get(msg.run_id, 0), "pending": to_end}
         if core is not None and msg.run_id in core.quarantined_runs:
             reason = next((row["reason"] for row in reversed(mine) if row["scope"] == "run"), st.last_error)
             target = await anyio.to_thread.run_sync(replay_target, r.sink, msg.run_id, str(self.agent.paths.store))
-            out.update(status="parked", reason=reason, kept_events=kept, alert=True,
+            out.update(status="parked", reason=reason, kept_events=kept, alert=True, parked=True,
                        replay=f"flightlog wal replay {r.quarantine.directory(name)} --to {target} --run {msg.run_id}")
-        elif st.state in _TROUBLE and done < next_seq:
+        elif st.state in _TROUBLE and to_end:
             seconds = self.retrying_seconds(name, now)
             target = await anyio.to_thread.run_sync(replay_target, r.sink, msg.run_id, str(self.agent.paths.store))
-            out.update(status="retrying", reason=st.last_error, kept_events=max(0, next_seq - st.cursor.seq),
+            out.update(status="retrying", reason=st.last_error, kept_events=to_end,
                        retrying_seconds=round(seconds, 1), alert=seconds >= msg.after_seconds,
                        replay=f"flightlog wal replay {self.agent.paths.wal_dir} --to {target} --run {msg.run_id}")
-        elif done < upto:
-            out.update(status="pending", kept_events=max(0, upto - done))
+        elif to_upto:
+            out.update(status="pending", kept_events=to_upto)
         else:
             out.update(status="delivered")
         return out
@@ -176,6 +198,9 @@ class HealthBoard:
         if self._store is not None:
             self._store.close()
             self._store = None
+        if self._index is not None:
+            self._index.close()
+            self._index = None
 
 
 def _serves(r: SinkRunner, run_id: str) -> bool:

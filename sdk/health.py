@@ -34,11 +34,22 @@ def describe(s: dict[str, Any]) -> str:
                 f"events kept in the WAL, delivered once it answers (or `{s['replay']}`)")
     if status == "pending":
         return f"{label}: pending ({s['kept_events']:,} events to go; the agent keeps delivering)"
+    if status == "delivered" and "delivered" in s:
+        return f"{label}: delivered ({s['delivered']:,} events)"
     return f"{label}: {status}"
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    return [describe(s) for s in report.get("sinks", {}).values()]
+    """finish()'s lines: each sink's state and, from an agent that counts them, the run's own events it
+    delivered, still owes (pending) and parked."""
+    out = []
+    for s in report.get("sinks", {}).values():
+        line = describe(s)
+        if "delivered" in s and s.get("status") != "delivered":
+            line += f" [{s['delivered']:,} delivered, {s.get('pending', 0):,} pending" + \
+                (f", {s.get('quarantined_events', 0):,} parked]" if s.get("parked") else "]")
+        out.append(line)
+    return out
 
 
 def ask_health(link: AgentLink, run_id: str, *, after_seconds: float, settle: bool = False,
