@@ -146,6 +146,11 @@ class NotifyConfig(_Section):
     webhook_url: str | None = None
     nan_keys: list[str] = msgspec.field(default_factory=lambda: ["*"])  # fnmatch patterns of keys to watch
 
+    def __post_init__(self) -> None:
+        # In a run's config: that run's webhook; in the agent's own config: the node's, for every run.
+        if self.webhook_url is not None and not self.webhook_url.startswith(("http://", "https://")):
+            raise ValueError("webhook_url: not an http(s) URL (e.g. https://hooks.slack.com/services/...)")
+
 
 def parse_address(text: str) -> tuple[str, int]:
     """``host:port`` (``[::1]:9464`` for IPv6) as (host, port); ValueError naming the problem."""

@@ -37,6 +37,7 @@ def __getattr__(name: str) -> Any:
 
 def backend_sinks(settings: dict[str, Any], data_dir: str | os.PathLike[str] | None = None) -> list[Any]:
     """One TensorBoard, MLflow, W&B and webhook sink for the agent; each serves the runs whose RunStart names it.
+    With ``notify.webhook_url`` in the agent's own config, also the node's webhook sink, serving every run.
 
     ``settings`` is the agent's config dict: its ``tracking`` section (if any) gives defaults under each
     run's own. The sinks' state lives in ``<data_dir>/sinks`` (default: the data dir that
@@ -55,4 +56,12 @@ def backend_sinks(settings: dict[str, Any], data_dir: str | os.PathLike[str] | N
     from .webhook_sink import WebhookSink
 
     sinks: list[Any] = [cls(state_dir, defaults=defaults) for cls in (TensorBoardTracker, MLflowTracker, WandBTracker)]
-    return [*sinks, WebhookSink(state_dir, notify=settings.get("notify"))]
+    notify = settings.get("notify") if isinstance(settings.get("notify"), dict) else {}
+    url = notify.get("webhook_url")
+    node_url = url if isinstance(url, str) and url else None  # the agent's own: the node's, for every run
+    sinks.append(WebhookSink(state_dir, notify=notify, node_url=node_url))
+    if node_url:
+        from .webhook_sink import NodeWebhookSink
+
+        sinks.append(NodeWebhookSink(state_dir, url=node_url, notify=notify))
+    return sinks

@@ -4,7 +4,10 @@ run failed or crashed, a sink parked it, the disk fell below the floor, or a wat
 A sink like the others: it reads the WAL through the delivery engine, so a webhook that is down is retried
 (429 and 5xx with their Retry-After) and nothing is lost; a message the endpoint refuses for good (another
 4xx) is quarantined on its own. It records per run the last seq it posted, so a re-sent batch posts nothing
-twice, and which keys it already said went NaN (once per key and run)."""
+twice, and which keys it already said went NaN (once per key and run).
+
+``NodeWebhookSink`` is the node's: the agent's own ``notify.webhook_url`` (its config file) hears about every
+run on the node, with its own cursor and retries; a run whose webhook is that same URL is posted once, by it."""
 from __future__ import annotations
 
 import fnmatch
@@ -26,7 +29,7 @@ from flightlog.proto.events import Alert, Event, Metrics, RunEnd, RunStart
 from ._common import RunSinkBase, group_by_run
 from .base import Ack, Batch
 
-__all__ = ["WebhookSink", "notify_config", "post_json"]
+__all__ = ["NodeWebhookSink", "WebhookSink", "notify_config", "post_json"]
 
 log = logging.getLogger("flightlog.agent.sinks")
 
@@ -87,9 +90,10 @@ class WebhookSink(RunSinkBase):
     quarantine_scope = "event"  # one refused message, not the run's every later one
 
     def __init__(self, state_dir: str | os.PathLike[str] | None = None, *,
-                 notify: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+                 notify: Mapping[str, Any] | None = None, node_url: str | None = None, **kwargs: Any) -> None:
         super().__init__(state_dir, **kwargs)
         self.notify_defaults = dict(notify or {})
+        self.node_url = node_url  # the node webhook's URL: posted by NodeWebhookSink, not here too
 
     def write(self, batch: Batch) -> Ack:
         """As every run sink, except that a refused message is not caught per run: it goes up to the engine,
@@ -109,7 +113,7 @@ class WebhookSink(RunSinkBase):
 
     def _write_run(self, run_id: str, start: RunStart, events: list[tuple[int, Event]]) -> None:
         cfg = self.settings(start)
-        if not cfg.webhook_url:
+        if not cfg.webhook_url or (cfg.webhook_url == self.node_url and self.name == WebhookSink.name):
             return
         state = self.state_of(run_id)
         done = int(state.get("seq", -1))
@@ -145,3 +149,17 @@ class WebhookSink(RunSinkBase):
             said_nan.update(gone)
             return f":warning: flightlog: {who}: {', '.join(gone)} went NaN at step {ev.step}"
         return None
+
+
+class NodeWebhookSink(WebhookSink):
+    """Sink ``node_webhook``: every run on the node posts to the agent's own ``notify.webhook_url`` (the run's
+    ``notify.nan_keys`` still choose which keys' NaN is news)."""
+
+    name = "node_webhook"
+
+    def __init__(self, state_dir: str | os.PathLike[str] | None = None, *, url: str,
+                 notify: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(state_dir, notify=notify, node_url=url, accept_all_runs=True, **kwargs)
+
+    def settings(self, start: RunStart) -> NotifyConfig:
+        return msgspec.structs.replace(super().settings(start), webhook_url=self.node_url)
