@@ -56,7 +56,8 @@ def backend_sinks(settings: dict[str, Any], data_dir: str | os.PathLike[str] | N
     from .webhook_sink import WebhookSink
 
     sinks: list[Any] = [cls(state_dir, defaults=defaults) for cls in (TensorBoardTracker, MLflowTracker, WandBTracker)]
-    notify = settings.get("notify") if isinstance(settings.get("notify"), dict) else {}
+    got = settings.get("notify")
+    notify: dict[str, Any] = got if isinstance(got, dict) else {}
     url = notify.get("webhook_url")
     node_url = url if isinstance(url, str) and url else None  # the agent's own: the node's, for every run
     sinks.append(WebhookSink(state_dir, notify=notify, node_url=node_url))
