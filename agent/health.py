@@ -128,6 +128,7 @@ class HealthBoard:
         out: dict[str, Any] = {"sink": name, "label": SINK_LABELS.get(name, name), "state": st.state,
                                "reason": "", "kept_events": 0, "retrying_seconds": 0.0, "alert": False,
                                "quarantined_events": kept, "replay": "", "parked": False,
+                               "quarantine_reason": mine[-1]["reason"] if mine else "",
                                "delivered": st.run_delivered.get(msg.run_id, 0), "pending": to_end}
         if core is not None and msg.run_id in core.quarantined_runs:
             reason = next((row["reason"] for row in reversed(mine) if row["scope"] == "run"), st.last_error)

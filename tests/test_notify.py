@@ -61,6 +61,8 @@ def test_wandb_without_login_reaches_the_trainer(agent_paths: AgentPaths, tmp_pa
         wb = report["sinks"]["wandb"]
         assert wb["status"] == "parked" and "API key" in wb["reason"], wb
         assert wb["kept_events"] >= STEPS  # RunStart and every metric are kept in the sink's quarantine
+        assert wb["parked"] and wb["delivered"] == 0 and wb["quarantined_events"] == wb["kept_events"], wb
+        assert "API key" in wb["quarantine_reason"], wb
         assert set(report["sinks"]) == {"store", "tensorboard", "wandb"}
         tracker.finish()
         out = capsys.readouterr().err
@@ -69,6 +71,9 @@ def test_wandb_without_login_reaches_the_trainer(agent_paths: AgentPaths, tmp_pa
         assert "W&B:" in summary and "parked" in summary, summary
         final = tracker.health()  # after finish(): the summary as data
         assert final["sinks"]["store"]["status"] == "delivered" and final["sinks"]["wandb"]["status"] == "parked"
+        # The run's own counts: every event of it (RunStart ... RunEnd) through the store and TensorBoard alike.
+        store, tb = final["sinks"]["store"], final["sinks"]["tensorboard"]
+        assert store["delivered"] == tb["delivered"] >= STEPS + 2 and store["pending"] == tb["pending"] == 0, final
         # The other sinks delivered everything.
         with Store(agent_paths.store, readonly=True) as store:
             assert store.metric_series(tracker.run_id, "loss") == [(s, s * 0.5) for s in range(STEPS)]
