@@ -92,35 +92,39 @@ class HealthBoard:
         # The store is asked only when some sink quarantined something (never while all is well).
         rows = await anyio.to_thread.run_sync(self._quarantine_rows, msg.run_id) \
             if any(r.stats.quarantined_events for r in serving) else []
-        counts = await anyio.to_thread.run_sync(self._pending, msg.run_id, serving, upto, next_seq)
+        counts, exact_to = await anyio.to_thread.run_sync(self._pending, msg.run_id, serving, upto, next_seq)
         sinks: dict[str, dict[str, Any]] = {}
         for r, pending in zip(serving, counts):
-            sinks[r.sink.name] = await self._sink_report(r, msg, rows, pending, now)
+            sinks[r.sink.name] = await self._sink_report(r, msg, rows, pending, now, (upto, next_seq, exact_to))
         trouble = sorted((name, s["status"], s["reason"][:200]) for name, s in sinks.items() if s["alert"])
         version = hashlib.sha256(json.dumps(trouble).encode()).hexdigest()[:16]
         return {"run_id": msg.run_id, "version": version, "sinks": sinks, "next_seq": next_seq,
                 "alerts": [*agent.monitor.alerts(), *([agent.ingest.error] if agent.ingest.error else [])]}
 
-    def _pending(self, run_id: str, serving: list[SinkRunner], upto: int, next_seq: int) -> list[tuple[int, int]]:
+    def _pending(self, run_id: str, serving: list[SinkRunner], upto: int, next_seq: int) -> tuple[
+            list[tuple[int, int]], int]:
         """Per sink: the run's own events in the WAL past what the sink is done with, up to ``upto`` and up
-        to the WAL's end (only a sink that is behind costs a look at the WAL; one that is not owes nothing)."""
+        to the WAL's end (only a sink that is behind costs a look at the WAL; one that is not owes nothing);
+        and the seq up to which the counts are exact (the index reads a bounded stretch per look)."""
         lows = [r.core.done if r.core is not None else r.stats.cursor for r in serving]
         behind = [i for i, c in enumerate(lows) if c.seq < next_seq]
         out = [(0, 0)] * len(serving)
         if not behind:
-            return out
+            return out, next_seq
         if self._index is None:
             wal = getattr(self.agent, "wal", None)
             self._index = RunIndex(str(self.agent.paths.wal_dir), limit=wal.end_position if wal else None)
         got = self._index.pending(run_id, [lows[i] for i in behind], upto, next_seq)
         for i, pair in zip(behind, got):
             out[i] = pair
-        return out
+        return out, self._index.indexed_to
 
     async def _sink_report(self, r: SinkRunner, msg: HealthRequest, rows: list[dict[str, Any]],
-                           pending: tuple[int, int], now: float) -> dict[str, Any]:
+                           pending: tuple[int, int], now: float, span: tuple[int, int, int]) -> dict[str, Any]:
         """``delivered``: the run's events this sink delivered (since the agent started); ``pending``: the
-        run's events in the WAL it has not yet delivered, refused or passed."""
+        run's events in the WAL it has not yet delivered, refused or passed (``span``: upto, the WAL's end,
+        and the seq the counts are exact to; past it they are lower bounds, ``pending_exact`` False)."""
+        upto, next_seq, counted_to = span
         st, core, name = r.stats, r.core, r.sink.name
         mine = [row for row in rows if row["sink"] == name]
         kept = sum(int(row["events"] or 0) for row in mine)
@@ -129,7 +133,9 @@ class HealthBoard:
                                "reason": "", "kept_events": 0, "retrying_seconds": 0.0, "alert": False,
                                "quarantined_events": kept, "replay": "", "parked": False,
                                "quarantine_reason": mine[-1]["reason"] if mine else "",
-                               "delivered": st.run_delivered.get(msg.run_id, 0), "pending": to_end}
+                               "delivered": st.run_delivered.get(msg.run_id, 0), "pending": to_end,
+                               "pending_exact": counted_to >= next_seq}
+        done = core.done.seq if core is not None else st.cursor.seq
         if core is not None and msg.run_id in core.quarantined_runs:
             reason = next((row["reason"] for row in reversed(mine) if row["scope"] == "run"), st.last_error)
             target = await anyio.to_thread.run_sync(replay_target, r.sink, msg.run_id, str(self.agent.paths.store))
@@ -141,8 +147,8 @@ class HealthBoard:
             out.update(status="retrying", reason=st.last_error, kept_events=to_end,
                        retrying_seconds=round(seconds, 1), alert=seconds >= msg.after_seconds,
                        replay=f"flightlog wal replay {self.agent.paths.wal_dir} --to {target} --run {msg.run_id}")
-        elif to_upto:
-            out.update(status="pending", kept_events=to_upto)
+        elif to_upto or (counted_to < upto and done < upto):
+            out.update(status="pending", kept_events=to_upto)  # not counted that far yet: maybe pending
         else:
             out.update(status="delivered")
         return out

@@ -16,8 +16,10 @@ from .wal.format import WalCursor
 
 __all__ = ["RunIndex", "count_delivered"]
 
-#: At most this many events are read per look (a look runs in a worker thread; the next one goes on).
-_READ_EVENTS = 20_000
+_READ_EVENTS = 20_000  # per WAL read
+#: At most this many events are indexed per look (about 0.2 s; the next look goes on from there): a sink stuck
+#: under a flood of events costs the health report a bounded share of a core, and its counts lag instead.
+LOOK_EVENTS = 100_000
 
 
 class _Head(msgspec.Struct, array_like=True):
@@ -55,8 +57,14 @@ class RunIndex:
         self._ends: dict[str, list[int]] = {}  # run -> interval ends (exclusive)
         self.decoded = 0  # events looked at (a test sees that a second look reads nothing again)
 
+    @property
+    def indexed_to(self) -> int:
+        """The first seq not indexed yet: counts up to a seq past it are lower bounds."""
+        return self._read.seq
+
     def pending(self, run_id: str, lows: list[WalCursor], upto: int, tail: int) -> list[tuple[int, int]]:
-        """For each cursor of ``lows``: the run's events with seq in [cursor.seq, upto) and [cursor.seq, tail)."""
+        """For each cursor of ``lows``: the run's events with seq in [cursor.seq, upto) and [cursor.seq, tail)
+        (exact up to ``indexed_to``)."""
         if not lows:
             return []
         with self._lock:
@@ -72,8 +80,9 @@ class RunIndex:
             self._read, self._low = low, low.seq
         else:
             self._forget_below(low.seq)
-        while self._read.seq < upto:
-            items, end = self._reader.read(self._read, max_events=_READ_EVENTS)
+        budget = LOOK_EVENTS
+        while self._read.seq < upto and budget > 0:
+            items, end = self._reader.read(self._read, max_events=min(_READ_EVENTS, budget))
             if not items:
                 if end.seq > self._read.seq:  # a segment end, or seqs skipped over damage
                     self._read = end
@@ -86,6 +95,7 @@ class RunIndex:
                     continue
                 self._note(rid, seq)
             self.decoded += len(items)
+            budget -= len(items)
             self._read = end
 
     def _note(self, run_id: str, seq: int) -> None:

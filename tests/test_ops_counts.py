@@ -13,13 +13,18 @@ from typing import Any
 import pytest
 from conftest import AgentProcess
 from conftest_backends import run_events, write_wal
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import flightlog
+from flightlog.agent import run_counts
 from flightlog.agent.run_counts import RunIndex, count_delivered
-from flightlog.agent.wal import WALReader
+from flightlog.agent.wal import WAL, WALReader
 from flightlog.agent.wal.format import WalCursor
-from flightlog.proto.codec import decode_event
-from flightlog.proto.events import Event
+from flightlog.proto.codec import decode_event, encode_event
+from flightlog.proto.errors import ProtocolError
+from flightlog.proto.events import Event, Metrics
+from flightlog.proto.frames import append_frame
 from flightlog.proto.paths import AgentPaths
 
 pytestmark = pytest.mark.timeout(120)
@@ -103,7 +108,7 @@ def test_each_run_gets_its_own_counts(agent_paths: AgentPaths, tmp_path: Path,
         agent.stop()
 
 
-def test_run_index_counts_each_runs_events_from_any_cursor(tmp_path: Path) -> None:
+def test_run_index_counts_each_runs_events_from_any_cursor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     a = run_events("ra", "a", {}, steps=40, keys=["x"], sinks=[])
     b = run_events("rb", "b", {}, steps=25, keys=["x"], sinks=[])
     events: list[Event] = []
@@ -121,7 +126,42 @@ def test_run_index_counts_each_runs_events_from_any_cursor(tmp_path: Path) -> No
     assert index.decoded == total  # the second look read nothing again
     assert index.pending("nobody", [mid], total, total) == [(0, 0)]
     index.close()
+    # A look reads a bounded stretch: counts up to indexed_to are exact, and the next looks go on from there.
+    monkeypatch.setattr(run_counts, "LOOK_EVENTS", 10)
+    index = RunIndex(str(tmp_path / "wal"))
+    first = index.pending("ra", [WalCursor()], total, total)
+    assert 0 < index.indexed_to < total and first[0][0] < len(a)
+    while index.indexed_to < total:
+        last = index.pending("ra", [WalCursor()], total, total)
+    assert last == [(len(a), len(a))] and index.decoded == total
+    index.close()
     per_run: dict[str, int] = {}
     count_delivered(per_run, list(enumerate(events[:10])), {"ra", "rb"})
     count_delivered(per_run, list(enumerate(a[:3])), {"ra"})
     assert per_run == {"ra": 8, "rb": 5}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payloads=st.lists(st.one_of(st.binary(max_size=64), st.sampled_from(
+    [encode_event(Metrics("ra", 1, 0.0, {"x": 1.0})), encode_event(Metrics("rb", 1, 0.0, {}))])), max_size=40))
+def test_run_index_takes_any_payload(tmp_path_factory: pytest.TempPathFactory, payloads: list[bytes]) -> None:
+    """Whatever a WAL frame holds, the index counts the events it can read the run of, and raises nothing."""
+    wal_dir = tmp_path_factory.mktemp("wal")
+    buf = bytearray()
+    for p in payloads:
+        append_frame(buf, p)
+    with WAL(wal_dir, fsync="never") as wal:
+        if payloads:
+            wal.append(buf, len(payloads), "fuzz")
+    index = RunIndex(str(wal_dir))
+    try:
+        got = index.pending("ra", [WalCursor()], len(payloads), len(payloads))
+    finally:
+        index.close()
+    want = 0
+    for p in payloads:
+        try:
+            want += decode_event(p).run_id == "ra"
+        except ProtocolError:
+            pass
+    assert got[0][0] == got[0][1] >= want  # a frame only the head of which decodes still counts
