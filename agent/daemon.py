@@ -145,7 +145,7 @@ class Agent:
         ensure_private_dir(self.paths.ring_dir)
         self.ingestor = Ingestor(self.wal, self.paths.ring_dir, rec.producer_positions, lock=self.wal_lock)
         self.ingest = IngestLoop(self.ingestor, Doorbell(self.paths.doorbell), self.paths.wal_dir, self._ingested,
-                                 fsync_every=s.fsync_ms / 1000.0 if s.fsync == "interval" else None,
+                                 linger=linger_seconds(s.extra), fsync_every=s.fsync_ms / 1000.0 if s.fsync == "interval" else None,
                                  on_ingested_threadsafe=True)  # SinkRunner.wake is safe from any thread
         from .checkpoint.service import CheckpointService
 
@@ -226,16 +226,17 @@ class Agent:
         self._wake_sinks()
         return seq
 
-    def _wake_sinks(self, runs: set[str] | None = None) -> None:
-        """New events in the WAL (of ``runs``, if known), from any thread. Cheap: a runner only wakes when it
-        waits for this much data (its batch is full, or it was idle) and its sink may want them."""
+    def _wake_sinks(self, runs: set[str] | None = None, since: float | None = None) -> None:
+        """New events in the WAL (of ``runs``, if known; waiting since ``since``, if known), from any thread.
+        Cheap: a runner only wakes when it waits for this much data (its batch is full, or it was idle) and
+        its sink may want them."""
         next_seq = self.wal.next_seq
         for runner in self.runners:
-            runner.wake(next_seq, runs)
+            runner.wake(next_seq, runs, since)
 
     def _ingested(self) -> None:
-        """The ingest loop made events durable: wake the sinks of their runs."""
-        self._wake_sinks(self.ingestor.take_drained_runs())
+        """The ingest loop made a window's events durable: wake the sinks of their runs."""
+        self._wake_sinks(self.ingestor.take_drained_runs(), self.ingest.batch_since)
 
     # --- tasks ---------------------------------------------------------------------------------
 

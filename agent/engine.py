@@ -146,6 +146,7 @@ class DeliveryCore:
         self.tail = math.inf  # first seq not yet in the WAL, as far as we know (inf: unknown, read to see)
         self.pending: list[Item] = []
         self.data_since: float | None = None
+        self.since: float | None = None  # from on_tail: when the events not yet read may have arrived
         self.new_runs: set[str] = set()
         self.inflight: Batch | None = None
         self.attempt = 0
@@ -183,7 +184,7 @@ class DeliveryCore:
                     # Nothing of ours pending: look at once. What this sink does not want (another sink's
                     # runs) then costs one cheap read, not a linger; what it wants starts the linger (on_read).
                     return Read(self.read_cursor)
-                self.data_since = now  # every event is this sink's: linger first, then one read takes all
+                self.data_since = self._linger_start(now)  # every event is this sink's: linger, then one read
             full = self.tail - self.read_cursor.seq + len(self.pending) >= self.batch_size
             if self.flushing or full or now >= self.data_since + self.linger:
                 return Read(self.read_cursor)
@@ -234,8 +235,12 @@ class DeliveryCore:
 
     # --- outcomes -----------------------------------------------------------------------------------
 
-    def on_tail(self, next_seq: float) -> None:
-        """The WAL holds events up to ``next_seq`` (exclusive); ``math.inf``: unknown, read to find out."""
+    def on_tail(self, next_seq: float, since: float | None = None) -> None:
+        """The WAL holds events up to ``next_seq`` (exclusive); ``math.inf``: unknown, read to find out.
+        ``since``: the oldest new event may have waited from then (the ingest loop's batching window), so
+        a linger that starts now counts from there: an event waits one window in all, not two."""
+        if since is not None and next_seq > self.read_cursor.seq and (self.since is None or since < self.since):
+            self.since = since
         self.tail = next_seq
 
     def on_read(self, window: Window | None, now: float) -> None:
@@ -243,6 +248,7 @@ class DeliveryCore:
         seq = self.read_cursor.seq
         if window is None or not window.contains(seq):
             self.tail = seq  # nothing more yet
+            self.since = None
             if window is not None and window.end.seq == seq and not self.pending and self.inflight is None:
                 self.read_cursor = self.done = window.end  # the reader moved on (segment end): keep that
             return
@@ -266,7 +272,12 @@ class DeliveryCore:
             self.done = end
             self.data_since = None
         elif self.pending and self.data_since is None:
-            self.data_since = now  # the first event this sink wants: its linger starts
+            self.data_since = self._linger_start(now)  # the first event this sink wants: its linger starts
+        if self.read_cursor.seq >= self.tail:
+            self.since = None  # read up to the tail: what comes next arrives later
+
+    def _linger_start(self, now: float) -> float:
+        return now if self.since is None else min(now, self.since)
 
     def _wanted(self, item: Item) -> bool:
         ev = item[1]

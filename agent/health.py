@@ -32,6 +32,7 @@ HEALTH_FILE = "health.json"
 SINK_LABELS = {"store": "local store", "tensorboard": "TensorBoard", "mlflow": "MLflow", "wandb": "W&B",
                "webhook": "webhook", "node_webhook": "node webhook"}
 _TROUBLE = ("retrying", "open circuit")
+_CALM = hashlib.sha256(json.dumps([]).encode()).hexdigest()[:16]  # the version of a report with no trouble
 _MAX_WAIT = 300.0  # a long poll answers at least this often (a dead trainer's connection is then noticed)
 
 
@@ -172,6 +173,13 @@ class HealthBoard:
         the run is pending), at the latest after ``msg.wait`` seconds; it looks once a second meanwhile."""
         deadline = anyio.current_time() + min(max(msg.wait, 0.0), _MAX_WAIT)
         while True:
+            left = deadline - anyio.current_time()
+            if not msg.settle and left > 0 and msg.version == _CALM and self._calm(msg.run_id):
+                # Nothing can have changed the version (no sink of the run in trouble): look again in a
+                # second without building the report (each tracker's poll would otherwise cost thread hops
+                # and WAL reads every second).
+                await anyio.sleep(min(1.0, left))
+                continue
             report = await self.report(msg)
             left = deadline - anyio.current_time()
             if left <= 0:
@@ -184,6 +192,17 @@ class HealthBoard:
                 return report
             else:
                 await anyio.sleep(min(1.0, left))
+
+    def _calm(self, run_id: str) -> bool:
+        """No sink that serves the run retries, has quarantined anything or parked it: its version is _CALM."""
+        self.observe()
+        for r in self.agent.runners:
+            if not _serves(r, run_id):
+                continue
+            st = r.stats
+            if st.state in _TROUBLE or st.quarantined_events or (r.core is not None and run_id in r.core.quarantined_runs):
+                return False
+        return True
 
     # --- every sink, for the data directory ------------------------------------------------------
 

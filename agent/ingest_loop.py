@@ -1,13 +1,19 @@
 """The ingest loop: one worker thread that sleeps on the doorbell, drains the rings when a producer rings,
-lingers a few milliseconds while events flow (so a busy producer never rings), and sleeps again; a slow
-scan finds new rings, spill files and finished producers (and bounds any event a lost wake-up would delay).
-It also does the WAL's group commit (``wal.fsync: interval``): while events stream in, an fsync at most
-every ``fsync_ms``; before it sleeps, one for what it drained (so a lone event costs one wake-up, and is
-durable at once); none while idle.
+and works in windows of ``linger`` seconds: what reaches the rings within a window is drained, made durable
+(one fsync, ``wal.fsync: interval``) and handed to the sinks in one go at its end, so a trickle of ten or a
+hundred events a second costs a few wake-ups a second, not one per event. While events keep coming the loop
+looks again after each window without setting the sleeping word (producers do not ring); a window that finds
+nothing puts it back to sleep on the doorbell. A flood does not wait. A slow scan finds new rings, spill files
+and finished producers (and bounds any event a lost wake-up would delay).
+
+The window is also the sinks' linger: ``since`` (when the oldest event of the batch may have arrived) goes to
+the runners with the wake-up, so a sink's own linger counts from there and an event waits about one window in
+all, not a window here and a linger there (``agent.linger_ms``; the delivery latency budget is 0.5 s p99).
 
 A thread of its own rather than event-loop tasks: a wake-up then costs a syscall and a drain, not three
-hops between the loop and the thread pool (about 250 µs of CPU per wake-up, measured: most of the agent's
-cost at a trickle). It is owned by the agent's task group like any task (``run``), and stops when cancelled.
+hops between the loop and the thread pool. Measured here, each wake-up of an idle agent costs a few hundred
+µs of CPU whatever it carries (cold caches, the fsync's block I/O): at a trickle the number of wake-ups is
+the agent's cost. It is owned by the agent's task group like any task (``run``), and stops when cancelled.
 """
 from __future__ import annotations
 
@@ -31,13 +37,11 @@ __all__ = ["LINGER_SECONDS", "SCAN_SECONDS", "IngestLoop"]
 
 log = logging.getLogger("flightlog.agent")
 
-#: Awake after a drain that found events: wait this long for more before draining again (batches a trickle
-#: into few WAL records and wake-ups; producers do not ring while the agent is awake). A flood does not wait.
-LINGER_SECONDS = 0.05
+#: The batching window (and the sinks' linger, see the module docstring): ``agent.linger_ms`` overrides it.
+LINGER_SECONDS = 0.25
 #: A drain of at least this many events means a flood: drain again at once rather than linger.
 FLOOD_EVENTS = 4096
-#: ``on_ingested`` (it wakes the sinks, a round trip to the event loop) runs at most this often: sinks batch
-#: for far longer than this anyway.
+#: During a flood, ``on_ingested`` (it wakes the sinks) runs at most this often: sinks batch anyway.
 NOTIFY_SECONDS = 0.1
 #: The safety scan: new rings, spill files, dead producers, and a bound on a wake-up lost to a race.
 SCAN_SECONDS = 1.0
@@ -67,6 +71,11 @@ class IngestLoop:
         self._unnotified = False  # events reached the WAL since on_ingested last ran
         self._notified = -NOTIFY_SECONDS
         self._slept = 0.0  # how long the last doorbell sleep lasted: events come sparsely, or in a stream
+        self._kicked = False  # a kick (flush, stop, the agent's own event) rang: end the window now
+        #: monotonic time since which the events not yet announced may have waited (None: none waiting);
+        #: ``on_ingested`` reads it (``batch_since``) so the sinks' linger counts from there.
+        self._since: float | None = None
+        self.batch_since: float | None = None
         self._stop = threading.Event()
         self._token: object = None
 
@@ -76,6 +85,7 @@ class IngestLoop:
         Thread-safe."""
         if rescan:
             self._rescan = True
+        self._kicked = True
         self.doorbell.ring()
 
     async def run(self) -> None:
@@ -111,6 +121,7 @@ class IngestLoop:
             return due
         self._unnotified = False
         self._notified = now
+        self.batch_since, self._since = self._since, None
         self._notify()
         return float("inf")
 
@@ -145,19 +156,29 @@ class IngestLoop:
             if n:
                 self.error = ""
                 self._unnotified = True
-            # Linger only while events stream in (they came faster than the linger): a lone event after a
-            # sleep would pay for a second wake-up, the linger's, for nothing.
-            stream = n > 0 and (n > 1 or self._slept < self.linger)
-            if not stream:
-                # About to sleep: commit and announce what this wake-up drained now, rather than waking
-                # again for the group commit's or the notification's timer (one wake-up per lone event).
-                self._group_commit(force=True)
-                self._maybe_notify(force=True)
-                self._sleep(last_scan + self.scan_every - time.monotonic())
+            if n >= FLOOD_EVENTS:  # drain again at once; commit and announce on their timers
+                self._group_commit()
+                self._maybe_notify()
                 continue
-            due = min(self._group_commit(), self._maybe_notify())
-            if n < FLOOD_EVENTS and self.doorbell.wait(min(self.linger, due - time.monotonic())):
-                self.doorbell.clear()  # a kick (flush, stop) cut the linger short
+            # The window's end: what it gathered becomes durable and goes to the sinks in one go.
+            self._group_commit(force=True)
+            self._maybe_notify(force=True)
+            # Events in this window, and more than a lone one after a long sleep: a stream. Look again after
+            # the next window, awake (producers do not ring while the sleeping word is clear).
+            if n > 1 or (n == 1 and self._slept < self.linger):
+                self._slept = 0.0
+                self._window(time.monotonic())
+                continue
+            if self._sleep(last_scan + self.scan_every - time.monotonic()):
+                self._window(time.monotonic())  # a producer rang: gather for one window, then drain
+
+    def _window(self, since: float) -> None:
+        """Wait out one batching window (a kick ends it at once) before the next drain."""
+        if self._since is None:
+            self._since = since
+        if not self._kicked and self.doorbell.wait(self.linger):
+            self.doorbell.clear()
+        self._kicked = False
 
     def _group_commit(self, *, force: bool = False) -> float:
         """fsync the WAL if it holds appends and the last fsync is ``fsync_every`` old (``force``: before
@@ -172,9 +193,10 @@ class IngestLoop:
         self._synced = now
         return float("inf")
 
-    def _sleep(self, timeout: float) -> None:
+    def _sleep(self, timeout: float) -> bool:
         """Set the sleeping words, look once more (a frame published before its producer could see the word
-        would otherwise wait for the scan), then wait for the doorbell or the next scan."""
+        would otherwise wait for the scan), then wait for the doorbell or the next scan. True: a producer
+        rang (not a kick, which wants its drain now)."""
         ing = self.ingestor
         ing.set_sleeping(True)
         rung = False
@@ -183,7 +205,7 @@ class IngestLoop:
             # before the write words are read again.
             if ing.has_pending():
                 self._slept = 0.0
-                return
+                return False
             t0 = time.monotonic()
             rung = self.doorbell.wait(timeout)
             self._slept = time.monotonic() - t0
@@ -192,3 +214,5 @@ class IngestLoop:
             ing.set_sleeping(False)
             if rung:
                 self.doorbell.clear()  # a ring that came after a timeout is read on the next wake-up
+        kicked, self._kicked = self._kicked, False
+        return rung and not kicked

@@ -28,9 +28,13 @@ class RetentionLoop:
         agent = self.agent
         wal = agent.wal
         warned = False
+        done = -1
         while True:
             await anyio.sleep(self.period)
             low = agent._min_cursor_seq()
+            if low == done:
+                continue  # no sink moved: nothing new to delete (and no thread hop for it)
+            done = low
             deleted = await anyio.to_thread.run_sync(wal.delete_before, low)
             if deleted:
                 log.info("WAL: deleted %d segments every sink has passed", len(deleted))
@@ -48,12 +52,14 @@ class RetentionLoop:
 
 class IdleExitLoop:
     """A sidecar stops once no producer is left, every sink caught up (or the drain timeout passed) and it
-    has been idle for ``idle_exit_seconds``."""
+    has been idle for ``idle_exit_seconds``. It looks every ``period`` while the exit draws near, and once a
+    second while producers are there (a trickle's agent should not wake ten times a second for this)."""
 
-    def __init__(self, agent: Agent, stop: Callable[[], None], period: float = 0.1) -> None:
+    def __init__(self, agent: Agent, stop: Callable[[], None], period: float = 0.1, busy_period: float = 1.0) -> None:
         self.agent = agent
         self.stop = stop
         self.period = period
+        self.busy_period = busy_period
 
     def _no_producers(self) -> bool:
         a = self.agent
@@ -64,12 +70,15 @@ class IdleExitLoop:
         s = agent.settings
         idle_since: float | None = None
         gone_since: float | None = None
+        period = self.period
         while True:
-            await anyio.sleep(self.period)
+            await anyio.sleep(period)
             now = time.monotonic()
             if not self._no_producers():
                 idle_since = gone_since = None
+                period = self.busy_period
                 continue
+            period = self.period
             gone_since = gone_since or now
             if not agent._caught_up() and now - gone_since < s.drain_timeout_seconds:
                 idle_since = None

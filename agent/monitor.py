@@ -35,6 +35,7 @@ log = logging.getLogger("flightlog.agent")
 
 _DISCOVER_SECONDS = 1.0  # how soon a new run gets its first sample (one small SQLite query)
 _MIN_SLEEP = 0.05
+_WATCH_SECONDS = 5.0  # the disk watch and the store's list of running runs, when nothing else is due sooner
 
 
 # --- sans-IO parts ---------------------------------------------------------------------------------------
@@ -316,14 +317,22 @@ class Monitor:
 
     async def run(self) -> None:
         try:
+            seen: Any = None
+            wake_at = 0.0
             while True:
                 producers = self._producer_list()
-                try:
-                    delay = await anyio.to_thread.run_sync(self.tick, producers)
-                except Exception:  # disk full (the WAL refuses the stats), or a bug: never the agent's end
-                    log.exception("monitor: sampling failed; trying again in %.0f s", _DISCOVER_SECONDS)
-                    delay = _DISCOVER_SECONDS
-                await anyio.sleep(delay)
+                # A pass (a thread hop and a store query) when one is due or the producers changed; the
+                # look at the producers in between is a cheap one on the event loop, once a second.
+                key = sorted((str(p.get("producer")), bool(p.get("closed"))) for p in producers)
+                if key != seen or self.clock() >= wake_at:
+                    seen = key
+                    try:
+                        delay = await anyio.to_thread.run_sync(self.tick, producers)
+                    except Exception:  # disk full (the WAL refuses the stats), or a bug: never the agent's end
+                        log.exception("monitor: sampling failed; trying again in %.0f s", _DISCOVER_SECONDS)
+                        delay = _DISCOVER_SECONDS
+                    wake_at = self.clock() + delay
+                await anyio.sleep(min(_DISCOVER_SECONDS, max(_MIN_SLEEP, wake_at - self.clock())))
         finally:
             with anyio.CancelScope(shield=True):  # noqa: ASYNC100 - close() must finish even when cancelled
                 self.close()
@@ -353,14 +362,19 @@ class Monitor:
             self._close_store()  # opened again next tick (the store sink may not have created it yet)
         wall = time.time()
         self._watch_disks(wall)
+        # A live producer whose run the store does not list yet (its RunStart is on its way): look again
+        # soon; otherwise at the next sample (or the disk watch's period).
+        waiting = any(not p.get("closed") and not any(str(p.get("producer") or "").startswith(rid + "-")
+                                                      for rid in self.runs) for p in producers)
+        again = _DISCOVER_SECONDS if waiting else _WATCH_SECONDS
         if not self.runs:
-            return _DISCOVER_SECONDS
+            return again
         now = self.clock()
         due = [r for r in self.runs.values() if r.next_due <= now]
         if due:
             self._sample_and_emit(due, wall, now)
         nxt = min(r.next_due for r in self.runs.values())
-        return min(max(_MIN_SLEEP, nxt - self.clock()), _DISCOVER_SECONDS)
+        return min(max(_MIN_SLEEP, nxt - self.clock()), again)
 
     # --- runs --------------------------------------------------------------------------------------
 

@@ -226,16 +226,34 @@ class PlotService:
 
     async def run(self) -> None:
         try:
+            seen: tuple[int, ...] | None = None
             while True:
                 await anyio.sleep(self.poll_seconds)
+                mark = self._store_mark()
+                if mark is not None and mark == seen:
+                    continue  # nothing was committed to the store since the last pass: nothing new to plot
                 try:
                     await anyio.to_thread.run_sync(self.tick)
+                    seen = mark
                 except (sqlite3.Error, FlightlogError, OSError) as exc:
                     log.warning("plots: %s; trying again in %.0f s", exc, self.poll_seconds)
                 except Exception:  # a plotting bug must not take the agent down
                     log.exception("plots: rendering failed")
         finally:
             self.close()
+
+    def _store_mark(self) -> tuple[int, ...] | None:
+        """Size and time of the store's files (SQLite's WAL changes with every commit); None: no store."""
+        mark: list[int] = []
+        for path in (self.paths.store, self.paths.store.with_name(self.paths.store.name + "-wal")):
+            try:
+                st = os.stat(path)
+            except OSError:
+                if not mark:
+                    return None
+                continue
+            mark += [st.st_mtime_ns, st.st_size, st.st_ino]
+        return tuple(mark)
 
     def close(self) -> None:
         with self._store_lock:

@@ -211,6 +211,7 @@ class SinkRunner:
         self._armed = _NEVER
         self._cond = threading.Condition(threading.Lock())
         self._woken = False
+        self._since: float | None = None  # when the oldest event announced by wake() may have arrived
         self._stop = threading.Event()
         self._rate_t0, self._rate_n0 = 0.0, 0
 
@@ -224,11 +225,14 @@ class SinkRunner:
 
     # --- waking (thread-safe) -----------------------------------------------------------------------
 
-    def wake(self, next_seq: int | None = None, runs: set[str] | None = None) -> None:
+    def wake(self, next_seq: int | None = None, runs: set[str] | None = None, since: float | None = None) -> None:
         """New events in the WAL (``next_seq``: the WAL's next seq, if known; ``runs``: the runs they belong
-        to, if known). Callable from any thread; a no-op unless the runner waits for this much data (so a
+        to, if known; ``since``: the ``clock`` time from which the oldest of them may have waited, so the
+        linger counts from there). Callable from any thread; a no-op unless the runner waits for this much data (so a
         trickle does not wake it per event) and the events may be for its sink (another sink's runs do not
         wake it: it passes over them on its next look)."""
+        if since is not None and (self._since is None or since < self._since):
+            self._since = since  # kept even when not woken: the linger that runs anyway counts from it
         if next_seq is not None and next_seq < self._armed:
             return
         core = self.core
@@ -251,7 +255,8 @@ class SinkRunner:
                     self._woken = False
         finally:
             self._armed = _NEVER
-        core.on_tail(self._tail() if self._tail is not None else math.inf)
+        since, self._since = self._since, None
+        core.on_tail(self._tail() if self._tail is not None else math.inf, since)
 
     def _pause(self, seconds: float) -> bool:
         """Sleep for a retry; False if the runner is being stopped."""

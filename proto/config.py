@@ -117,7 +117,9 @@ class AgentConfig(_Section):
     on_full: Literal["spill", "block", "drop"] = "spill"
     block_timeout_seconds: _NonNegFloat = 5.0
     connect_timeout_seconds: _PosFloat = 10.0
-    linger_ms: _Millis = 150  # a sink delivers when its batch is full or its oldest event waited this long
+    #: Events are gathered for this long (ingest's batching window) and a sink delivers when its batch is full
+    #: or its oldest event waited this long: fewer wake-ups at a trickle, for at most this much delay.
+    linger_ms: _Millis = 250
     #: ``host:port`` of the Prometheus ``/metrics`` endpoint (e.g. ``127.0.0.1:9464``); None: off.
     metrics_address: str | None = None
 

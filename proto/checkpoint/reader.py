@@ -394,8 +394,12 @@ class CheckpointReader:
             for i in frames:
                 one(i)
             return
-        with ThreadPoolExecutor(workers + verify, thread_name_prefix="flightlog-unzstd") as pool:
-            futures = [pool.submit(self._verify)] if verify else []
+        # The checksum pass reads the file front to back, ahead of the decoders; without it (a sealed
+        # file) a cold file would be faulted in by the decoders' scattered reads, so a pass that touches
+        # each page in order takes its place (on a file in the page cache it only maps the pages early).
+        ahead = verify or self._opener is not None
+        with ThreadPoolExecutor(workers + ahead, thread_name_prefix="flightlog-unzstd") as pool:
+            futures = [pool.submit(self._verify if verify else self._prefetch)] if ahead else []
             futures += [pool.submit(one, i) for i in frames]
             try:
                 for fut in futures:
@@ -404,6 +408,12 @@ class CheckpointReader:
                 for fut in futures:
                     fut.cancel()
                 raise
+
+    def _prefetch(self) -> None:
+        assert self._mm is not None
+        mm, page = self._mm, mmap.PAGESIZE
+        for off in range(0, self.footer.payload_len, page):
+            mm[off]  # noqa: B018 - the read is the point: it faults the page in (and the kernel reads ahead)
 
     def _verify(self) -> None:
         actual = self._hash(self.footer.payload_len)
