@@ -357,7 +357,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _add_runs(sub: Any, common: Any) -> None:
-    """``flightlog runs ls|export|show``."""
+    """``flightlog runs ls|export|show|rm``."""
     r = sub.add_parser("runs", help="runs in the local store")
     rsub = r.add_subparsers(dest="runs_command", required=True)
     rl = rsub.add_parser("ls", help="list runs")
@@ -379,6 +379,9 @@ def _add_runs(sub: Any, common: Any) -> None:
     rs.add_argument("run", help="run id, id prefix or name")
     rs.add_argument("--json", action="store_true")
     rs.set_defaults(func=_runs_show)
+    from flightlog.agent.runs_rm import add_subparser as add_rm
+
+    add_rm(rsub, common)
 
 
 def build_parser() -> argparse.ArgumentParser:

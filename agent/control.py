@@ -24,6 +24,7 @@ from flightlog.proto.events import (
     Hello,
     Register,
     Reply,
+    RunDeleteRequest,
     RunExportRequest,
     StatusRequest,
     Unregister,
@@ -31,6 +32,7 @@ from flightlog.proto.events import (
 from flightlog.proto.frames import MAX_EVENT_BYTES, count_frames
 
 from .access import AccessPolicy, Peer, RunOwners, export_run, peer_of
+from .runs_rm import serve_delete
 
 if TYPE_CHECKING:
     from .daemon import Agent
@@ -99,6 +101,9 @@ class ControlServer:
         peer = peer or Peer(os.getpid(), os.getuid(), os.getgid())
         if isinstance(msg, RunExportRequest):
             return await anyio.to_thread.run_sync(export_run, agent.paths.store, agent.paths.data_dir, self.policy,
+                                                  self.owners, peer, msg)
+        if isinstance(msg, RunDeleteRequest):
+            return await anyio.to_thread.run_sync(serve_delete, agent.paths.store, agent.paths.data_dir, self.policy,
                                                   self.owners, peer, msg)
         if isinstance(msg, Register) and msg.run_id and self.policy.multi_user:
             owner = await anyio.to_thread.run_sync(self.owners.claim, msg.run_id, peer.uid)
