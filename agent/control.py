@@ -26,12 +26,14 @@ from flightlog.proto.events import (
     Reply,
     RunDeleteRequest,
     RunExportRequest,
+    RunFilesRequest,
     StatusRequest,
     Unregister,
 )
 from flightlog.proto.frames import MAX_EVENT_BYTES, count_frames
 
 from .access import AccessPolicy, Peer, RunOwners, export_run, peer_of
+from .fdpass import open_run_files, send_reply_with_fds
 from .runs_rm import serve_delete
 
 if TYPE_CHECKING:
@@ -88,6 +90,10 @@ class ControlServer:
                     except ProtocolError as exc:
                         await stream.send(frame_control(Reply(ok=False, error=str(exc))))
                         return
+                    if isinstance(msg, RunFilesRequest):  # the reply, then the run's files as descriptors
+                        await send_reply_with_fds(stream, *await anyio.to_thread.run_sync(
+                            open_run_files, self.agent.paths, self.policy, self.owners, peer, msg))
+                        continue
                     reply = await self.dispatch(msg, registered, peer)
                     await stream.send(frame_control(reply))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.IncompleteRead, OSError):
