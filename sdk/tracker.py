@@ -74,8 +74,9 @@ class ExperimentTracker:
         self._finished = False
         self._ckpt: Any = None
         d = config_to_dict(cfg)
-        self._link = AgentLink(self.paths, {"agent": d["agent"], "wal": d["wal"]}, autostart=cfg.agent.autostart,
-                               timeout=cfg.agent.connect_timeout_seconds)
+        self._link = AgentLink(self.paths, {"agent": d["agent"], "wal": d["wal"],  # a sidecar shares with access.group
+                                            "access": {"group": cfg.access.group}},
+                               autostart=cfg.agent.autostart, timeout=cfg.agent.connect_timeout_seconds)
         if not ring_supported():
             log.info("flightlog: no shared-memory ring on this CPU (%s); events go to the agent over its "
                      "socket, in batches", platform.machine())
