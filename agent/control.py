@@ -140,12 +140,19 @@ class ControlServer:
         if isinstance(msg, EventBatch):
             return await anyio.to_thread.run_sync(self._ingest_batch, msg)
         if isinstance(msg, (CheckpointRequest, CheckpointWait)):
+            if not self.policy.may_write_for(peer.uid):
+                return await anyio.to_thread.run_sync(self._refuse_checkpoint, peer)
             return await agent.checkpoints.handle(msg)  # type: ignore[no-any-return]
         if isinstance(msg, StatusRequest):
             return Reply(ok=True, data=agent.status())
         if isinstance(msg, HealthRequest):  # a long poll of the tracker's health watcher (agent/health.py)
             return Reply(ok=True, data=await agent.health.answer(msg))
         return Reply(ok=False, error=f"unexpected message {type(msg).__name__}")
+
+    def _refuse_checkpoint(self, peer: Peer) -> Reply:
+        record("access.refused", f"agent:{self.agent.paths.socket}", "denied", data_dir=self.agent.paths.data_dir,
+               uid=peer.uid, pid=peer.pid, detail="checkpoint write through a multi-user agent")
+        return Reply(ok=False, error=self.policy.write_refusal(peer.uid))
 
     def _ingest_batch(self, msg: EventBatch) -> Reply:
         """Frames sent over the socket (the fallback where rings are not safe): into the WAL as they are."""
