@@ -17,6 +17,7 @@ from flightlog.proto.audit import record
 from flightlog.proto.codec import frame_control
 from flightlog.proto.errors import AccessDenied, FlightlogError
 from flightlog.proto.events import Reply, RunFilesRequest
+from flightlog.proto.names import check_run_id
 from flightlog.proto.osutil import PRIVATE_FILE_MODE, make_dirs
 from flightlog.proto.paths import AgentPaths
 
@@ -143,9 +144,12 @@ def _copy(fd: int, dest: Path) -> None:
 def plots_via_agent(paths: AgentPaths, run: str, out_dir: Path | None) -> list[Path]:
     """The run's plots as the agent has them, copied into ``out_dir`` (default ``./plots-<run id>``)."""
     data, fds = request_files(paths, RunFilesRequest(run, "plots"))
-    out = out_dir or Path(f"plots-{data['run_id']}")
     written: list[Path] = []
     try:
+        try:
+            out = out_dir or Path(f"plots-{check_run_id(data.get('run_id'))}")  # a plain name: no path in it
+        except (TypeError, ValueError) as exc:
+            raise FlightlogError(f"the agent on {paths.socket} answered with an unusable run id: {exc}") from None
         make_dirs(out)
         for i, (name, fd) in enumerate(zip(data["names"], fds)):
             fds[i] = -1
