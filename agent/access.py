@@ -76,6 +76,16 @@ class AccessPolicy:
             return True
         return owner is not None and self.group is not None and user_in_group(uid, self.group)
 
+    def may_write_for(self, uid: int) -> bool:
+        """Files the agent writes where the peer says (checkpoints, from a staging file the peer names) are
+        written as the agent's uid: only for itself and root. Another uid's trainer writes its own."""
+        return uid in (self.own_uid, 0)
+
+    def write_refusal(self, uid: int) -> str:
+        return (f"uid {uid} may not have this agent (uid {self.own_uid}) write checkpoints: it would write them "
+                "as its own user, at a path and from a staging file you name; the SDK writes them in your "
+                "process when the agent is another user's (update flightlog, or use ModelCheckpointer directly)")
+
     def connect_refusal(self, uid: int) -> str:
         return (f"uid {uid} may not use this agent: it serves uid {self.own_uid} only; ask its owner to run "
                 "a node-wide agent (`flightlog agent --multi-user`) or start your own")

@@ -51,6 +51,9 @@ def add_subparsers(sub: Any) -> None:
     export.add_argument("path")
     export.add_argument("--to", required=True, help="destination .safetensors file")
     export.add_argument("--model-only", action="store_true", help="leave out optimizer, scheduler and RNG tensors")
+    export.add_argument("--via-agent", action="store_true",
+                        help="have the agent hand the file over (a multi-user agent's checkpoints of a run you may "
+                             "read; the default when the file is not readable)")
     export.set_defaults(func=_export)
 
     rm = csub.add_parser("rm", help="delete a checkpoint file and mark it deleted in the registry (audited)")
@@ -238,13 +241,31 @@ def _reason(exc: CheckpointError, path: str) -> str:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from flightlog.proto.checkpoint.reader import CheckpointReader
-
+    if args.via_agent or not os.access(args.path, os.R_OK):
+        return _export_via_agent(args)
     row = _row_for(args, args.path)
     record("checkpoint.export", args.path, run=str(row.get("run_id") or "") if row else "",
            data_dir=resolve_location(args)[0].data_dir, detail=f"to {args.to}")
-    with CheckpointReader(args.path, expected_checksum=row["checksum"] if row and row["state"] == "done" else None,
-                          keys=_keys(args)) as r:
+    return _write_export(args, args.path, row["checksum"] if row and row["state"] == "done" else None)
+
+
+def _export_via_agent(args: argparse.Namespace) -> int:
+    """A checkpoint we cannot open (a multi-user agent's): the agent hands it over if its run is ours to read;
+    a private copy next to ``--to`` is read with our keys (the agent never decrypts for us), then removed."""
+    from flightlog.agent.fdpass import fetch_checkpoint
+
+    copy = Path(args.to).absolute().with_name(f".{Path(args.to).name}.{os.getpid()}.fetch")
+    try:
+        data = fetch_checkpoint(resolve_location(args)[0], args.path, copy)
+        return _write_export(args, str(copy), data.get("checksum"))
+    finally:
+        copy.unlink(missing_ok=True)
+
+
+def _write_export(args: argparse.Namespace, source: str, checksum: str | None) -> int:
+    from flightlog.proto.checkpoint.reader import CheckpointReader
+
+    with CheckpointReader(source, expected_checksum=checksum, keys=_keys(args)) as r:
         if args.model_only:  # the JSON state refers to the optimizer tensors left out: keep only the basics
             names = [n for n in r.tensors if not n.startswith("@")]
             r.export(args.to, names, {k: v for k, v in r.metadata.items() if k != "flightlog"})

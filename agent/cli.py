@@ -341,6 +341,12 @@ def _plot(args: argparse.Namespace) -> int:
     from flightlog.agent.plots import render_plots
 
     paths, _ = _paths(args)
+    if args.via_agent or (paths.store.exists() and not os.access(paths.store, os.R_OK)):
+        from flightlog.agent.fdpass import plots_via_agent
+
+        for path in plots_via_agent(paths, args.run, Path(args.out) if args.out else None):
+            print(printable(str(path)))
+        return 0
     store = _store(args)
     try:
         run_id = store.resolve_run(args.run)
@@ -357,7 +363,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _add_runs(sub: Any, common: Any) -> None:
-    """``flightlog runs ls|export|show``."""
+    """``flightlog runs ls|export|show|rm``."""
     r = sub.add_parser("runs", help="runs in the local store")
     rsub = r.add_subparsers(dest="runs_command", required=True)
     rl = rsub.add_parser("ls", help="list runs")
@@ -379,6 +385,9 @@ def _add_runs(sub: Any, common: Any) -> None:
     rs.add_argument("run", help="run id, id prefix or name")
     rs.add_argument("--json", action="store_true")
     rs.set_defaults(func=_runs_show)
+    from flightlog.agent.runs_rm import add_subparser as add_rm
+
+    add_rm(rsub, common)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -428,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(pl)
     pl.add_argument("run", help="run id, id prefix or name")
     pl.add_argument("--out", help="directory for the PNGs (default: <data dir>/runs/<run id>/plots)")
+    pl.add_argument("--via-agent", action="store_true",
+                    help="the run's plots as the agent has them (a multi-user agent's runs; the default when the "
+                         "store is not readable), copied into --out (default ./plots-RUN)")
     pl.set_defaults(func=_plot)
 
     from flightlog.agent.ckpt_cli import add_subparsers as add_ckpt

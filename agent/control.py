@@ -24,13 +24,17 @@ from flightlog.proto.events import (
     Hello,
     Register,
     Reply,
+    RunDeleteRequest,
     RunExportRequest,
+    RunFilesRequest,
     StatusRequest,
     Unregister,
 )
 from flightlog.proto.frames import MAX_EVENT_BYTES, count_frames
 
 from .access import AccessPolicy, Peer, RunOwners, export_run, peer_of
+from .fdpass import open_run_files, send_reply_with_fds
+from .runs_rm import serve_delete
 
 if TYPE_CHECKING:
     from .daemon import Agent
@@ -86,6 +90,10 @@ class ControlServer:
                     except ProtocolError as exc:
                         await stream.send(frame_control(Reply(ok=False, error=str(exc))))
                         return
+                    if isinstance(msg, RunFilesRequest):  # the reply, then the run's files as descriptors
+                        await send_reply_with_fds(stream, *await anyio.to_thread.run_sync(
+                            open_run_files, self.agent.paths, self.policy, self.owners, peer, msg))
+                        continue
                     reply = await self.dispatch(msg, registered, peer)
                     await stream.send(frame_control(reply))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.IncompleteRead, OSError):
@@ -99,6 +107,9 @@ class ControlServer:
         peer = peer or Peer(os.getpid(), os.getuid(), os.getgid())
         if isinstance(msg, RunExportRequest):
             return await anyio.to_thread.run_sync(export_run, agent.paths.store, agent.paths.data_dir, self.policy,
+                                                  self.owners, peer, msg)
+        if isinstance(msg, RunDeleteRequest):
+            return await anyio.to_thread.run_sync(serve_delete, agent.paths.store, agent.paths.data_dir, self.policy,
                                                   self.owners, peer, msg)
         if isinstance(msg, Register) and msg.run_id and self.policy.multi_user:
             owner = await anyio.to_thread.run_sync(self.owners.claim, msg.run_id, peer.uid)
@@ -129,12 +140,19 @@ class ControlServer:
         if isinstance(msg, EventBatch):
             return await anyio.to_thread.run_sync(self._ingest_batch, msg)
         if isinstance(msg, (CheckpointRequest, CheckpointWait)):
+            if not self.policy.may_write_for(peer.uid):
+                return await anyio.to_thread.run_sync(self._refuse_checkpoint, peer)
             return await agent.checkpoints.handle(msg)  # type: ignore[no-any-return]
         if isinstance(msg, StatusRequest):
             return Reply(ok=True, data=agent.status())
         if isinstance(msg, HealthRequest):  # a long poll of the tracker's health watcher (agent/health.py)
             return Reply(ok=True, data=await agent.health.answer(msg))
         return Reply(ok=False, error=f"unexpected message {type(msg).__name__}")
+
+    def _refuse_checkpoint(self, peer: Peer) -> Reply:
+        record("access.refused", f"agent:{self.agent.paths.socket}", "denied", data_dir=self.agent.paths.data_dir,
+               uid=peer.uid, pid=peer.pid, detail="checkpoint write through a multi-user agent")
+        return Reply(ok=False, error=self.policy.write_refusal(peer.uid))
 
     def _ingest_batch(self, msg: EventBatch) -> Reply:
         """Frames sent over the socket (the fallback where rings are not safe): into the WAL as they are."""

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -33,6 +34,7 @@ from .monitor import Monitor
 from .plots import PlotService
 from .prom import MetricsServer
 from .runner import CursorStore, SinkRunner, WalFeed, linger_seconds
+from .sharing import GroupSharing
 from .sinks.base import Sink
 from .wal import SRC_INTERNAL, WAL, WALReader
 
@@ -91,6 +93,7 @@ class Agent:
         self._stop = anyio.Event()
         self.wal_lock = threading.Lock()  # ingest and agent-generated events append from worker threads
         self.checkpoints: Any = None
+        self.sharing = GroupSharing(paths, self.settings.access_group, self._created_dirs)
 
     @property
     def clients(self) -> int:
@@ -118,6 +121,11 @@ class Agent:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
+        self.sharing.sweep()  # a missing access.group fails the start, naming it
+
+    def _created_dirs(self) -> list[Path]:
+        """Folders the sinks made outside the data directory (TensorBoard's), for access.group."""
+        return [d for r in self.runners for d in getattr(r.sink, "created_dirs", ())]
 
     def _build_sinks(self) -> list[Sink]:
         from .sinks.store import LocalStoreSink
@@ -181,10 +189,9 @@ class Agent:
                 tg.start_soon(self.ingest.run)  # also the WAL's group commit
                 for runner in self.runners:
                     tg.start_soon(runner.run)
-                tg.start_soon(RetentionLoop(self).run)
-                tg.start_soon(self.checkpoints.run)
-                tg.start_soon(self.monitor.run)
-                tg.start_soon(self.plots.run)
+                for loop in (RetentionLoop(self).run, self.checkpoints.run, self.monitor.run, self.plots.run,
+                             self.sharing.run):  # access.group: widens what the writers made private
+                    tg.start_soon(loop)
                 tg.start_soon(HealthLoop(self.health).run)
                 if self.metrics is not None:
                     await tg.start(self.metrics.run)

@@ -42,6 +42,23 @@ class AgentClient:
             raise ProtocolError(f"agent at {self.path} sent {type(reply).__name__}, expected a reply")
         return reply
 
+    def request_fds(self, message: Control, timeout: float = 30.0) -> tuple[Reply, list[int]]:
+        """A request whose ok reply says ``data["fds"]`` file descriptors follow (SCM_RIGHTS, on one byte)."""
+        with self._lock:
+            reply = self._request(message, timeout)
+            count = int(reply.data.get("fds", 0)) if reply.ok else 0
+            if not count:
+                return reply, []
+            try:
+                _, fds, flags, _ = socket.recv_fds(self._sock, 1, count)
+            except (TimeoutError, OSError) as exc:
+                raise AgentUnavailable(f"agent at {self.path} did not hand over its files: {exc}") from exc
+            if len(fds) != count or flags & socket.MSG_CTRUNC:
+                for fd in fds:
+                    os.close(fd)
+                raise ProtocolError(f"agent at {self.path} announced {count} files and handed over {len(fds)}")
+            return reply, fds
+
     def _recv_exact(self, n: int) -> bytes:
         chunks = bytearray()
         while len(chunks) < n:

@@ -328,6 +328,22 @@ class RunExportRequest(msgspec.Struct, tag="runexp", array_like=True):
     key: str | None = None
 
 
+class RunDeleteRequest(msgspec.Struct, tag="rundel", array_like=True):
+    """Delete an ended run from the agent's store (``flightlog runs rm``), for its owner, ``access.group``, root."""
+
+    run: str
+
+
+class RunFilesRequest(msgspec.Struct, tag="runfiles", array_like=True):
+    """Files of a run the agent opens for a peer that may read the run and hands over as file descriptors
+    (SCM_RIGHTS, one byte each, right after the reply; ``data["names"]`` in their order): ``kind`` "plots"
+    (its PNGs, rendered first if there are none) or "checkpoint" (``path``, a checkpoint registered to it)."""
+
+    run: str
+    kind: Literal["plots", "checkpoint"]
+    path: str = ""
+
+
 class Reply(msgspec.Struct, tag="reply", array_like=True):
     ok: bool
     error: str = ""
@@ -338,4 +354,5 @@ Control = Union[
     Hello, Register, Unregister, FlushRequest, EventBatch, StatusRequest, CheckpointRequest, CheckpointWait, Reply,
     HealthRequest,
     RunExportRequest,
+    RunDeleteRequest, RunFilesRequest,
 ]

@@ -27,7 +27,7 @@ from flightlog.proto.errors import AgentUnavailable, FlightlogError, TrackerFini
 from flightlog.proto.events import Event, HyperParams, Image, Metrics, RunEnd, RunStart, Tags, Text, Unregister
 from flightlog.proto.paths import resolve_paths
 from flightlog.ring import RingProducer, ring_supported
-from flightlog.transport import Transport, open_transport
+from flightlog.transport import Transport, open_transport, rings_reach_agent
 from flightlog.validate import KeyRules, check_experiment_name, check_run_id, check_step
 
 __all__ = ["ExperimentTracker", "ExperimentMetadata", "experiment_tracking", "exit_status"]
@@ -74,13 +74,14 @@ class ExperimentTracker:
         self._finished = False
         self._ckpt: Any = None
         d = config_to_dict(cfg)
-        self._link = AgentLink(self.paths, {"agent": d["agent"], "wal": d["wal"]}, autostart=cfg.agent.autostart,
-                               timeout=cfg.agent.connect_timeout_seconds)
+        self._link = AgentLink(self.paths, {"agent": d["agent"], "wal": d["wal"],  # a sidecar shares with access.group
+                                            "access": {"group": cfg.access.group}},
+                               autostart=cfg.agent.autostart, timeout=cfg.agent.connect_timeout_seconds)
         if not ring_supported():
             log.info("flightlog: no shared-memory ring on this CPU (%s); events go to the agent over its "
                      "socket, in batches", platform.machine())
         self._transport: Transport = open_transport(self.paths, cfg.agent, self.run_id, self.rank, self._link,
-                                                    ring_supported())
+                                                    ring_supported() and rings_reach_agent(self.paths))
         self.producer_id = self._transport.producer_id
         self._rules = KeyRules(mlflow=cfg.tracking.use_mlflow)
         self._params = RunParams(cfg, self._rules, self.metadata.config_hash)

@@ -24,7 +24,7 @@ from flightlog.proto.frames import append_frame, check_event_size
 from flightlog.proto.paths import AgentPaths, ensure_ring_dir
 from flightlog.ring import RingProducer
 
-__all__ = ["Transport", "RingTransport", "SocketTransport", "NO_OWNER", "open_transport"]
+__all__ = ["Transport", "RingTransport", "SocketTransport", "NO_OWNER", "open_transport", "rings_reach_agent"]
 
 log = logging.getLogger("flightlog")
 
@@ -246,6 +246,23 @@ class SocketTransport(Transport):
     def close(self) -> None:
         with self.lock:
             self.closed = True
+
+
+def rings_reach_agent(paths: AgentPaths) -> bool:
+    """Whether the agent on ``paths.socket`` can open this process's rings: only an agent of our own uid can.
+    A node-wide agent run as a service account (``--multi-user``) cannot enter our private ring folder
+    (``/dev/shm/flightlog-<uid>``), nor we its own, so a trainer of another uid sends its events over the
+    socket. The socket file belongs to the uid that bound it; no socket yet means the agent will be ours
+    (a sidecar we start)."""
+    try:
+        agent_uid = os.stat(paths.socket).st_uid
+    except OSError:
+        return True
+    if agent_uid == os.getuid():
+        return True
+    log.info("flightlog: the agent on %s runs as uid %d, not ours (%d); events go to it over its socket",
+             paths.socket, agent_uid, os.getuid())
+    return False
 
 
 def open_transport(paths: AgentPaths, agent: AgentConfig, run_id: str, rank: int, link: AgentLink,

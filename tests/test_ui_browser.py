@@ -248,6 +248,10 @@ def test_edit_tags_and_delete_a_run(ui: UI) -> None:
     with Store(ui.paths.store, readonly=True) as store:
         assert run_id not in {r.run_id for r in store.run_states()}
         assert list(store.metric_points(run_id)) == []
+    from flightlog.proto.audit import AuditLog  # the UI's deletion is audited like `flightlog runs rm`
+
+    assert [(e.object, e.outcome) for e in AuditLog(ui.paths.data_dir).entries() if e.action == "run.delete"] == \
+        [(f"run:{run_id}", "ok")]
     _png(ui.shot("after-delete"))
 
 

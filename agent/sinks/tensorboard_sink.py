@@ -129,6 +129,7 @@ class TensorBoardTracker(RunSinkBase):
         self._runs: dict[str, _TbRun] = {}
         self._enc = ScalarEventEncoder()
         self._host = socket.gethostname()
+        self.created_dirs: list[Path] = []  # the folders it made (access.group shares them: agent.sharing)
 
     # --- per-run files ---
 
@@ -146,7 +147,7 @@ class TensorBoardTracker(RunSinkBase):
 
     def _open_dir(self, run_id: str, d: Path) -> _TbRun:
         try:
-            make_dirs(d)
+            self.created_dirs.extend(make_dirs(d))
             if not d.is_dir():
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(d))
         except OSError as exc:

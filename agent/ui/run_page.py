@@ -47,10 +47,12 @@ def _delete_panel(run_id: str, run: dict[str, Any]) -> None:
                "rows go; the WAL, checkpoint files and the checkpoint registry stay.")
     c1, c2 = st.columns(2)
     if c1.button("Yes, delete it", key=f"delete-yes-{run_id}", type="primary"):
-        with open_store(write=True) as store:
-            deleted = queries.delete_run(store, run_id)
+        from flightlog.agent.runs_rm import delete_audited  # the store's deletion, with its audit entry
+
+        paths = agent_paths()
+        _, rows = delete_audited(paths.store, paths.data_dir, run_id, how=", from the UI")
         st.session_state[key] = False
-        st.session_state["deleted"] = f"run {run_id} deleted ({sum(deleted.values())} rows)"
+        st.session_state["deleted"] = f"run {run_id} deleted ({rows} rows)"
         st.switch_page(PAGES["runs"])
     if c2.button("Cancel", key=f"delete-no-{run_id}"):
         st.session_state[key] = False

@@ -34,6 +34,7 @@ from flightlog.proto.errors import CheckpointCorrupt, CheckpointError, Checkpoin
 from flightlog.proto.events import CheckpointSpec, RetentionSpec
 from flightlog.proto.names import check_file_name
 from flightlog.proto.paths import resolve_paths
+from flightlog.transport import rings_reach_agent
 from flightlog.validate import check_run_id
 
 __all__ = ["ModelCheckpointer", "CheckpointMetadata", "PendingCheckpoint", "check_checkpoint_name", "config_keyring",
@@ -196,7 +197,8 @@ class ModelCheckpointer:
             encryption=c.encryption, keys=config_keyring(c),
             group=tracker.config.access.group or "",
         )
-        ck._writer = AgentWriter(tracker._link, tracker.paths, ck._local)
+        if rings_reach_agent(tracker.paths):  # an agent of another uid writes no file for us: see agent.control
+            ck._writer = AgentWriter(tracker._link, tracker.paths, ck._local)
         return ck
 
     # --- saving --------------------------------------------------------------------------------
