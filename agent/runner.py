@@ -212,6 +212,7 @@ class SinkRunner:
         self._cond = threading.Condition(threading.Lock())
         self._woken = False
         self._since: float | None = None  # when the oldest event announced by wake() may have arrived
+        self._passed = 0  # the WAL's next seq when wake() last found the new events of no run of this sink
         self._stop = threading.Event()
         self._rate_t0, self._rate_n0 = 0.0, 0
 
@@ -237,6 +238,8 @@ class SinkRunner:
             return
         core = self.core
         if runs is not None and core is not None and not core.wants_any(runs):
+            if next_seq is not None and next_seq > self._passed:
+                self._passed = next_seq  # what reached the WAL so far is not for this sink: no need to look
             return
         with self._cond:
             self._woken = True
@@ -246,8 +249,9 @@ class SinkRunner:
         self._armed = core.wants_wake_at()
         try:
             timeout = self.idle_sleep if until is None else until - self.clock()
-            if self._tail is not None and self._tail() >= self._armed:
-                timeout = 0.0  # data came between the decision and the arming
+            tail = self._tail() if self._tail is not None else None
+            if tail is not None and tail >= self._armed and tail > self._passed:
+                timeout = 0.0  # data came between the decision and the arming (and wake() did not pass it)
             if timeout > 0:
                 with self._cond:
                     if not self._woken:

@@ -232,13 +232,15 @@ def pct(xs: list[float], q: float) -> float | None:
 
 
 def measure(system: str, trainers: int, rate: float, window: float, work: Path,
-            service: Service | None) -> dict[str, Any]:
-    """Start ``trainers`` paced trainers (``rate`` rows/s in total), measure the CPU over ``window``."""
+            service: Service | None, warm: float = 3.0) -> dict[str, Any]:
+    """Start ``trainers`` paced trainers (``rate`` rows/s in total), measure the CPU over ``window`` once
+    they have logged for ``warm`` seconds (a run's one-time start-up work, which wandb-core does before
+    ``wandb.init`` returns and flightlog's agent after, is not the rate's cost)."""
     run_dir = work / f"{system}-{trainers}x{int(rate)}-{uuid.uuid4().hex[:4]}"
     run_dir.mkdir()
     backend = "wandb" if system == "wandb_core" else "flightlog"
     env = service.env if service is not None else dict(os.environ)
-    warm, tail = 0.5, 0.5
+    tail = 0.5
     procs = [subprocess.Popen([sys.executable, str(HERE), "--trainer", backend, str(rate / trainers),
                                str(warm + window + tail), str(run_dir)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -308,6 +310,7 @@ def main() -> None:
     ap.add_argument("--rates", default="10,100,1000,10000")
     ap.add_argument("--trainers", default="1,4")
     ap.add_argument("--only", default="agent,ingest_only,wandb_core")
+    ap.add_argument("--warm", type=float, default=3.0, help="seconds of logging before each window (default 3)")
     args = ap.parse_args()
     window = args.window or (2.0 if args.quick else 5.0)
     idle_window = args.idle_window or (3.0 if args.quick else 10.0)
@@ -315,7 +318,7 @@ def main() -> None:
     trainer_counts = [int(n) for n in args.trainers.split(",")]
     systems = args.only.split(",")
     work = Path(tempfile.mkdtemp(prefix="fl-cpu-"))
-    result: dict[str, Any] = {"window_s": window, "cpus": os.cpu_count(), "rate_is": "total rows/s over the trainers",
+    result: dict[str, Any] = {"window_s": window, "warm_s": args.warm, "cpus": os.cpu_count(), "rate_is": "total rows/s over the trainers",
                               "goals_one_trainer_cpu_percent": GOALS_ONE_TRAINER, "idle": {}, "rows": []}
     services: dict[str, Service] = {}
     try:
@@ -327,7 +330,7 @@ def main() -> None:
             for rate in rates:
                 row: dict[str, Any] = {"trainers": n, "rate": rate}
                 for system in systems:
-                    row[system] = measure(system, n, rate, window, work, services.get(system))
+                    row[system] = measure(system, n, rate, window, work, services.get(system), args.warm)
                 if "agent" in row and "wandb_core" in row:
                     row["agent_below_wandb_core"] = row["agent"]["cpu_percent"] < row["wandb_core"]["cpu_percent"]
                 result["rows"].append(row)
