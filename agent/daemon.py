@@ -159,7 +159,7 @@ class Agent:
 
         self.checkpoints = CheckpointService(self)
         self.monitor = Monitor(self.paths, self.ingestor.producers, self.emit, s.extra)
-        self.plots = PlotService(self.paths, self.emit)
+        self.plots = PlotService(self.paths, self.emit, activity=self._activity)
         # One delivery engine: a feed that decodes each WAL read once for every runner, one long-lived cursor
         # store, and per sink a runner woken when its batch is full or its linger time has passed.
         self.cursors = CursorStore(self.paths.store)
@@ -240,6 +240,10 @@ class Agent:
         next_seq = self.wal.next_seq
         for runner in self.runners:
             runner.wake(next_seq, runs, since)
+
+    def _activity(self) -> object:
+        """What changes when a producer comes or goes, over a ring or over the socket (runs end then)."""
+        return self.monitor.producer_key(), self.control.clients
 
     def _ingested(self) -> None:
         """The ingest loop made a window's events durable: wake the sinks of their runs."""

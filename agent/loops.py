@@ -28,17 +28,22 @@ class RetentionLoop:
         agent = self.agent
         wal = agent.wal
         warned = False
-        done = -1
+        done = clean = uploads = -1
         while True:
             await anyio.sleep(self.period)
             low = agent._min_cursor_seq()
-            if low == done:
-                continue  # no sink moved: nothing new to delete (and no thread hop for it)
-            done = low
-            deleted = await anyio.to_thread.run_sync(wal.delete_before, low)
-            if deleted:
-                log.info("WAL: deleted %d segments every sink has passed", len(deleted))
-            await anyio.to_thread.run_sync(agent.checkpoints.delete_uploaded, low)
+            # A thread hop only when a sink moved and old segments may be left (every sink in the live
+            # segment: all before it is gone), or uploaded checkpoints' links may wait.
+            if low != done and not (low >= wal.active_first_seq and clean == wal.active_first_seq):
+                done = low
+                deleted = await anyio.to_thread.run_sync(wal.delete_before, low)
+                if deleted:
+                    log.info("WAL: deleted %d segments every sink has passed", len(deleted))
+                if low >= wal.active_first_seq:
+                    clean = wal.active_first_seq
+            if low != uploads and agent.checkpoints.upload_dir.exists():
+                uploads = low
+                await anyio.to_thread.run_sync(agent.checkpoints.delete_uploaded, low)
             cap = agent.settings.max_wal_bytes
             if cap and wal.total_bytes() > cap and not warned:
                 warned = True

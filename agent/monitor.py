@@ -29,7 +29,7 @@ from flightlog.proto.paths import AgentPaths
 
 from .store import Store
 
-__all__ = ["Monitor", "RunInfo", "GpuReader", "Rates", "DiskWatch", "gpu_selection"]
+__all__ = ["producer_key", "Monitor", "RunInfo", "GpuReader", "Rates", "DiskWatch", "gpu_selection"]
 
 log = logging.getLogger("flightlog.agent")
 
@@ -82,6 +82,11 @@ class DiskWatch:
             del self.alerts[key]
             return "cleared", f"disk space on {path} ({key}) is back above the floor: {free / 2**30:.2f} GiB free"
         return None
+
+
+def producer_key(producers: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+    """What changes when a producer comes, closes or goes (the monitor's and the plots' cue to look)."""
+    return sorted((str(p.get("producer")), bool(p.get("closed"))) for p in producers)
 
 
 def _children_by_parent() -> dict[int, list[int]]:
@@ -323,7 +328,7 @@ class Monitor:
                 producers = self._producer_list()
                 # A pass (a thread hop and a store query) when one is due or the producers changed; the
                 # look at the producers in between is a cheap one on the event loop, once a second.
-                key = sorted((str(p.get("producer")), bool(p.get("closed"))) for p in producers)
+                key = producer_key(producers)
                 if key != seen or self.clock() >= wake_at:
                     seen = key
                     try:
@@ -344,6 +349,9 @@ class Monitor:
             except RuntimeError:
                 continue
         return []
+
+    def producer_key(self) -> list[tuple[str, bool]]:
+        return producer_key(self._producer_list())
 
     def alerts(self) -> list[str]:
         return list(self.disk.alerts.values())

@@ -8,6 +8,7 @@ each PNG as an ``Image`` event for the sinks.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -37,6 +38,8 @@ SIZE_PX = (800, 500)
 DPI = 100
 _MAX_POINTS = 5000  # per curve: more does not show, and costs render time
 _MAX_IMAGE_BYTES = 2 << 20  # PNGs larger than this travel by path only
+_SETTLE_SECONDS = 15.0  # after producers came or went, the store is looked at on every change for this long
+_QUIET_SECONDS = 30.0  # otherwise at most this often (periodic plots are minutes apart; a RunEnd over the socket)
 _BACKFILL_SECONDS = 24 * 3600  # at start, runs that ended longer ago than this are not rendered
 _IGNORED_PREFIXES = ("system/", "progress/", "grad_norm/", "memory/", "data/")
 _SPLIT = re.compile(r"(?:^|(?<=[/_.\-]))(val|valid|validation|eval|evaluation|test|dev|train|training)(?=$|[/_.\-])",
@@ -207,10 +210,13 @@ class PlotService:
     MARKER = ".rendered"
 
     def __init__(self, paths: AgentPaths, emit: Callable[[Event], object], *, poll_seconds: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, activity: Callable[[], object] | None = None) -> None:
         self.paths = paths
         self.emit = emit
         self.poll_seconds = poll_seconds
+        #: What changes when producers come and go (runs end as theirs close): the store is looked at for
+        #: runs to plot while it changed lately, else at most every _QUIET_SECONDS (None: at every poll).
+        self.activity = activity
         self.clock = clock
         self._done: set[str] = set()  # ended runs already rendered
         self._last: dict[str, float] = {}  # running run -> last periodic render (clock)
@@ -227,14 +233,21 @@ class PlotService:
     async def run(self) -> None:
         try:
             seen: tuple[int, ...] | None = None
+            key: object = None
+            changed = looked = -math.inf
             while True:
                 await anyio.sleep(self.poll_seconds)
+                now = self.clock()
+                if self.activity is not None and (k := self.activity()) != key:
+                    key, changed = k, now
                 mark = self._store_mark()
                 if mark is not None and mark == seen:
                     continue  # nothing was committed to the store since the last pass: nothing new to plot
+                if self.activity is not None and now - changed > _SETTLE_SECONDS and now - looked < _QUIET_SECONDS:
+                    continue  # runs log, none ended lately: a look at every run of the store can wait
                 try:
                     await anyio.to_thread.run_sync(self.tick)
-                    seen = mark
+                    seen, looked = mark, now
                 except (sqlite3.Error, FlightlogError, OSError) as exc:
                     log.warning("plots: %s; trying again in %.0f s", exc, self.poll_seconds)
                 except Exception:  # a plotting bug must not take the agent down

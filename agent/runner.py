@@ -81,7 +81,7 @@ class WalFeed:
             for key, w in reversed(self._windows.items()):
                 if w.contains(seq):
                     self._windows.move_to_end(key)
-                    return w
+                    return self._joined(key, w)
             items, end = self.reader.read(cursor, max_events=self.window_events)
             self.reads += 1
             if not items:
@@ -94,6 +94,25 @@ class WalFeed:
             while len(self._windows) > self._keep:
                 self._windows.popitem(last=False)
             return w
+
+    def _joined(self, key: int, w: Window) -> Window:
+        """``w`` and the cached windows that follow it, as one (up to ``window_events``): a runner behind the
+        one that read them (a sink the new events are not for, looking once a second) then catches up in one
+        read, not one per WAL record the ingest loop wrote meanwhile."""
+        parts, n = [w], len(w.events)
+        while n < self.window_events and (nxt := self._windows.get(parts[-1].end.seq)) is not None \
+                and nxt is not parts[-1]:
+            parts.append(nxt)
+            n += len(nxt.events)
+        if len(parts) == 1:
+            return w
+        joined = Window(w.start, [item for p in parts for item in p.events], parts[-1].end,
+                        tuple(s for p in parts for s in p.undecodable))
+        for p in parts[1:]:
+            self._windows.pop(p.start.seq, None)
+        self._windows[key] = joined
+        self._windows.move_to_end(key)
+        return joined
 
     @staticmethod
     def _bad(bad: list[int], seq: int, exc: ProtocolError) -> None:

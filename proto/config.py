@@ -99,7 +99,7 @@ class MonitoringConfig(_Section):
     log_gpu_usage: bool = True
     log_memory_usage: bool = True
     create_plots: bool = True
-    interval_seconds: _PosFloat = 5.0
+    interval_seconds: _PosFloat = 10.0  # MLflow samples system metrics every 10 s, W&B every 15 s
     plot_every_minutes: Annotated[float, Meta(ge=0, le=_MAX_SECONDS / 60)] = 0.0
     all_gpus: bool = False
     disk_free_floor_bytes: _NonNegInt = 1 << 30

@@ -353,6 +353,11 @@ class WAL:
         except FileNotFoundError:
             return []
 
+    @property
+    def active_first_seq(self) -> int:
+        """The first seq of the live segment (the one appends go to, never deleted)."""
+        return self._seg
+
     def delete_before(self, seq: int) -> list[Path]:
         """Delete the segments whose records all have seqs < ``seq``; never the live one."""
         active = self._seg
