@@ -187,7 +187,7 @@ class HealthBoard:
             if msg.settle:
                 if all(s["status"] != "pending" for s in report["sinks"].values()):
                     return report
-                await anyio.sleep(min(0.05, left))  # finish() waits on it: the sinks' linger is 150 ms
+                await anyio.sleep(min(0.05, left))  # finish() waits on it: the sinks deliver within a linger (250 ms)
             elif report["version"] != msg.version:
                 return report
             else:
