@@ -173,7 +173,9 @@ class Agent:
         for sink in self._build_sinks():
             if self.metrics is not None:
                 sink = self.metrics.wrap(sink)
-            self.runners.append(SinkRunner(sink, self.feed, self.cursors, linger=linger, idle_sleep=2.0,
+            # idle_sleep: a sink that serves none of the runs logging is not woken for them; it passes over
+            # their events (for WAL retention) on this safety poll, a read and a commit every 5 s.
+            self.runners.append(SinkRunner(sink, self.feed, self.cursors, linger=linger, idle_sleep=5.0,
                                            tail=lambda: wal.next_seq))
         self.health = HealthBoard(self)
         ensure_private_dir(self.paths.socket.parent)
