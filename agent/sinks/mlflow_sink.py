@@ -169,7 +169,7 @@ def _point_json(p: _Point) -> dict[str, Any]:
 def _rest_poster(client: Any) -> Callable[[str, list[_Point]], None] | None:
     """``log-batch`` of metrics straight to a tracking server, as the JSON MLflow's REST store would send (its
     own host credentials, TLS settings and error checks), without a protobuf object and a protobuf-to-JSON
-    pass per point (about 60 µs a point in MlflowClient here, a core at 15 k points/s). None: not a plain
+    pass per point (17 µs a point in MlflowClient's path here, 1.3 µs this way). None: not a plain
     REST store (a local ``sqlite:///`` store, a vendor's store): the client's own log_batch is used."""
     try:
         from mlflow.protos.service_pb2 import LogBatch
@@ -185,7 +185,8 @@ def _rest_poster(client: Any) -> Callable[[str, list[_Point]], None] | None:
 
     def post(run_id: str, points: list[_Point]) -> None:
         body = {"run_id": run_id, "metrics": [_point_json(p) for p in points]}
-        verify_rest_response(http_request(store.get_host_creds(), endpoint, method, json=body), endpoint)
+        send: Any = http_request  # untyped in MLflow
+        verify_rest_response(send(store.get_host_creds(), endpoint, method, json=body), endpoint)
 
     return post
 
