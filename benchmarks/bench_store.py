@@ -8,13 +8,18 @@
   null sink (the store's own).
 - ``read``: the same series read back (``metric_series``, export, and the chunk store's ``metric_arrays`` and
   ``metric_envelope``), seconds of wall time.
-- ``freshness``: a real agent (local store, TensorBoard and MLflow sinks; a real ``mlflow server``), a paced
-  trainer at ``--fresh-rate`` events/s; each backend polled every 10 ms by its own reader in its own process
-  (the Store, TensorBoard's EventAccumulator, MlflowClient.get_run): a step's freshness is the first poll that
-  saw it minus the moment its ``log_metrics`` returned. p50/p99/max per backend.
+- ``freshness``: a real agent (local store, TensorBoard and MLflow sinks; a real ``mlflow server`` on SQLite with
+  ``--mlflow-workers`` worker processes, 2 by default, started and left to settle before anything else runs), a
+  paced trainer at ``--fresh-rate`` events/s; each backend polled every 10 ms by its own reader in its own
+  process (the Store, TensorBoard's EventAccumulator, MlflowClient.get_run): a step's freshness is the first poll
+  that saw it minus the moment its ``log_metrics`` returned. p50/p99/max per backend, measured once the run
+  exists in every backend (steady state: the agent's one-time import of mlflow is not in it). Next to them, what
+  bounds them: each process's share of a core while the trainer logs, each reader's own read times, the
+  TensorBoard reader's ceiling (EventAccumulator parsing the run's file from the start), the MLflow server's CPU
+  per point.
 
 Usage: python benchmarks/bench_store.py [--quick] [--events N] [--only sink_cpu,read,freshness]
-       [--fresh-rate 10000] [--fresh-seconds 5] [--old-commit 5af902f]
+       [--fresh-rate 10000] [--fresh-seconds 5] [--mlflow-workers 2] [--old-commit 5af902f]
 """
 from __future__ import annotations
 
@@ -184,6 +189,7 @@ def fresh_trainer(argv: list[str]) -> int:
     while not (work / "go").exists():
         time.sleep(0.005)
     returned: list[float] = []
+    cpu0 = time.process_time()
     start = time.monotonic()
     i = 0
     while (now := time.monotonic()) - start < seconds:
@@ -193,7 +199,9 @@ def fresh_trainer(argv: list[str]) -> int:
             returned.append(time.time())
             i += 1
         time.sleep(0.001)
-    (work / "returned.json").write_text(json.dumps(returned))
+    (work / "trainer.json").write_text(json.dumps({"cpu_s": time.process_time() - cpu0}))
+    (work / "returned.tmp").write_text(json.dumps(returned))
+    (work / "returned.tmp").replace(work / "returned.json")  # the readers never see half of it
     t.finish()
     return 0
 
@@ -202,6 +210,7 @@ def poller(argv: list[str]) -> int:
     """Poll one backend every 10 ms for the highest step of ``loss`` it shows; write (time, step) changes."""
     kind, target, work = argv[0], argv[1], Path(argv[2])
     stop, seen = work / "stop-polling", [(0.0, -1)]
+    reads: list[float] = []  # how long each read took: the reader's own share of a point's delay
     read: Any = None
     last: int | None = None  # the trainer's last step, once it wrote its return times
     while not stop.exists() and (last is None or seen[-1][1] < last):
@@ -216,11 +225,17 @@ def poller(argv: list[str]) -> int:
                 read = _reader(kind, target, run_id)
                 if read is None:
                     continue
+                (work / f"ready-{kind}").touch()  # the run exists there: the backend's one-time set-up is over
+            t0 = time.perf_counter()
             step = read()
+            reads.append(time.perf_counter() - t0)
         except Exception:  # noqa: BLE001 - a backend not ready yet (no file, no run): poll again
             continue
         if step is not None and step > seen[-1][1]:
             seen.append((time.time(), int(step)))
+    (work / f"reader-{kind}.json").write_text(json.dumps({
+        "polls": len(reads), "cpu_s": round(time.process_time(), 3), "read_p50_s": _pct(reads, 0.5),
+        "read_p99_s": _pct(reads, 0.99), "read_max_s": round(max(reads), 4) if reads else None}))
     (work / f"seen-{kind}.json").write_text(json.dumps(seen[1:]))
     return 0
 
@@ -264,7 +279,7 @@ def _reader(kind: str, target: str, run_id: str) -> Any:
     return ml
 
 
-def _mlflow_server(root: Path) -> tuple[subprocess.Popen[bytes], str]:
+def _mlflow_server(root: Path, workers: int) -> tuple[subprocess.Popen[bytes], str]:
     import socket
 
     with socket.socket() as s:
@@ -273,7 +288,7 @@ def _mlflow_server(root: Path) -> tuple[subprocess.Popen[bytes], str]:
     log = open(root / "mlflow.log", "ab")  # noqa: SIM115 - open while the server runs
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
                              f"sqlite:///{root}/mlflow.db", "--default-artifact-root", str(root / "artifacts"),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -294,14 +309,79 @@ def _pct(xs: list[float], q: float) -> float | None:
     return round(xs[min(len(xs) - 1, int(len(xs) * q))], 4)
 
 
-def freshness(work: Path, rate: float, seconds: float) -> dict[str, Any]:
+class _Cpu:
+    """CPU seconds (user + system) of processes and their children, between two reads."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        import psutil
+
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self.start = self.read()
+
+    def read(self) -> dict[str, float]:
+        import psutil
+
+        out: dict[str, float] = {}
+        for name, proc in self.procs.items():
+            total = 0.0
+            try:
+                for p in [proc, *proc.children(recursive=True)]:
+                    t = p.cpu_times()
+                    total += t.user + t.system
+            except psutil.Error:
+                pass
+            out[name] = total
+        return out
+
+    def since_start(self) -> dict[str, float]:
+        now = self.read()
+        return {name: round(now[name] - self.start[name], 3) for name in now}
+
+
+def _settle(cpu: _Cpu, name: str, limit_s: float = 90.0) -> float:
+    """Wait until ``name``'s processes use under 10 % of a core over a second (the MLflow server's job
+    workers import for tens of seconds after /health answers, on the cores the measurement needs): seconds
+    waited."""
+    t0 = time.monotonic()
+    last = cpu.read()[name]
+    while time.monotonic() - t0 < limit_s:
+        time.sleep(1.0)
+        now = cpu.read()[name]
+        if now - last < 0.1:
+            break
+        last = now
+    return round(time.monotonic() - t0, 1)
+
+
+def _tb_reader_ceiling(tb_dir: Path) -> dict[str, Any]:
+    """How fast the benchmark's TensorBoard reader parses this run's event file from the start (the most it
+    can follow), next to TensorBoard's raw record loader (no Event parsing, no accumulator)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+
+    [run_dir] = [d for d in tb_dir.iterdir() if d.is_dir()]
+    files = sorted(run_dir.glob("events.out.tfevents.*"))
+    t0 = time.perf_counter()
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 1000})
+    acc.Reload()
+    acc_s = time.perf_counter() - t0
+    n = sum(1 for _ in acc.Scalars("loss")) if "loss" in acc.Tags()["scalars"] else 0
+    t0 = time.perf_counter()
+    records = sum(1 for f in files for _ in RawEventFileLoader(str(f)).Load())
+    raw_s = time.perf_counter() - t0
+    return {"records": records, "event_accumulator_events_per_s": round(records / max(acc_s, 1e-9)),
+            "raw_loader_records_per_s": round(records / max(raw_s, 1e-9)), "scalars_kept": n}
+
+
+def freshness(work: Path, rate: float, seconds: float, mlflow_workers: int = 2) -> dict[str, Any]:
     import signal
 
     sys.path.insert(0, str(HERE.parent))
     from bench_agent_cpu import Service  # the same agent process the CPU benchmark measures
 
     (work / "mlflow").mkdir()
-    server, uri = _mlflow_server(work / "mlflow")
+    server, uri = _mlflow_server(work / "mlflow", mlflow_workers)
+    settled_s = _settle(_Cpu({"mlflow_server": server.pid}), "mlflow_server")  # before anyone asks it anything
     svc = Service("agent", work / "agent")
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -318,8 +398,20 @@ def freshness(work: Path, rate: float, seconds: float) -> dict[str, Any]:
         deadline = time.monotonic() + 120
         while not (fresh / "run_id").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(2.0)  # the run's start reaches every backend (MLflow creates its run) before the clock runs
+        # The clock runs once the run exists in every backend: the agent's first delivery to a sink imports its
+        # library (mlflow: seconds of CPU, holding the import locks the other sinks' threads wait on) and
+        # creates the backend's run; that happens once per agent, not per point, and is not the figure.
+        while not all((fresh / f"ready-{k}").exists() for k in targets) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(2.0)
+        cpu = _Cpu({"agent": svc.proc.pid, "mlflow_server": server.pid, "trainer": trainer.pid,
+                    **{f"reader_{k}": p.pid for k, p in zip(targets, procs)}})
         (fresh / "go").touch()
+        t_go = time.monotonic()
+        while not (fresh / "returned.json").exists() and trainer.poll() is None:
+            time.sleep(0.05)
+        window_cpu = cpu.since_start()  # while the trainer logs: who had the two cores
+        window_s = time.monotonic() - t_go
         trainer.wait(seconds + 300)
         returned = json.loads((fresh / "returned.json").read_text())
         deadline = time.monotonic() + 180
@@ -327,15 +419,25 @@ def freshness(work: Path, rate: float, seconds: float) -> dict[str, Any]:
             time.sleep(0.5)
             if all((fresh / f"seen-{k}.json").exists() for k in targets):
                 break
+        total_cpu = cpu.since_start()  # until every backend showed the last step
         (fresh / "stop-polling").touch()
         for p in procs:
             p.wait(60)
         out: dict[str, Any] = {"rate": rate, "seconds": seconds, "events": len(returned),
-                               "achieved_rate": round(len(returned) / seconds, 1)}
+                               "achieved_rate": round(len(returned) / seconds, 1), "mlflow_workers": mlflow_workers,
+                               "mlflow_server_settle_s": settled_s,
+                               "cores_while_logging": {k: round(v / window_s, 3) for k, v in window_cpu.items()},
+                               "cpu_s_until_all_seen": total_cpu}
+        trainer_cpu = json.loads((fresh / "trainer.json").read_text())["cpu_s"]
+        out["trainer_us_per_log_call"] = round(1e6 * trainer_cpu / max(1, len(returned)), 1)
         for kind in targets:
             seen = json.loads((fresh / f"seen-{kind}.json").read_text())
             out[kind] = _latencies(returned, seen)
             out[kind]["goal_p99_s"] = GOALS["freshness_p99_s"][kind]
+            out[kind]["reader"] = json.loads((fresh / f"reader-{kind}.json").read_text())
+        out["tensorboard"]["reader_ceiling"] = _tb_reader_ceiling(work / "tb")
+        # The server's CPU per point over the whole run: its ceiling is (cores it can use) / that.
+        out["mlflow"]["server_cpu_us_per_point"] = round(1e6 * total_cpu["mlflow_server"] / max(1, len(returned)), 1)
         return out
     finally:
         for p in procs:
@@ -372,6 +474,7 @@ def main() -> None:
     ap.add_argument("--only", default="sink_cpu,read,freshness")
     ap.add_argument("--fresh-rate", type=float, default=10_000)
     ap.add_argument("--fresh-seconds", type=float, default=None)
+    ap.add_argument("--mlflow-workers", type=int, default=2, help="the freshness run's `mlflow server --workers`")
     ap.add_argument("--old-commit", default="5af902f", help="the commit whose agent/store.py is the row store")
     args = ap.parse_args()
     n = args.events or (100_000 if args.quick else 1_000_000)
@@ -387,7 +490,8 @@ def main() -> None:
             if "read" in only:
                 result["read"] = read_bench(rows[0], old)
         if "freshness" in only:
-            result["freshness"] = freshness(work, args.fresh_rate, args.fresh_seconds or (3.0 if args.quick else 10.0))
+            result["freshness"] = freshness(work, args.fresh_rate, args.fresh_seconds or (3.0 if args.quick else 10.0),
+                                            args.mlflow_workers)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for row in result.get("sink_cpu", []):

@@ -253,3 +253,26 @@ def test_agent_killed_during_delivery(mlflow_server: MlflowServer, agent_paths: 
         assert_metrics_once(mlflow_server.uri, run.info.run_id, keys, steps)
     finally:
         agent.stop()
+
+
+def test_one_write_sends_its_metric_requests_side_by_side_exactly_once(mlflow_server: MlflowServer,
+                                                                       tmp_path: Path) -> None:
+    """A write of several MLflow requests' worth of points posts them as JSON straight to the server, up to
+    MAX_INFLIGHT at once; the same batch sent again (an ack lost) doubles nothing, and the run's latest value
+    is the last step's, whatever order the requests landed in."""
+    from flightlog.agent.sinks.mlflow_sink import MAX_INFLIGHT, MAX_METRICS
+
+    tracking = {"mlflow_tracking_uri": mlflow_server.uri, "mlflow_experiment_name": "side-by-side"}
+    steps = MAX_INFLIGHT * MAX_METRICS + 500  # more requests than are sent at once
+    evs = run_events("mlpar", "par", tracking, steps=steps, keys=["loss"], sinks=["mlflow"], end=False)
+    sink = MLflowTracker(tmp_path / "state")
+    assert sink.batch_size >= MAX_INFLIGHT * MAX_METRICS
+    sink.open()
+    batch = Batch(list(enumerate(evs)), SinkCursor(), {"mlpar"})
+    assert sink.write(batch).delivered == len(evs)
+    assert sink._runs["mlpar"].post is not None  # the server's REST API, not a protobuf object per point
+    assert sink.write(batch).delivered == len(evs)  # sent again after a lost ack
+    run = find_run(mlflow_server.uri, "side-by-side", "mlpar")
+    assert_metrics_once(mlflow_server.uri, run.info.run_id, ["loss"], steps)
+    assert client(mlflow_server.uri).get_run(run.info.run_id).data.metrics["loss"] == float((steps - 1) * 10)
+    sink.close()

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -63,6 +65,9 @@ log = logging.getLogger("flightlog.agent.sinks")
 #: MLflow's log_batch limits: per request, and 1000 entities in all.
 MAX_METRICS, MAX_PARAMS, MAX_TAGS, MAX_ENTITIES = 1000, 100, 100, 1000
 MAX_PARAM_LENGTH = 6000
+#: Metric requests of one write sent side by side: MLflow caps a request at 1000 metrics, and one request at a
+#: time leaves the server's other workers idle and the sink waiting a round trip per 1000 points.
+MAX_INFLIGHT = 4
 MAX_TAG_LENGTH = 8000
 RUN_ID_TAG = "flightlog.run_id"
 STATUS_TAG = "flightlog.status"
@@ -147,11 +152,51 @@ def _param_value(v: Any) -> str:
     return str(v)
 
 
+#: A metric as this sink collects it: (key, value, timestamp in ms, step).
+_Point = tuple[str, float, int, int]
+_JSON_FLOAT = {math.inf: "Infinity", -math.inf: "-Infinity"}
+
+
+def _point_json(p: _Point) -> dict[str, Any]:
+    v = p[1]
+    if v != v:
+        value: Any = "NaN"  # proto3 JSON's words for the non-finite doubles (MLflow's own client sends these)
+    else:
+        value = _JSON_FLOAT.get(v, v)
+    return {"key": p[0], "value": value, "timestamp": p[2], "step": p[3]}
+
+
+def _rest_poster(client: Any) -> Callable[[str, list[_Point]], None] | None:
+    """``log-batch`` of metrics straight to a tracking server, as the JSON MLflow's REST store would send (its
+    own host credentials, TLS settings and error checks), without a protobuf object and a protobuf-to-JSON
+    pass per point (17 µs a point in MlflowClient's path here, 1.3 µs this way). None: not a plain
+    REST store (a local ``sqlite:///`` store, a vendor's store): the client's own log_batch is used."""
+    try:
+        from mlflow.protos.service_pb2 import LogBatch
+        from mlflow.store.tracking.rest_store import RestStore
+        from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+        store = client._tracking_client.store
+        endpoint, method = store._METHOD_TO_INFO[LogBatch]
+    except (ImportError, AttributeError, KeyError, TypeError):
+        return None  # another MLflow version's internals: the client's path still works
+    if type(store) is not RestStore:
+        return None
+
+    def post(run_id: str, points: list[_Point]) -> None:
+        body = {"run_id": run_id, "metrics": [_point_json(p) for p in points]}
+        send: Any = http_request  # untyped in MLflow
+        verify_rest_response(send(store.get_host_creds(), endpoint, method, json=body), endpoint)
+
+    return post
+
+
 class _MlRun:
     def __init__(self, client: Any, mlflow_run_id: str, uri: str) -> None:
         self.client = client
         self.id = mlflow_run_id
         self.uri = uri
+        self.post = _rest_poster(client)
 
 
 class MLflowTracker(RunSinkBase):
@@ -159,7 +204,8 @@ class MLflowTracker(RunSinkBase):
     or the run's name; tracking URI ``tracking.mlflow_tracking_uri``."""
 
     name = "mlflow"
-    batch_size = 1000
+    #: Events per write: at one value per event, MAX_INFLIGHT full requests side by side.
+    batch_size = MAX_INFLIGHT * MAX_METRICS
 
     def __init__(self, state_dir: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
         super().__init__(state_dir, **kwargs)
@@ -329,15 +375,13 @@ class MLflowTracker(RunSinkBase):
 
     def _collect(self, run_id: str, events: list[tuple[int, Event]]) -> _Collected:
         """A run's events as MLflow entities and uploads, in the order MLflow must see them."""
-        from mlflow.entities import Metric
-
         got = _Collected()
         add = got.metrics.append
         for seq, ev in events:
             if isinstance(ev, (Metrics, SystemStats)):  # the monitor's keys already read system/...
                 ts, step = int(ev.timestamp * 1000), ev.step
                 for k, v in ev.values.items():
-                    add(Metric(k, float(v), ts, step))
+                    add((k, float(v), ts, step))
             elif isinstance(ev, HyperParams):
                 if ev.config_hash:
                     got.tags["flightlog.config_hash"] = ev.config_hash
@@ -356,7 +400,7 @@ class MLflowTracker(RunSinkBase):
             elif isinstance(ev, CheckpointSaved):
                 ts = int(ev.timestamp * 1000)
                 for k, v in ev.metrics.items():
-                    add(Metric(f"checkpoint/{k}", float(v), ts, ev.step))
+                    add((f"checkpoint/{k}", float(v), ts, ev.step))
                 got.tags["flightlog.last_checkpoint"] = ev.path[:MAX_TAG_LENGTH]
             elif isinstance(ev, Artifact):
                 got.artifacts.append(ev)
@@ -397,12 +441,41 @@ class MLflowTracker(RunSinkBase):
             return value[:MAX_PARAM_LENGTH]
         return value
 
-    def _send(self, run: _MlRun, params: list[Any], tags: list[Any], metrics: list[Any]) -> None:
-        for m, p, t in chunk_batch(metrics, params, tags):
-            what = f"logging {len(m)} metrics, {len(p)} params, {len(t)} tags"
-            if p:
-                what += " (params " + ", ".join(x.key for x in p[:10]) + (", …" if len(p) > 10 else "") + ")"
-            self._call(run, what, run.client.log_batch, run.id, metrics=m, params=p, tags=t)
+    def _send(self, run: _MlRun, params: list[Any], tags: list[Any], metrics: list[_Point]) -> None:
+        """Params and tags first, one request after another (a changed param must be judged in order), then
+        the metrics, up to MAX_INFLIGHT requests at once. The write returns once every request is acknowledged,
+        and raises if any failed: the engine sends the whole batch again and MLflow drops the points it
+        already has (same key, step, timestamp and value), so exactly-once holds whatever order the requests
+        landed in; MLflow orders a metric's history by step and timestamp, not by arrival."""
+        requests = list(chunk_batch(metrics, params, tags))
+        for m, p, t in requests:
+            if p or t:
+                what = f"logging {len(m)} metrics, {len(p)} params, {len(t)} tags"
+                if p:
+                    what += " (params " + ", ".join(x.key for x in p[:10]) + (", …" if len(p) > 10 else "") + ")"
+                self._call(run, what, run.client.log_batch, run.id, metrics=self._entities(m), params=p, tags=t)
+        chunks = [m for m, p, t in requests if m and not (p or t)]
+        if len(chunks) <= 1:
+            for m in chunks:
+                self._send_metrics(run, m)
+            return
+        with ThreadPoolExecutor(min(MAX_INFLIGHT, len(chunks)), thread_name_prefix="flightlog-mlflow") as pool:
+            futures = [pool.submit(self._send_metrics, run, m) for m in chunks]
+        for f in futures:
+            f.result()  # the first failure, translated by _call; the pool has waited for all of them
+
+    def _send_metrics(self, run: _MlRun, points: list[_Point]) -> None:
+        what = f"logging {len(points)} metrics"
+        if run.post is not None:
+            self._call(run, what, run.post, run.id, points)
+        else:
+            self._call(run, what, run.client.log_batch, run.id, metrics=self._entities(points))
+
+    @staticmethod
+    def _entities(points: list[_Point]) -> list[Any]:
+        from mlflow.entities import Metric
+
+        return [Metric(*p) for p in points]
 
     def _call(self, run: _MlRun, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -425,7 +498,7 @@ class MLflowTracker(RunSinkBase):
 
 @dataclass
 class _Collected:
-    metrics: list[Any] = field(default_factory=list)
+    metrics: list[_Point] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     param_groups: list[dict[str, Any]] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
@@ -479,7 +552,7 @@ _CREDENTIAL_ENV = {"mlflow_username": "MLFLOW_TRACKING_USERNAME", "mlflow_passwo
 @contextmanager
 def mlflow_credentials(tracking: TrackingConfig) -> Iterator[None]:
     """MLflow's own basic-auth or token variables, set in this (the agent's) process only while one run's
-    requests are made (MLflow reads them per request; this sink makes its requests from one thread at a time),
+    requests are made (MLflow reads them per request; this sink's requests at any moment are all one run's),
     so each run's server gets its credentials and no other server sees them. Nothing else is touched when a
     run names none."""
     wanted = {env: credential(value, f"tracking.{key}", PermanentBackendError)
