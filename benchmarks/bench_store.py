@@ -54,6 +54,34 @@ def old_store_module(commit: str) -> types.ModuleType:
     return mod
 
 
+def chunk_store_sink(commit: str) -> type:
+    """The store sink class of ``commit`` on that commit's chunk store (``agent/store_chunks.py``,
+    ``agent/store.py``, ``agent/sinks/store.py`` from git, loaded as modules of their own): the baseline the
+    chunk store of this tree is measured against in the same run (``--base-commit``)."""
+    def load(path: str, name: str, subs: dict[str, str]) -> types.ModuleType:
+        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{path}"], check=True,
+                             capture_output=True, text=True).stdout
+        for a, b in subs.items():
+            src = src.replace(a, b)
+        spec = importlib.util.spec_from_loader(name, loader=None)
+        assert spec is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        exec(compile(src, f"{commit}:{path}", "exec"), mod.__dict__)
+        return mod
+
+    load("agent/store_chunks.py", "flightlog_base_chunks", {})
+    load("agent/store.py", "flightlog_base_store", {
+        "from flightlog.agent import store_chunks as _chunks": "import flightlog_base_chunks as _chunks",
+        "from flightlog.agent.store_chunks import": "from flightlog_base_chunks import"})
+    sink = load("agent/sinks/store.py", "flightlog_base_sink", {
+        "from flightlog.agent.store import Store": "from flightlog_base_store import Store",
+        "from ._errors import": "from flightlog.agent.sinks._errors import",
+        "from .base import": "from flightlog.agent.sinks.base import"})
+    cls: type = sink.LocalStoreSink
+    return cls
+
+
 def fill_wal(wal_dir: Path, n: int, keys: int) -> None:
     from flightlog.agent.wal import WAL
     from flightlog.proto import encode_event

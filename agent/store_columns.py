@@ -1,0 +1,217 @@
+"""Metrics events into numpy columns without Python work per event: a batch is encoded to msgpack in one C call
+(msgspec) and read back with numpy wherever consecutive events share one byte layout (run, keys in order, float
+timestamp and values, a step and a rank of one integer width). ``store_chunks.PointBuffer`` takes the rest
+(and any batch this does not recognise) the plain way, so what is stored never depends on the path."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from flightlog.proto.events import Metrics
+
+__all__ = ["FAST", "MIN_ROWS", "Segment", "segments"]
+
+_ENC = msgspec.msgpack.Encoder()
+#: The layout read here is Metrics' own (array_like, tag "m", these fields in this order); another one is
+#: never guessed at: every batch then goes the plain way.
+FAST = (Metrics.__struct_config__.array_like and Metrics.__struct_config__.tag == "m"
+        and Metrics.__struct_fields__ == ("run_id", "step", "timestamp", "values", "rank"))
+_HEAD = b"\x96\xa1m"  # an array of 6: the tag "m", then the fields
+MIN_ROWS = 16  # a shorter stretch of one layout is not worth numpy's per-call cost: the plain way
+_MAX_MISSES = 4  # short stretches before the rest of a batch goes the plain way
+
+
+class Segment(NamedTuple):
+    """Events ``start``..``stop`` (indices into the batch) of one run and keys: their columns (the values a
+    row per key, C-contiguous), or ``columns`` None: take those events the plain way."""
+
+    start: int
+    stop: int
+    run_id: str
+    keys: list[str]
+    steps: npt.NDArray[np.int64]
+    ts: npt.NDArray[np.float64]
+    values: npt.NDArray[np.float64]
+    ranks: npt.NDArray[np.int64]
+    columns: bool
+
+
+class _Int(NamedTuple):
+    """A msgpack integer at ``at``: its first byte's class and the bytes that follow it."""
+
+    at: int
+    marker: int  # the first byte; -1: a positive fixint, -2: a negative fixint (the byte is the value)
+    size: int  # payload bytes after the marker (0 for a fixint)
+    signed: bool
+
+
+class _Layout(NamedTuple):
+    length: int
+    run_id: str
+    keys: list[str]
+    fixed: npt.NDArray[np.intp]  # byte positions every event of the stretch has as the first one
+    template: npt.NDArray[np.uint8]
+    step: _Int
+    rank: _Int
+    ts: int  # where the timestamp's 8 bytes start
+    values: list[int]  # where each key's value's 8 bytes start
+
+
+_UINT = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_SINT = {0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}
+
+
+def _int(buf: bytes, p: int) -> _Int | None:
+    b = buf[p]
+    if b < 0x80:
+        return _Int(p, -1, 0, False)
+    if b >= 0xE0:
+        return _Int(p, -2, 0, True)
+    if b in _UINT:
+        if b == 0xCF and buf[p + 1] >= 0x80:
+            return None  # past int64: the plain way says so (OverflowError)
+        return _Int(p, b, _UINT[b], False)
+    if b in _SINT:
+        return _Int(p, b, _SINT[b], True)
+    return None
+
+
+def _str(buf: bytes, p: int) -> tuple[str, int] | None:
+    """A msgpack string at ``p``: its text and where it ends."""
+    b = buf[p]
+    if 0xA0 <= b <= 0xBF:
+        n, p = b & 0x1F, p + 1
+    elif b == 0xD9:
+        n, p = buf[p + 1], p + 2
+    elif b == 0xDA:
+        n, p = int.from_bytes(buf[p + 1:p + 3], "big"), p + 3
+    else:
+        return None
+    return buf[p:p + n].decode("utf-8"), p + n
+
+
+def _layout(buf: bytes, p0: int) -> _Layout | None:
+    """The layout of the event encoded at ``p0``; None for one read the plain way (not a float timestamp or
+    value, no values, an integer past int64). ``buf`` is msgspec's own encoding of Metrics events: well formed."""
+    try:
+        if buf[p0:p0 + 3] != _HEAD:
+            return None
+        run = _str(buf, p0 + 3)
+        if run is None:
+            return None
+        run_id, p = run
+        step = _int(buf, p)
+        if step is None:
+            return None
+        p = step.at + 1 + step.size
+        if buf[p] != 0xCB:
+            return None
+        ts, p = p + 1, p + 9
+        if 0x81 <= buf[p] <= 0x8F:
+            count, p = buf[p] & 0x0F, p + 1
+        elif buf[p] == 0xDE:
+            count, p = int.from_bytes(buf[p + 1:p + 3], "big"), p + 3
+        else:
+            return None
+        keys, values = [], []
+        for _ in range(count):
+            key = _str(buf, p)
+            if key is None or buf[key[1]] != 0xCB:
+                return None
+            keys.append(key[0])
+            values.append(key[1] + 1)
+            p = key[1] + 9
+        rank = _int(buf, p)
+        if rank is None:
+            return None
+        end = rank.at + 1 + rank.size
+    except (IndexError, UnicodeDecodeError):
+        return None
+    fixed = np.ones(end - p0, bool)
+    for at in (ts, *values):
+        fixed[at - p0:at - p0 + 8] = False
+    for i in (step, rank):
+        fixed[i.at - p0 + 1:i.at - p0 + 1 + i.size] = False
+        if i.marker < 0:
+            fixed[i.at - p0] = False
+    where = np.flatnonzero(fixed)
+    template = np.frombuffer(buf, np.uint8, end - p0, p0)[where]
+    rel = [v - p0 for v in values]
+    return _Layout(end - p0, run_id, keys, where, template, step._replace(at=step.at - p0),
+                   rank._replace(at=rank.at - p0), ts - p0, rel)
+
+
+def _matching(rows: npt.NDArray[np.uint8], lay: _Layout) -> int:
+    """How many leading rows have the layout (the first always does)."""
+    ok = (rows[:, lay.fixed] == lay.template).all(axis=1)
+    for i in (lay.step, lay.rank):
+        col = rows[:, i.at]
+        if i.marker == -1:
+            ok &= col < 0x80
+        elif i.marker == -2:
+            ok &= col >= 0xE0
+        elif i.marker == 0xCF:
+            ok &= rows[:, i.at + 1] < 0x80  # an int64, not past it
+    bad = np.flatnonzero(~ok)
+    return int(bad[0]) if len(bad) else len(rows)
+
+
+def _ints(rows: npt.NDArray[np.uint8], i: _Int) -> npt.NDArray[np.int64]:
+    if i.marker == -1:
+        return rows[:, i.at].astype(np.int64)
+    if i.marker == -2:
+        return rows[:, i.at].astype(np.int64) - 256
+    raw = np.ascontiguousarray(rows[:, i.at + 1:i.at + 1 + i.size])
+    return raw.view(f">{'i' if i.signed else 'u'}{i.size}")[:, 0].astype(np.int64)
+
+
+def _floats(rows: npt.NDArray[np.uint8], at: list[int]) -> npt.NDArray[np.float64]:
+    """The 8 bytes at each of ``at`` as big-endian doubles: a row per offset, bit for bit."""
+    idx = np.asarray(at, np.intp)[:, None] + np.arange(8)
+    return np.ascontiguousarray(rows[:, idx].transpose(1, 0, 2)).view(">f8")[:, :, 0].astype(np.float64)
+
+
+def _plain(start: int, stop: int) -> Segment:
+    empty_i, empty_f = np.empty(0, np.int64), np.empty(0, np.float64)
+    return Segment(start, stop, "", [], empty_i, empty_f, np.empty((0, 0)), empty_i, False)
+
+
+def segments(events: list[Metrics], *, min_rows: int = MIN_ROWS) -> list[Segment]:
+    """The batch cut into stretches of one layout (of ``min_rows`` events or more), read as columns, and the
+    events between them (to be taken the plain way), in order: together they cover every event once."""
+    if not FAST or not events:
+        return [_plain(0, len(events))]
+    try:
+        buf = _ENC.encode(events)
+    except (OverflowError, TypeError, msgspec.EncodeError):  # an int past 64 bits, a value of another type
+        return [_plain(0, len(events))]  # the plain way says what is wrong with which event
+    n = len(events)
+    pos = 1 if n < 16 else 3 if n < 1 << 16 else 5  # the array's header
+    out: list[Segment] = []
+    i = misses = 0
+    while i < n:
+        lay = _layout(buf, pos)
+        if lay is None:
+            j = 1
+            length = len(_ENC.encode(events[i]))
+        else:
+            length = lay.length
+            count = min(n - i, (len(buf) - pos) // length)
+            rows = np.frombuffer(buf, np.uint8, count * length, pos).reshape(count, length)
+            j = _matching(rows, lay)
+        if lay is None or j < min_rows:
+            misses += 1
+            if misses > _MAX_MISSES:
+                out.append(_plain(i, n))
+                return out
+            out.append(_plain(i, i + j))
+        else:
+            rows = rows[:j]
+            out.append(Segment(i, i + j, lay.run_id, lay.keys, _ints(rows, lay.step), _floats(rows, [lay.ts])[0],
+                               _floats(rows, lay.values), _ints(rows, lay.rank), True))
+        i += j
+        pos += j * length
+    return out
