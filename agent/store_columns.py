@@ -52,12 +52,12 @@ class _Layout(NamedTuple):
     length: int
     run_id: str
     keys: list[str]
-    fixed: npt.NDArray[np.intp]  # byte positions every event of the stretch has as the first one
-    template: npt.NDArray[np.uint8]
-    step: _Int
-    rank: _Int
-    ts: int  # where the timestamp's 8 bytes start
-    values: list[int]  # where each key's value's 8 bytes start
+    fixed: npt.NDArray[np.intp]  # the bytes every event of the stretch has as the first one
+    template: npt.NDArray[np.uint8]  # the first one's there
+    #: bytes of which only some bits must be the first one's: (where, mask, bits) of a fixint's class or an
+    #: unsigned 64-bit int's top bit (read as int64: below 2**63 only)
+    classes: list[tuple[int, int, int]]
+    fields: np.dtype[np.void]  # step, ts, v0, v1, ..., rank at their offsets in an event
 
 
 _UINT = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
@@ -130,48 +130,46 @@ def _layout(buf: bytes, p0: int) -> _Layout | None:
         end = rank.at + 1 + rank.size
     except (IndexError, UnicodeDecodeError):
         return None
-    fixed = np.ones(end - p0, bool)
-    for at in (ts, *values):
-        fixed[at - p0:at - p0 + 8] = False
-    for i in (step, rank):
-        fixed[i.at - p0 + 1:i.at - p0 + 1 + i.size] = False
-        if i.marker < 0:
-            fixed[i.at - p0] = False
-    where = np.flatnonzero(fixed)
-    template = np.frombuffer(buf, np.uint8, end - p0, p0)[where]
-    rel = [v - p0 for v in values]
-    return _Layout(end - p0, run_id, keys, where, template, step._replace(at=step.at - p0),
-                   rank._replace(at=rank.at - p0), ts - p0, rel)
+    length = end - p0
+    mask = np.full(length, 0xFF, np.uint8)
+    fields = [("ts", ">f8", ts - p0), *((f"v{i}", ">f8", v - p0) for i, v in enumerate(values))]
+    for _, _, at in fields:
+        mask[at:at + 8] = 0
+    for name, i in (("step", step), ("rank", rank)):
+        at = i.at - p0
+        if i.marker < 0:  # a fixint: the byte is the value, its top bits the class
+            mask[at] = 0x80 if i.marker == -1 else 0xE0
+            fields.append((name, "i1", at))
+            continue
+        mask[at + 1:at + 1 + i.size] = 0
+        if i.marker == 0xCF:
+            mask[at + 1] = 0x80  # an unsigned 64-bit int read as int64: only below 2**63
+        fields.append((name, f">{'i' if i.signed else 'u'}{i.size}", at + 1))
+    first = np.frombuffer(buf, np.uint8, length, p0)
+    fixed = np.flatnonzero(mask == 0xFF)
+    classes = [(int(at), int(mask[at]), int(first[at] & mask[at])) for at in np.flatnonzero((mask != 0) & (mask != 0xFF))]
+    names, formats, offsets = zip(*fields, strict=True)
+    dtype = np.dtype({"names": list(names), "formats": list(formats), "offsets": list(offsets), "itemsize": length})
+    return _Layout(length, run_id, keys, fixed, first[fixed], classes, dtype)
 
 
 def _matching(rows: npt.NDArray[np.uint8], lay: _Layout) -> int:
     """How many leading rows have the layout (the first always does)."""
-    ok = (rows[:, lay.fixed] == lay.template).all(axis=1)
-    for i in (lay.step, lay.rank):
-        col = rows[:, i.at]
-        if i.marker == -1:
-            ok &= col < 0x80
-        elif i.marker == -2:
-            ok &= col >= 0xE0
-        elif i.marker == 0xCF:
-            ok &= rows[:, i.at + 1] < 0x80  # an int64, not past it
-    bad = np.flatnonzero(~ok)
-    return int(bad[0]) if len(bad) else len(rows)
+    bad = (rows[:, lay.fixed] != lay.template).any(axis=1)
+    for at, mask, bits in lay.classes:
+        bad |= (rows[:, at] & mask) != bits
+    first = int(bad.argmax())
+    return first if bad[first] else len(rows)
 
 
-def _ints(rows: npt.NDArray[np.uint8], i: _Int) -> npt.NDArray[np.int64]:
-    if i.marker == -1:
-        return rows[:, i.at].astype(np.int64)
-    if i.marker == -2:
-        return rows[:, i.at].astype(np.int64) - 256
-    raw = np.ascontiguousarray(rows[:, i.at + 1:i.at + 1 + i.size])
-    return raw.view(f">{'i' if i.signed else 'u'}{i.size}")[:, 0].astype(np.int64)
-
-
-def _floats(rows: npt.NDArray[np.uint8], at: list[int]) -> npt.NDArray[np.float64]:
-    """The 8 bytes at each of ``at`` as big-endian doubles: a row per offset, bit for bit."""
-    idx = np.asarray(at, np.intp)[:, None] + np.arange(8)
-    return np.ascontiguousarray(rows[:, idx].transpose(1, 0, 2)).view(">f8")[:, :, 0].astype(np.float64)
+def _columns(buf: bytes, pos: int, count: int, lay: _Layout) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64],
+                                                                        npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """Steps, timestamps, values (a row per key) and ranks of ``count`` events of the layout at ``pos``."""
+    rec = np.frombuffer(buf, lay.fields, count, pos)
+    values = np.empty((len(lay.keys), count), np.float64)
+    for i in range(len(lay.keys)):
+        values[i] = rec[f"v{i}"]
+    return rec["step"].astype(np.int64), rec["ts"].astype(np.float64), values, rec["rank"].astype(np.int64)
 
 
 def _plain(start: int, stop: int) -> Segment:
@@ -209,9 +207,7 @@ def segments(events: list[Metrics], *, min_rows: int = MIN_ROWS) -> list[Segment
                 return out
             out.append(_plain(i, i + j))
         else:
-            rows = rows[:j]
-            out.append(Segment(i, i + j, lay.run_id, lay.keys, _ints(rows, lay.step), _floats(rows, [lay.ts])[0],
-                               _floats(rows, lay.values), _ints(rows, lay.rank), True))
+            out.append(Segment(i, i + j, lay.run_id, lay.keys, *_columns(buf, pos, j, lay), True))
         i += j
         pos += j * length
     return out
