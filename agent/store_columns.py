@@ -4,6 +4,7 @@ timestamp and values, a step and a rank of one integer width). ``store_chunks.Po
 (and any batch this does not recognise) the plain way, so what is stored never depends on the path."""
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import msgspec
@@ -56,7 +57,7 @@ class _Layout(NamedTuple):
     template: npt.NDArray[np.uint8]  # the first one's there
     #: bytes of which only some bits must be the first one's: (where, mask, bits) of a fixint's class or an
     #: unsigned 64-bit int's top bit (read as int64: below 2**63 only)
-    classes: list[tuple[int, int, int]]
+    classes: tuple[tuple[int, int, int], ...]
     fields: np.dtype[np.void]  # step, ts, v0, v1, ..., rank at their offsets in an event
 
 
@@ -131,26 +132,34 @@ def _layout(buf: bytes, p0: int) -> _Layout | None:
     except (IndexError, UnicodeDecodeError):
         return None
     length = end - p0
+    fixed, classes, dtype = _shape(length, ts - p0, tuple(v - p0 for v in values), step._replace(at=step.at - p0),
+                                   rank._replace(at=rank.at - p0))
+    return _Layout(length, run_id, keys, fixed, np.frombuffer(buf, np.uint8, length, p0)[fixed], classes, dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _shape(length: int, ts: int, values: tuple[int, ...], step: _Int, rank: _Int) -> tuple[
+        npt.NDArray[np.intp], tuple[tuple[int, int, int], ...], np.dtype[np.void]]:
+    """What a layout's offsets imply, the same for every batch of it: the bytes that must be the first event's,
+    the class bits of its fixints (and of an unsigned 64-bit int), the fields to read."""
     mask = np.full(length, 0xFF, np.uint8)
-    fields = [("ts", ">f8", ts - p0), *((f"v{i}", ">f8", v - p0) for i, v in enumerate(values))]
+    fields = [("ts", ">f8", ts), *((f"v{i}", ">f8", v) for i, v in enumerate(values))]
     for _, _, at in fields:
         mask[at:at + 8] = 0
+    classes: list[tuple[int, int, int]] = []
     for name, i in (("step", step), ("rank", rank)):
-        at = i.at - p0
         if i.marker < 0:  # a fixint: the byte is the value, its top bits the class
-            mask[at] = 0x80 if i.marker == -1 else 0xE0
-            fields.append((name, "i1", at))
+            mask[i.at] = 0
+            classes.append((i.at, 0x80, 0) if i.marker == -1 else (i.at, 0xE0, 0xE0))
+            fields.append((name, "i1", i.at))
             continue
-        mask[at + 1:at + 1 + i.size] = 0
-        if i.marker == 0xCF:
-            mask[at + 1] = 0x80  # an unsigned 64-bit int read as int64: only below 2**63
-        fields.append((name, f">{'i' if i.signed else 'u'}{i.size}", at + 1))
-    first = np.frombuffer(buf, np.uint8, length, p0)
-    fixed = np.flatnonzero(mask == 0xFF)
-    classes = [(int(at), int(mask[at]), int(first[at] & mask[at])) for at in np.flatnonzero((mask != 0) & (mask != 0xFF))]
+        mask[i.at + 1:i.at + 1 + i.size] = 0
+        if i.marker == 0xCF:  # an unsigned 64-bit int read as int64: only below 2**63
+            classes.append((i.at + 1, 0x80, 0))
+        fields.append((name, f">{'i' if i.signed else 'u'}{i.size}", i.at + 1))
     names, formats, offsets = zip(*fields, strict=True)
     dtype = np.dtype({"names": list(names), "formats": list(formats), "offsets": list(offsets), "itemsize": length})
-    return _Layout(length, run_id, keys, fixed, first[fixed], classes, dtype)
+    return np.flatnonzero(mask), tuple(classes), dtype
 
 
 def _matching(rows: npt.NDArray[np.uint8], lay: _Layout) -> int:
