@@ -1,7 +1,5 @@
-"""Metrics events into numpy columns without Python work per event: a batch is encoded to msgpack in one C call
-(msgspec) and read back with numpy wherever consecutive events share one byte layout (run, keys in order, float
-timestamp and values, a step and a rank of one integer width). ``store_chunks.PointBuffer`` takes the rest
-(and any batch this does not recognise) the plain way, so what is stored never depends on the path."""
+"""Metrics events into numpy columns with no Python work per event: one msgspec encode of the batch, read back
+with numpy over each stretch of events of one byte layout; the rest goes ``PointBuffer``'s plain way."""
 from __future__ import annotations
 
 import functools
@@ -26,8 +24,9 @@ _MAX_MISSES = 4  # short stretches before the rest of a batch goes the plain way
 
 
 class Segment(NamedTuple):
-    """Events ``start``..``stop`` (indices into the batch) of one run and keys: their columns (the values a
-    row per key, C-contiguous), or ``columns`` None: take those events the plain way."""
+    """Events ``start``..``stop`` (indices into the batch) of one layout: one run, the same keys in the same
+    order, float timestamps and values, steps and ranks of one msgpack integer width. Their columns (the values
+    a row per key, each C-contiguous); ``columns`` False: none, take those events the plain way."""
 
     start: int
     stop: int

@@ -138,6 +138,20 @@ def test_a_rolled_back_batch_leaves_the_open_chunk_as_it_was(tmp_path: Path) -> 
         assert store.metric_arrays("r", "m")[0].tolist() == [*range(10), 11]
 
 
+def test_a_flood_with_one_step_past_int64_is_refused_whole_and_the_next_one_lands(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        with store.transaction():  # read as columns (store_columns), not the plain way
+            store.apply([Metrics("r", i, 1.0, {"m": float(i), "n": 1.0}) for i in range(1000)])
+        bad = [Metrics("r", i, 1.0, {"m": float(i), "n": 1.0}) for i in range(1000, 2000)]
+        bad[500] = Metrics("r", 2**63, 1.0, {"m": 1.0, "n": 1.0})
+        with pytest.raises(OverflowError, match="SQLite INTEGER"), store.transaction():
+            store.apply(bad)
+        assert store.metric_count() == 2000
+        with store.transaction():
+            store.apply([Metrics("r", i, 1.0, {"m": float(i), "n": 1.0}) for i in range(1000, 2000)])
+        assert store.metric_arrays("r", "m")[0].tolist() == list(range(2000)) and store.metric_count() == 4000
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(0, 30), st.sampled_from([1.0, 2.0]),
                           st.dictionaries(st.sampled_from(["x", "y", "system/z"]), FLOATS, max_size=3),
