@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from flightlog.agent import store_columns
 from flightlog.proto.errors import StoreCorrupt
 from flightlog.proto.events import Metrics
 
@@ -50,6 +51,9 @@ _RAW, _ZSTD = 0, 1
 _POINT_BYTES = 32  # step (delta, i8), ts (f8), value (f8), rank (i8)
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _READ_BATCH = 50_000  # rows per fetch when migrating a row table
+_FAST_EVENTS = 64  # a batch with fewer Metrics goes the plain way (numpy's per-call cost)
+#: A few points of a series as plain lists: steps, timestamps, values, ranks.
+_Lists = tuple[list[int], list[float], list[float], list[int]]
 
 
 class Columns(NamedTuple):
@@ -150,20 +154,23 @@ def decode_chunk(data: bytes, *, max_points: int = MAX_DECODE_POINTS) -> Columns
 # --- writing ----------------------------------------------------------------------------------------------------
 
 class PointBuffer:
-    """The points of one transaction, per (run, key), in arrival order: plain lists while events are applied,
-    numpy columns once at the commit."""
+    """The points of one transaction, per (run, key), in arrival order, as parts: numpy columns for a batch's
+    stretches of events of one run and keys (steps, timestamps and ranks shared by the keys), plain lists for
+    the rest (a trickle, events with keys of their own)."""
 
     __slots__ = ("series",)
 
     def __init__(self) -> None:
-        # (run, key) -> steps, timestamps, values, ranks
-        self.series: dict[tuple[str, str], tuple[list[int], list[float], list[float], list[int]]] = {}
+        # (run, key) -> its parts, in arrival order
+        self.series: dict[tuple[str, str], list[_Lists | Columns]] = {}
 
-    def _lists(self, run_id: str, key: str) -> tuple[list[int], list[float], list[float], list[int]]:
-        lists = self.series.get((run_id, key))
-        if lists is None:
-            lists = self.series[(run_id, key)] = ([], [], [], [])
-        return lists
+    def _lists(self, run_id: str, key: str) -> _Lists:
+        parts = self.series.get((run_id, key))
+        if parts is None:
+            parts = self.series[(run_id, key)] = []
+        if not parts or type(parts[-1]) is Columns:
+            parts.append(([], [], [], []))
+        return parts[-1]  # type: ignore[return-value]
 
     def add(self, run_id: str, step: int, ts: float, values: dict[str, float], rank: int) -> None:
         """One event's values."""
@@ -174,9 +181,28 @@ class PointBuffer:
             vs.append(v)
             r.append(rank)
 
-    def add_metrics(self, events: list[Metrics]) -> None:
-        """Many Metrics events, in order. The common case, every event of a run with the same keys, takes each
-        column with one comprehension: no per-value Python work beyond reading it."""
+    def add_metrics(self, events: list[Metrics], *, fast_from: int = _FAST_EVENTS,
+                    min_rows: int = store_columns.MIN_ROWS) -> None:
+        """Many Metrics events, in order: stretches of ``min_rows`` events or more of one layout as numpy columns
+        read from their msgpack encoding (``store_columns``: no Python work per event), the rest (and a batch
+        of fewer than ``fast_from`` events) the plain way."""
+        if len(events) < fast_from:
+            self._add_plain(events)
+            return
+        series = self.series
+        for seg in store_columns.segments(events, min_rows=min_rows):
+            if not seg.columns:
+                self._add_plain(events[seg.start:seg.stop])
+                continue
+            for k, column in zip(seg.keys, seg.values, strict=True):
+                parts = series.get((seg.run_id, k))
+                if parts is None:
+                    parts = series[(seg.run_id, k)] = []
+                parts.append(Columns(seg.steps, seg.ts, column, seg.ranks))
+
+    def _add_plain(self, events: list[Metrics]) -> None:
+        """The common case, every event of a run with the same keys, takes each column with one comprehension
+        (plain lists: a few points are cheaper so than with numpy); anything else event by event."""
         if not events:
             return
         runs = {ev.run_id for ev in events}
@@ -208,22 +234,31 @@ class PointBuffer:
                 r.extend(ranks)
 
     def __len__(self) -> int:
-        return sum(len(p[0]) for p in self.series.values())
+        return sum(_part_len(p) for parts in self.series.values() for p in parts)
 
     def columns(self) -> Iterator[tuple[str, str, Columns]]:
-        for (run_id, key), lists in self.series.items():
-            yield run_id, key, _to_columns(run_id, key, lists)
+        for (run_id, key), parts in self.series.items():
+            yield run_id, key, _to_columns(run_id, key, parts)
 
 
-def _to_columns(run_id: str, key: str, lists: tuple[list[int], list[float], list[float], list[int]]) -> Columns:
-    steps, ts, values, ranks = lists
-    try:
-        cols = Columns(np.array(steps, np.int64), np.array(ts, np.float64), np.array(values, np.float64),
-                       np.array(ranks, np.int64))
-    except OverflowError as exc:  # what SQLite said of a row per value: the engine quarantines that event
-        raise OverflowError(f"a step or rank of {key!r} in run {run_id!r} is too large for a 64-bit SQLite INTEGER"
-                            f" ({exc})") from exc
-    return cols
+def _part_len(part: _Lists | Columns) -> int:
+    return len(part[0])
+
+
+def _to_columns(run_id: str, key: str, parts: list[_Lists | Columns]) -> Columns:
+    out: list[Columns] = []
+    for part in parts:
+        if type(part) is Columns:
+            out.append(part)
+            continue
+        steps, ts, values, ranks = part
+        try:
+            out.append(Columns(np.array(steps, np.int64), np.array(ts, np.float64), np.array(values, np.float64),
+                               np.array(ranks, np.int64)))
+        except OverflowError as exc:  # what SQLite said of a row per value: the engine quarantines that event
+            raise OverflowError(f"a step or rank of {key!r} in run {run_id!r} is too large for a 64-bit SQLite"
+                                f" INTEGER ({exc})") from exc
+    return _concat(out)
 
 
 def append_points(db: sqlite3.Connection, buffer: PointBuffer, cctx: zstandard.ZstdCompressor) -> int:
@@ -234,18 +269,19 @@ def append_points(db: sqlite3.Connection, buffer: PointBuffer, cctx: zstandard.Z
     or hold SEAL_POINTS points with the new ones, they are merged: into sealed, compressed chunks once there
     are SEAL_POINTS points, else into one open piece."""
     written = 0
-    for (run_id, key), lists in buffer.series.items():
-        m = len(lists[0])
+    for (run_id, key), parts in buffer.series.items():
+        m = sum(map(_part_len, parts))
         written += m
         last = db.execute("SELECT seq, open_pieces, open_points FROM metric_chunks WHERE run_id=? AND key=?"
                           " ORDER BY seq DESC LIMIT 1", (run_id, key)).fetchone()
         seq, pieces, points = (0, 0, 0) if last is None else (int(last[0]) + 1, int(last[1]), int(last[2]))
         # a bigger commit also merges: only the last piece's counters are ever read
         merge = pieces > 0 and (pieces + 1 >= MAX_OPEN_PIECES or points + m >= SEAL_POINTS or m > _SMALL)
-        if not merge and m <= _SMALL:
-            db.execute(_INSERT, (run_id, key, seq, 0, *_small_piece(run_id, key, lists), pieces + 1, points + m))
+        first = parts[0]
+        if not merge and m <= _SMALL and not isinstance(first, Columns):  # numpy columns hold more points
+            db.execute(_INSERT, (run_id, key, seq, 0, *_small_piece(run_id, key, first), pieces + 1, points + m))
             continue
-        new = _to_columns(run_id, key, lists)
+        new = _to_columns(run_id, key, parts)
         if merge:
             seq -= pieces
             rows = db.execute("SELECT data FROM metric_chunks WHERE run_id=? AND key=? AND seq>=? ORDER BY seq",
@@ -256,8 +292,7 @@ def append_points(db: sqlite3.Connection, buffer: PointBuffer, cctx: zstandard.Z
     return written
 
 
-def _small_piece(run_id: str, key: str, lists: tuple[list[int], list[float], list[float], list[int]]) -> tuple[
-        Any, ...]:
+def _small_piece(run_id: str, key: str, lists: _Lists) -> tuple[Any, ...]:
     """Stats and bytes of an open piece of a few points, without numpy (whose per-call cost is what a trickle
     would pay): the same bytes ``encode_chunk(..., compress=False)`` makes."""
     steps, ts, values, ranks = lists

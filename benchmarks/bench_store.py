@@ -6,6 +6,7 @@
   engine's WAL read, decode and cursor commits cost alone). ``cores_at_500k`` is CPU seconds per 500,000
   events: the share of a core the sink needs at 0.5 M events/s; ``store_cores_at_500k`` the part above the
   null sink (the store's own).
+  ``write_cores_at_500k``: the CPU inside the sink's ``write`` alone (apply and the commit), per 500,000 events.
 - ``read``: the same series read back (``metric_series``, export, and the chunk store's ``metric_arrays`` and
   ``metric_envelope``), seconds of wall time.
 - ``freshness``: a real agent (local store, TensorBoard and MLflow sinks; a real ``mlflow server`` on SQLite with
@@ -18,8 +19,13 @@
   TensorBoard reader's ceiling (EventAccumulator parsing the run's file from the start), the MLflow server's CPU
   per point.
 
+With ``--base-commit C`` sink_cpu also runs the chunk store of commit C (its store modules from git), in turn
+with the others each repeat: ``chunk_vs_base_store_part`` is this tree's store part over C's, and
+``chunks_identical_to_base`` whether both wrote the very same chunk rows (bytes included).
+
 Usage: python benchmarks/bench_store.py [--quick] [--events N] [--only sink_cpu,read,freshness]
        [--fresh-rate 10000] [--fresh-seconds 5] [--mlflow-workers 2] [--old-commit 5af902f]
+       [--base-commit 32bf951] [--repeats 1]
 """
 from __future__ import annotations
 
@@ -59,6 +65,34 @@ def old_store_module(commit: str) -> types.ModuleType:
     return mod
 
 
+def chunk_store_sink(commit: str) -> type:
+    """The store sink class of ``commit`` on that commit's chunk store (``agent/store_chunks.py``,
+    ``agent/store.py``, ``agent/sinks/store.py`` from git, loaded as modules of their own): the baseline the
+    chunk store of this tree is measured against in the same run (``--base-commit``)."""
+    def load(path: str, name: str, subs: dict[str, str]) -> types.ModuleType:
+        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{path}"], check=True,
+                             capture_output=True, text=True).stdout
+        for a, b in subs.items():
+            src = src.replace(a, b)
+        spec = importlib.util.spec_from_loader(name, loader=None)
+        assert spec is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        exec(compile(src, f"{commit}:{path}", "exec"), mod.__dict__)
+        return mod
+
+    load("agent/store_chunks.py", "flightlog_base_chunks", {})
+    load("agent/store.py", "flightlog_base_store", {
+        "from flightlog.agent import store_chunks as _chunks": "import flightlog_base_chunks as _chunks",
+        "from flightlog.agent.store_chunks import": "from flightlog_base_chunks import"})
+    sink = load("agent/sinks/store.py", "flightlog_base_sink", {
+        "from flightlog.agent.store import Store": "from flightlog_base_store import Store",
+        "from ._errors import": "from flightlog.agent.sinks._errors import",
+        "from .base import": "from flightlog.agent.sinks.base import"})
+    cls: type = sink.LocalStoreSink
+    return cls
+
+
 def fill_wal(wal_dir: Path, n: int, keys: int) -> None:
     from flightlog.agent.wal import WAL
     from flightlog.proto import encode_event
@@ -80,7 +114,8 @@ def fill_wal(wal_dir: Path, n: int, keys: int) -> None:
             wal.append(buf, count, "bench")
 
 
-def sink_cpu(work: Path, n: int, keys: int, old: types.ModuleType, repeats: int) -> dict[str, Any]:
+def sink_cpu(work: Path, n: int, keys: int, old: types.ModuleType, repeats: int,
+             base_sink: type | None = None) -> dict[str, Any]:
     import anyio
 
     from flightlog.agent.runner import CursorStore, SinkRunner
@@ -124,33 +159,67 @@ def sink_cpu(work: Path, n: int, keys: int, old: types.ModuleType, repeats: int)
     wal_dir = work / f"wal-{keys}"
     fill_wal(wal_dir, n, keys)
     out: dict[str, Any] = {"events": n, "values_per_event": keys}
-    for peer in ("null", "row_store", "chunk_store"):
-        best: dict[str, Any] | None = None
-        for r in range(repeats):
+    peers = ["null", "row_store", "chunk_store", *(["base_chunk_store"] if base_sink is not None else [])]
+    for r in range(repeats):  # the peers in turn, each repeat: a drifting load touches them all alike
+        for peer in peers:
             db = work / f"{peer}-{keys}-{r}.db"
             sink: Any = (NullSink() if peer == "null" else RowStoreSink(db) if peer == "row_store" else
-                         LocalStoreSink(db))
+                         LocalStoreSink(db) if peer == "chunk_store" else base_sink(db))  # type: ignore[misc]
             cursors = RowCursorStore(db) if peer == "row_store" else CursorStore(db)
+            write_cpu = _time_writes(sink)
             runner = SinkRunner(sink, WALReader(wal_dir), cursors, until_caught_up=True)
             c0, t0 = time.process_time(), time.perf_counter()
             anyio.run(runner.run)
             cpu, wall = time.process_time() - c0, time.perf_counter() - t0
             row = {"cpu_s": round(cpu, 3), "wall_s": round(wall, 3), "us_per_event": round(1e6 * cpu / n, 3),
-                   "cores_at_500k": round(cpu * CORES_AT / n, 3), "db": str(db)}
+                   "cores_at_500k": round(cpu * CORES_AT / n, 3), "db": str(db), "cpu_s_all": [round(cpu, 3)],
+                   "write_cores_at_500k": round(write_cpu[0] * CORES_AT / n, 3)}
             if db.exists():
                 row["db_bytes"] = sum(p.stat().st_size for p in db.parent.glob(db.name + "*"))
+            best = out.get(peer)
+            if best is not None:
+                row["cpu_s_all"] = [*best["cpu_s_all"], *row["cpu_s_all"]]
             if best is None or row["cpu_s"] < best["cpu_s"]:
-                best = row
-        assert best is not None
-        out[peer] = best
+                out[peer] = row
+            else:
+                best["cpu_s_all"] = row["cpu_s_all"]
     base = out["null"]["cpu_s"]
-    for peer in ("row_store", "chunk_store"):
+    for peer in peers[1:]:
         out[peer]["store_cores_at_500k"] = round(max(0.0, out[peer]["cpu_s"] - base) * CORES_AT / n, 3)
+    if base_sink is not None:  # the store's own part against the base commit's, and the very same chunks
+        out["chunk_vs_base_store_part"] = round(out["chunk_store"]["store_cores_at_500k"]
+                                                / max(1e-9, out["base_chunk_store"]["store_cores_at_500k"]), 3)
+        out["chunks_identical_to_base"] = _chunk_rows(out["chunk_store"]["db"]) == _chunk_rows(
+            out["base_chunk_store"]["db"])
     out["chunk_vs_row_cpu"] = round(out["chunk_store"]["cpu_s"] / out["row_store"]["cpu_s"], 3)
     out["chunk_vs_row_store_part"] = round(out["chunk_store"]["store_cores_at_500k"]
                                            / max(1e-9, out["row_store"]["store_cores_at_500k"]), 3)
     out["chunk_vs_row_bytes"] = round(out["chunk_store"]["db_bytes"] / out["row_store"]["db_bytes"], 3)
     return out
+
+
+def _time_writes(sink: Any) -> list[float]:
+    """The CPU seconds of the sink thread inside ``sink.write`` (apply, commit with the cursor), counted into
+    the list returned: the store's own work without the engine's around it (steadier on a loaded machine)."""
+    spent = [0.0]
+    write = sink.write
+
+    def timed(batch: Any) -> Any:
+        c0 = time.thread_time()
+        try:
+            return write(batch)
+        finally:
+            spent[0] += time.thread_time() - c0
+
+    sink.write = timed
+    return spent
+
+
+def _chunk_rows(db: str) -> list[tuple[Any, ...]]:
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        return con.execute("SELECT * FROM metric_chunks ORDER BY run_id, key, seq").fetchall()
 
 
 def read_bench(cpu: dict[str, Any], old: types.ModuleType) -> dict[str, Any]:
@@ -476,6 +545,8 @@ def main() -> None:
     ap.add_argument("--fresh-seconds", type=float, default=None)
     ap.add_argument("--mlflow-workers", type=int, default=2, help="the freshness run's `mlflow server --workers`")
     ap.add_argument("--old-commit", default="5af902f", help="the commit whose agent/store.py is the row store")
+    ap.add_argument("--base-commit", default=None, help="sink_cpu: also this commit's chunk store, side by side")
+    ap.add_argument("--repeats", type=int, default=2, help="sink_cpu: runs of each peer (the least CPU counts)")
     args = ap.parse_args()
     n = args.events or (100_000 if args.quick else 1_000_000)
     only = args.only.split(",")
@@ -484,7 +555,8 @@ def main() -> None:
     try:
         old = old_store_module(args.old_commit)
         if "sink_cpu" in only or "read" in only:
-            rows = [sink_cpu(work, n, int(k), old, 1 if args.quick else 2) for k in args.keys.split(",")]
+            base_sink = chunk_store_sink(args.base_commit) if args.base_commit else None
+            rows = [sink_cpu(work, n, int(k), old, 1 if args.quick else args.repeats, base_sink) for k in args.keys.split(",")]
             result["sink_cpu"] = rows
             print(json.dumps(rows), file=sys.stderr, flush=True)
             if "read" in only:
@@ -495,8 +567,8 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for row in result.get("sink_cpu", []):
-        for peer in ("null", "row_store", "chunk_store"):
-            row[peer].pop("db", None)
+        for peer in ("null", "row_store", "chunk_store", "base_chunk_store"):
+            row.get(peer, {}).pop("db", None)
     print(json.dumps(result, indent=2))
 
 

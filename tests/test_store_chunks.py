@@ -138,6 +138,20 @@ def test_a_rolled_back_batch_leaves_the_open_chunk_as_it_was(tmp_path: Path) -> 
         assert store.metric_arrays("r", "m")[0].tolist() == [*range(10), 11]
 
 
+def test_a_flood_with_one_step_past_int64_is_refused_whole_and_the_next_one_lands(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        with store.transaction():  # read as columns (store_columns), not the plain way
+            store.apply([Metrics("r", i, 1.0, {"m": float(i), "n": 1.0}) for i in range(1000)])
+        bad = [Metrics("r", i, 1.0, {"m": float(i), "n": 1.0}) for i in range(1000, 2000)]
+        bad[500] = Metrics("r", 2**63, 1.0, {"m": 1.0, "n": 1.0})
+        with pytest.raises(OverflowError, match="SQLite INTEGER"), store.transaction():
+            store.apply(bad)
+        assert store.metric_count() == 2000
+        with store.transaction():
+            store.apply([Metrics("r", i, 1.0, {"m": float(i), "n": 1.0}) for i in range(1000, 2000)])
+        assert store.metric_arrays("r", "m")[0].tolist() == list(range(2000)) and store.metric_count() == 4000
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(0, 30), st.sampled_from([1.0, 2.0]),
                           st.dictionaries(st.sampled_from(["x", "y", "system/z"]), FLOATS, max_size=3),
@@ -304,3 +318,57 @@ def test_a_failed_migration_leaves_the_store_as_it_was(tmp_path: Path) -> None:
     assert db.execute("SELECT COUNT(*) FROM metrics").fetchone()[0] == 2
     assert db.execute("SELECT COUNT(*) FROM metric_chunks").fetchone()[0] == 0
     db.close()
+
+
+# --- Metrics read from their encoding (store_columns) ---------------------------------------------------------------
+
+#: Steps and ranks at msgpack's integer width boundaries (fixint, 8, 16, 32, 64 bits, either sign, past int64).
+EDGE_INTS = st.sampled_from([0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64,
+                             -1, -32, -33, -128, -129, -32768, -32769, -2**31, -2**31 - 1, -2**63, -2**63 - 1])
+STRETCH = st.tuples(st.sampled_from(["a", "b", "r" * 40, "é" * 300]),  # fixstr, str8, str16 run ids
+                    st.lists(st.sampled_from(["x", "y", "loss/" + "k" * 40, "é"]), unique=True, max_size=3),
+                    st.integers(1, 40), st.one_of(EDGE_INTS, I64), st.integers(-3, 300), st.one_of(EDGE_INTS, I64),
+                    st.one_of(FLOATS, st.integers(-2**70, 2**70)), st.booleans())
+
+
+def _series_bits(events: list[Metrics], fast: bool) -> Any:
+    pb = sc.PointBuffer()
+    try:
+        if fast:
+            pb.add_metrics(events, fast_from=0, min_rows=1)
+        else:
+            pb._add_plain(events)
+        return {(run, key): _bits(cols) for run, key, cols in pb.columns()}
+    except OverflowError:
+        return OverflowError
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(STRETCH, max_size=6), st.randoms(use_true_random=False))
+def test_metrics_read_from_their_encoding_are_the_plain_points_bit_for_bit(stretches: list[tuple[Any, ...]],
+                                                                          rnd: Any) -> None:
+    events: list[Metrics] = []
+    for run, keys, count, step, stride, rank, value, odd in stretches:
+        for i in range(count):
+            vals: dict[str, Any] = {k: value if j == i % 3 else rnd.choice([math.nan, -0.0, 1e300, rnd.random()])
+                                    for j, k in enumerate(keys)}
+            if odd and i == count // 2:  # one event of the stretch with its keys in another order
+                vals = dict(reversed(vals.items()))
+            events.append(Metrics(run, step + i * stride if abs(step) < 2**62 else step, rnd.random(), vals, rank))
+    assert _series_bits(events, fast=True) == _series_bits(events, fast=False)
+
+
+def test_a_batch_of_one_layout_is_read_as_columns_in_one_stretch() -> None:
+    from flightlog.agent import store_columns
+    from flightlog.proto import decode_event, encode_event
+
+    events = [decode_event(encode_event(Metrics("r", 1000 + i, 1.7e9 + i, {"loss": i / 7, "acc": -i}, 3)))
+              for i in range(5000)]
+    segs = store_columns.segments(events)  # type: ignore[arg-type]
+    assert [(s.start, s.stop, s.columns, s.keys) for s in segs] == [(0, 5000, True, ["loss", "acc"])]
+    assert segs[0].steps.tolist() == list(range(1000, 6000)) and set(segs[0].ranks.tolist()) == {3}
+    assert segs[0].values[1].tolist() == [float(-i) for i in range(5000)]
+    # steps crossing integer widths (127 -> 128 -> 256) cut it into stretches, every event in one of them
+    events = [Metrics("r", i, 1.0, {"loss": 0.5}) for i in range(300)]
+    assert [(s.start, s.stop, s.columns) for s in store_columns.segments(events)] == [
+        (0, 128, True), (128, 256, True), (256, 300, True)]
