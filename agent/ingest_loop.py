@@ -3,8 +3,10 @@ and works in windows of ``linger`` seconds: what reaches the rings within a wind
 (one fsync, ``wal.fsync: interval``) and handed to the sinks in one go at its end, so a trickle of ten or a
 hundred events a second costs a few wake-ups a second, not one per event. While events keep coming the loop
 looks again after each window without setting the sleeping word (producers do not ring); a window that finds
-nothing puts it back to sleep on the doorbell. A flood does not wait. A slow scan finds new rings, spill files
-and finished producers (and bounds any event a lost wake-up would delay).
+nothing puts it back to sleep on the doorbell. From STREAM_RATE events/s on, a window holds hundreds of
+events anyway: the loop then drains every 100 ms and the sinks take each batch at once. A flood does not
+wait. A slow scan finds new rings, spill files and finished producers (and bounds any event a lost wake-up
+would delay).
 
 The window is also the sinks' linger: ``since`` (when the oldest event of the batch may have arrived) goes to
 the runners with the wake-up, so a sink's own linger counts from there and an event waits about one window in
@@ -33,7 +35,7 @@ from .doorbell import Doorbell
 from .ingest import Ingestor
 from .owned_thread import run_owned_thread
 
-__all__ = ["LINGER_SECONDS", "SCAN_SECONDS", "IngestLoop"]
+__all__ = ["LINGER_SECONDS", "SCAN_SECONDS", "STREAM_RATE", "IngestLoop"]
 
 log = logging.getLogger("flightlog.agent")
 
@@ -43,6 +45,10 @@ LINGER_SECONDS = 0.25
 FLOOD_EVENTS = 4096
 #: During a flood, ``on_ingested`` (it wakes the sinks) runs at most this often: sinks batch anyway.
 NOTIFY_SECONDS = 0.1
+#: At this rate (events/s) and above a window holds hundreds of events: batching longer saves nothing worth
+#: the delay, so the loop drains every STREAM_SECONDS and the sinks take each batch at once.
+STREAM_RATE = 2000.0
+STREAM_SECONDS = 0.1
 #: The safety scan: new rings, spill files, dead producers, and a bound on a wake-up lost to a race.
 SCAN_SECONDS = 1.0
 
@@ -173,10 +179,14 @@ class IngestLoop:
                 self._window(time.monotonic())  # a producer rang: gather for one window, then drain
 
     def _window(self, since: float) -> None:
-        """Wait out one batching window (a kick ends it at once) before the next drain."""
-        if self._since is None:
+        """Wait out one batching window (a kick ends it at once) before the next drain: ``linger``, or at a
+        high rate STREAM_SECONDS, with ``since`` moved back by a linger (the sinks then deliver at once)."""
+        fast = self.rate >= STREAM_RATE and self.linger > STREAM_SECONDS
+        if fast:
+            since -= self.linger
+        if self._since is None or since < self._since:
             self._since = since
-        if not self._kicked and self.doorbell.wait(self.linger):
+        if not self._kicked and self.doorbell.wait(STREAM_SECONDS if fast else self.linger):
             self.doorbell.clear()
         self._kicked = False
 
