@@ -153,30 +153,15 @@ class Agent:
         ensure_private_dir(self.paths.ring_dir)
         self.ingestor = Ingestor(self.wal, self.paths.ring_dir, rec.producer_positions, lock=self.wal_lock)
         self.ingest = IngestLoop(self.ingestor, Doorbell(self.paths.doorbell), self.paths.wal_dir, self._ingested,
-                                 linger=linger_seconds(s.extra), fsync_every=s.fsync_ms / 1000.0 if s.fsync == "interval" else None,
+                                 linger=linger_seconds(s.extra),
+                                 fsync_every=s.fsync_ms / 1000.0 if s.fsync == "interval" else None,
                                  on_ingested_threadsafe=True)  # SinkRunner.wake is safe from any thread
         from .checkpoint.service import CheckpointService
 
         self.checkpoints = CheckpointService(self)
         self.monitor = Monitor(self.paths, self.ingestor.producers, self.emit, s.extra)
         self.plots = PlotService(self.paths, self.emit, activity=self._activity)
-        # One delivery engine: a feed that decodes each WAL read once for every runner, one long-lived cursor
-        # store, and per sink a runner woken when its batch is full or its linger time has passed.
-        self.cursors = CursorStore(self.paths.store)
-        self.feed = WalFeed(WALReader(self.paths.wal_dir, limit=self.wal.end_position))
-        linger = linger_seconds(s.extra)
-        wal = self.wal
-        # agent.metrics_address (off by default): /metrics, and the sinks' latency measured
-        self.metrics = MetricsServer(self, s.metrics_address) if s.metrics_address else None
-        if self.metrics is not None:
-            self.checkpoints.on_written = self.metrics.collector.checkpoint_written
-        for sink in self._build_sinks():
-            if self.metrics is not None:
-                sink = self.metrics.wrap(sink)
-            # idle_sleep: a sink that serves none of the runs logging is not woken for them; it passes over
-            # their events (for WAL retention) on this safety poll, a read and a commit every 5 s.
-            self.runners.append(SinkRunner(sink, self.feed, self.cursors, linger=linger, idle_sleep=5.0,
-                                           tail=lambda: wal.next_seq))
+        self._build_delivery(s)
         self.health = HealthBoard(self)
         ensure_private_dir(self.paths.socket.parent)
         try:
@@ -218,6 +203,25 @@ class Agent:
                 self.wal.close()
                 os.close(self._lock_fd)
             log.info("flightlog agent %d stopped", os.getpid())
+
+    def _build_delivery(self, s: AgentSettings) -> None:
+        """One delivery engine: a feed that decodes each WAL read once for every runner, one long-lived cursor
+        store, and per sink a runner woken when its batch is full or its linger time has passed."""
+        self.cursors = CursorStore(self.paths.store)
+        self.feed = WalFeed(WALReader(self.paths.wal_dir, limit=self.wal.end_position))
+        linger = linger_seconds(s.extra)
+        wal = self.wal
+        # agent.metrics_address (off by default): /metrics, and the sinks' latency measured
+        self.metrics = MetricsServer(self, s.metrics_address) if s.metrics_address else None
+        if self.metrics is not None:
+            self.checkpoints.on_written = self.metrics.collector.checkpoint_written
+        for sink in self._build_sinks():
+            if self.metrics is not None:
+                sink = self.metrics.wrap(sink)
+            # idle_sleep: a sink that serves none of the runs logging is not woken for them; it passes over
+            # their events (for WAL retention) on this safety poll, a read and a commit every 5 s.
+            self.runners.append(SinkRunner(sink, self.feed, self.cursors, linger=linger, idle_sleep=5.0,
+                                           tail=lambda: wal.next_seq))
 
     def stop(self) -> None:
         self._stop.set()

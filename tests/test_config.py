@@ -102,7 +102,7 @@ def test_defaults() -> None:
     assert cfg.description == "" and cfg.tags == []
     assert cfg.tracking.use_tensorboard and not cfg.tracking.use_wandb and not cfg.tracking.use_mlflow
     assert cfg.checkpointing.max_checkpoints == 10 and cfg.checkpointing.compression == "zstd"
-    assert cfg.monitoring.interval_seconds == 5.0 and cfg.monitoring.disk_free_floor_bytes == 1 << 30
+    assert cfg.monitoring.interval_seconds == 10.0 and cfg.monitoring.disk_free_floor_bytes == 1 << 30
     assert cfg.agent.ring_bytes == 8 << 20 and cfg.agent.on_full == "spill"
     assert cfg.wal.fsync == "interval" and cfg.wal.fsync_ms == 100 and cfg.wal.segment_bytes == 64 << 20
     assert Config().tags is not Config().tags  # no shared mutable default
@@ -371,7 +371,7 @@ def test_hash_ignores_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_hash_normalises_int_for_float() -> None:
-    assert config_hash(Config(monitoring=MonitoringConfig(interval_seconds=5))) == config_hash(Config())
+    assert config_hash(Config(monitoring=MonitoringConfig(interval_seconds=10))) == config_hash(Config())
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import time
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -26,10 +26,12 @@ from flightlog.proto.events import CheckpointRequest, CheckpointSpec, Checkpoint
 from flightlog.proto.paths import AgentPaths
 
 STEPS = 300
+_CHILD = ("import sys; from pathlib import Path; sys.path.insert(0, '.'); "
+          "from test_sec_trainer import _train_as; _train_as(int(sys.argv[1]), Path(sys.argv[2]))")
 
 
 def _train_as(uid: int, home: Path) -> None:
-    """The forked child: become ``uid`` and run a whole tracked run; exit 0 once it finished cleanly."""
+    """The child: become ``uid`` and run a whole tracked run; exit 0 once it finished cleanly."""
     code = 1
     try:
         os.setgroups([])
@@ -62,17 +64,16 @@ def test_a_trainer_of_another_uid_logs_to_a_multi_user_agent(open_paths: AgentPa
     os.chown(home, OTHER, OTHER)
     agent = AgentProcess(open_paths, ["--multi-user"]).start()
     try:
-        pid = os.fork()
-        if pid == 0:
-            _train_as(OTHER, home)
-        deadline = time.monotonic() + 90
-        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                pytest.fail("the other uid's run did not finish in 90 s")
-            time.sleep(0.1)
-        assert os.waitstatus_to_exitcode(done[1]) == 0, (home / "error").read_text()
+        # A fresh interpreter that imports what it needs as root, then becomes the other uid: a fork of this
+        # test process would inherit whatever lock another thread of the suite held at that moment.
+        child = subprocess.Popen([sys.executable, "-c", _CHILD, str(OTHER), str(home)], cwd=Path(__file__).parent)
+        try:
+            code = child.wait(90)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            pytest.fail("the other uid's run did not finish in 90 s")
+        assert code == 0, (home / "error").read_text()
         run_id, ckpt = json.loads((home / "run_id").read_text())
         spec = CheckpointSpec(path="/etc/flightlog-pwned", staging="/etc/shadow", data_bytes=0, tensors=[],
                               metadata={}, epoch=0, step=0, request_id="r1")
