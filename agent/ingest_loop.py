@@ -78,6 +78,7 @@ class IngestLoop:
         self._notified = -NOTIFY_SECONDS
         self._slept = 0.0  # how long the last doorbell sleep lasted: events come sparsely, or in a stream
         self._kicked = False  # a kick (flush, stop, the agent's own event) rang: end the window now
+        self._recent, self._drained_at = 0.0, time.monotonic()  # events/s of the last drain's window
         #: monotonic time since which the events not yet announced may have waited (None: none waiting);
         #: ``on_ingested`` reads it (``batch_since``) so the sinks' linger counts from there.
         self._since: float | None = None
@@ -159,6 +160,8 @@ class IngestLoop:
             if now - t0 >= 1.0:
                 self.rate = (ing.events_total - n0) / (now - t0)
                 t0, n0 = now, ing.events_total
+            # The rate of the window just drained: a stream that starts is seen as one at its first window.
+            self._recent, self._drained_at = n / max(now - self._drained_at, 1e-3), now
             if n:
                 self.error = ""
                 self._unnotified = True
@@ -181,7 +184,7 @@ class IngestLoop:
     def _window(self, since: float) -> None:
         """Wait out one batching window (a kick ends it at once) before the next drain: ``linger``, or at a
         high rate STREAM_SECONDS, with ``since`` moved back by a linger (the sinks then deliver at once)."""
-        fast = self.rate >= STREAM_RATE and self.linger > STREAM_SECONDS
+        fast = max(self.rate, self._recent) >= STREAM_RATE and self.linger > STREAM_SECONDS
         if fast:
             since -= self.linger
         if self._since is None or since < self._since:
