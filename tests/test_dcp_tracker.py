@@ -132,6 +132,7 @@ SCRIPT = """
                 assert len(ref["fsdp"][1]["state"]) == 4 and ref["fsdp"][1]["state"]["0.weight"]["step"] == n
             print(f"LOADED {rank}", flush=True)
     if mode != "kill":
+        dist.barrier()  # as in test_dcp_storage: no teardown while a peer may still be in a collective
         dist.destroy_process_group()
 """
 
