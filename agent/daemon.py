@@ -229,7 +229,13 @@ class Agent:
     def emit(self, event: Event | Callable[[int], Event]) -> int:
         """Append an agent-generated event (checkpoint saved, system stats) to the WAL; returns its seq.
         Thread-safe. ``event`` may be a function of the seq the event will get (it runs under the WAL
-        lock, so nothing else is appended in between)."""
+        lock, so nothing else is appended in between).
+
+        The rings are drained first: what a producer published before it asked for this event (a tracker's
+        RunStart, then a checkpoint of that run) must precede it in the WAL, or a sink that learns which runs
+        it serves from their RunStart would pass over the event, not knowing the run yet (ingest gathers
+        events for a window before it appends them)."""
+        self.ingestor.drain()
         with self.wal_lock:
             ev = event(self.wal.next_seq) if callable(event) else event
             buf = bytearray()

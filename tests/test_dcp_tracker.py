@@ -81,7 +81,8 @@ SCRIPT = """
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     with flightlog.experiment_tracking("dcp-job", config) as tracker:
-        print(f"RUN {rank} {tracker.run_id}", flush=True)  # one write: ranks share the pipe
+        sys.stdout.write(f"RUN {rank} {tracker.run_id}\\n")  # one write: ranks share the pipe (print makes two)
+        sys.stdout.flush()
         if mode in ("save", "kill"):
             ddp = DDP(net(0))
             o1 = torch.optim.Adam(ddp.parameters(), lr=0.01)
