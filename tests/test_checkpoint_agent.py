@@ -174,3 +174,29 @@ def test_upload_best_reaches_mlflow_and_wandb_after_retention_removed_the_file(
     assert len(wandb_versions) == 2 and len({a.name for a in wandb_versions}) == 1  # two versions of one artifact
     assert {f.path for a in wandb_versions for f in a.manifest.contents} == {Path(p).name for p in paths[:2]}
     assert not any(uploads.iterdir()), list(uploads.iterdir())
+
+
+def test_an_agent_made_event_comes_after_what_its_run_published_first(agent_paths: AgentPaths, base_config: dict,
+                                                                       tmp_path: Path) -> None:
+    """With a long batching window, the tracker's RunStart waits in its ring while the agent writes the run's
+    checkpoint: the CheckpointSaved the agent appends must still come after the RunStart in the WAL (a sink
+    that learns its runs from their RunStart would otherwise pass over it)."""
+    from flightlog.agent.runner import decode_batch
+    from flightlog.agent.wal import WALReader
+    from flightlog.agent.wal.format import WalCursor
+
+    agent_yaml = tmp_path / "agent.yaml"
+    agent_yaml.write_text("agent:\n  linger_ms: 5000\n")
+    agent = AgentProcess(agent_paths, ["--config", str(agent_yaml)]).start()
+    try:
+        with ExperimentTracker("order", base_config) as tracker:
+            tracker.save_checkpoint(model=torch.nn.Linear(2, 2), epoch=0, step=1).wait()
+            run_id = tracker.run_id
+    finally:
+        agent.stop()
+    reader = WALReader(agent_paths.wal_dir)
+    items, _ = reader.read(WalCursor(), max_events=10_000)
+    kinds = [type(ev).__name__ for _, ev in decode_batch(items, lambda s, e: None) if ev.run_id == run_id]
+    reader.close()
+    assert "RunStart" in kinds and "CheckpointSaved" in kinds, kinds
+    assert kinds.index("RunStart") < kinds.index("CheckpointSaved"), kinds
