@@ -117,20 +117,18 @@ class IngestLoop:
                           self.error)
                 self._stop.wait(1.0)
 
-    def _maybe_notify(self, *, force: bool = False) -> float:
+    def _maybe_notify(self, *, force: bool = False) -> None:
         """Run on_ingested if events are unannounced and the last call is NOTIFY_SECONDS old (``force``:
-        whatever its age); returns when the next one is due (``inf``: nothing to announce)."""
+        whatever its age: the end of a window)."""
         if not self._unnotified:
-            return float("inf")
+            return
         now = time.monotonic()
-        due = self._notified + NOTIFY_SECONDS
-        if now < due and not force:
-            return due
+        if now < self._notified + NOTIFY_SECONDS and not force:
+            return
         self._unnotified = False
         self._notified = now
         self.batch_since, self._since = self._since, None
         self._notify()
-        return float("inf")
 
     def _notify(self) -> None:
         if self.on_ingested_threadsafe:
@@ -193,18 +191,16 @@ class IngestLoop:
             self.doorbell.clear()
         self._kicked = False
 
-    def _group_commit(self, *, force: bool = False) -> float:
-        """fsync the WAL if it holds appends and the last fsync is ``fsync_every`` old (``force``: before
-        sleeping, whatever its age); returns when the next one is due (``inf``: nothing to commit)."""
+    def _group_commit(self, *, force: bool = False) -> None:
+        """fsync the WAL if it holds appends and the last fsync is ``fsync_every`` old (``force``: the end of
+        a window, whatever its age)."""
         if self.fsync_every is None or not self.wal.dirty:
-            return float("inf")
+            return
         now = time.monotonic()
-        due = self._synced + self.fsync_every
-        if now < due and not force:
-            return due
+        if now < self._synced + self.fsync_every and not force:
+            return
         self.wal.sync()
         self._synced = now
-        return float("inf")
 
     def _sleep(self, timeout: float) -> bool:
         """Set the sleeping words, look once more (a frame published before its producer could see the word
