@@ -242,7 +242,7 @@ class Agent:
             append_frame(buf, encode_event(ev))
             seq = self.wal.append(buf, 1, "agent", SRC_INTERNAL)
         self.ingest.kick()  # its group commit covers this append
-        self._wake_sinks()
+        self._wake_sinks({ev.run_id})  # only the sinks of its run look (each would otherwise read and decode)
         return seq
 
     def _wake_sinks(self, runs: set[str] | None = None, since: float | None = None) -> None:

@@ -46,6 +46,15 @@ class Window:
     events: list[Item]
     end: WalCursor
     undecodable: tuple[int, ...] = ()
+    #: The runs of its events, and whether a RunStart is among them (``of`` finds both): a sink that serves
+    #: none of these runs passes over the window at once, not event by event. None: not known, look at each.
+    runs: frozenset[str] | None = None
+    starts: bool = True
+
+    @classmethod
+    def of(cls, start: WalCursor, events: list[Item], end: WalCursor, undecodable: tuple[int, ...] = ()) -> Window:
+        return cls(start, events, end, undecodable, frozenset(ev.run_id for _, ev in events),
+                   any(type(ev) is RunStart for _, ev in events))
 
     def contains(self, seq: int) -> bool:
         return self.start.seq <= seq < self.end.seq
@@ -253,8 +262,8 @@ class DeliveryCore:
                 self.read_cursor = self.done = window.end  # the reader moved on (segment end): keep that
             return
         room = self.batch_size - len(self.pending)
-        i = window.index(seq)
         events, n = window.events, len(window.events)
+        i = n if self._passes_over(window) else window.index(seq)
         end = window.end
         while i < n:
             item = events[i]
@@ -275,6 +284,18 @@ class DeliveryCore:
             self.data_since = self._linger_start(now)  # the first event this sink wants: its linger starts
         if self.read_cursor.seq >= self.tail:
             self.since = None  # read up to the tail: what comes next arrives later
+
+    def _passes_over(self, window: Window) -> bool:
+        """Whether no event of ``window`` can be this sink's, as ``_wanted`` would find event by event: no run
+        in it is one the sink serves (or a replay takes), and no RunStart is among them (one may name it)."""
+        runs = window.runs
+        if self.all_runs or runs is None or window.starts:
+            return False
+        only = self.only_runs
+        if any(rid in self.runs and (only is None or rid in only) for rid in runs):
+            return False
+        self.ignored.update(rid for rid in runs if only is None or rid in only)
+        return True
 
     def _linger_start(self, now: float) -> float:
         return now if self.since is None else min(now, self.since)

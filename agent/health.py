@@ -15,6 +15,7 @@ import anyio
 from flightlog.proto.errors import FlightlogError
 from flightlog.proto.events import Alert, HealthRequest
 
+from .grid import sleep_on_grid
 from .run_counts import RunIndex
 from .sinks._common import atomic_write_json
 
@@ -178,7 +179,7 @@ class HealthBoard:
                 # Nothing can have changed the version (no sink of the run in trouble): look again in a
                 # second without building the report (each tracker's poll would otherwise cost thread hops
                 # and WAL reads every second).
-                await anyio.sleep(min(1.0, left))
+                await sleep_on_grid(1.0, deadline)
                 continue
             report = await self.report(msg)
             left = deadline - anyio.current_time()
@@ -187,11 +188,11 @@ class HealthBoard:
             if msg.settle:
                 if all(s["status"] != "pending" for s in report["sinks"].values()):
                     return report
-                await anyio.sleep(min(0.05, left))  # finish() waits on it: the sinks deliver within a linger (250 ms)
+                await anyio.sleep(min(0.05, left))  # finish() waits on it: the sinks deliver within a linger (300 ms)
             elif report["version"] != msg.version:
                 return report
             else:
-                await anyio.sleep(min(1.0, left))
+                await sleep_on_grid(1.0, deadline)
 
     def _calm(self, run_id: str) -> bool:
         """No sink that serves the run retries, has quarantined anything or parked it: its version is _CALM."""
@@ -293,7 +294,7 @@ class HealthLoop:
         self._parked = await anyio.to_thread.run_sync(self._known_parked)
         try:
             while True:
-                await anyio.sleep(self.period)
+                await sleep_on_grid(self.period)
                 new = self._new_parked()
                 if new:
                     await anyio.to_thread.run_sync(self.announce_parked, new)

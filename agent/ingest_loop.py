@@ -29,6 +29,7 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 
+from flightlog.proto.config import AgentConfig
 from flightlog.proto.errors import WALError
 
 from .doorbell import Doorbell
@@ -39,8 +40,8 @@ __all__ = ["LINGER_SECONDS", "SCAN_SECONDS", "STREAM_RATE", "IngestLoop"]
 
 log = logging.getLogger("flightlog.agent")
 
-#: The batching window (and the sinks' linger, see the module docstring): ``agent.linger_ms`` overrides it.
-LINGER_SECONDS = 0.25
+#: The batching window (and the sinks' linger, see the module docstring): ``agent.linger_ms``'s default.
+LINGER_SECONDS = AgentConfig().linger_ms / 1000.0
 #: A drain of at least this many events means a flood: drain again at once rather than linger.
 FLOOD_EVENTS = 4096
 #: During a flood, ``on_ingested`` (it wakes the sinks) runs at most this often: sinks batch anyway.

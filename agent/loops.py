@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from .grid import sleep_on_grid
+
 if TYPE_CHECKING:
     from .daemon import Agent
 
@@ -30,7 +32,7 @@ class RetentionLoop:
         warned = False
         done = clean = uploads = -1
         while True:
-            await anyio.sleep(self.period)
+            await sleep_on_grid(self.period)
             low = agent._min_cursor_seq()
             # A thread hop only when a sink moved and old segments may be left (every sink in the live
             # segment: all before it is gone), or uploaded checkpoints' links may wait.
@@ -77,7 +79,7 @@ class IdleExitLoop:
         gone_since: float | None = None
         period = self.period
         while True:
-            await anyio.sleep(period)
+            await sleep_on_grid(period)
             now = time.monotonic()
             if not self._no_producers():
                 idle_since = gone_since = None

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from flightlog.proto.events import Alert, Event, SystemStats
 from flightlog.proto.names import node_name
 from flightlog.proto.paths import AgentPaths
 
+from .grid import next_tick, sleep_on_grid
 from .store import Store
 
 __all__ = ["producer_key", "Monitor", "RunInfo", "GpuReader", "Rates", "DiskWatch", "gpu_selection"]
@@ -104,12 +107,44 @@ def _children_by_parent() -> dict[int, list[int]]:
     return out
 
 
-def _descendants(pid: int, kids: Mapping[int, list[int]]) -> list[int]:
-    out, todo = [], list(kids.get(pid, ()))
+def _kernel_lists_children() -> bool:
+    """Whether /proc/<pid>/task/<tid>/children exists (Linux with CONFIG_PROC_CHILDREN, the usual build)."""
+    return os.path.exists(f"/proc/self/task/{threading.get_native_id()}/children")
+
+
+_KERNEL_CHILDREN = _kernel_lists_children()
+
+
+def _kernel_children(pid: int) -> list[int]:
+    """``pid``'s children as the kernel lists them per thread: a few small reads per trainer, where the
+    process table is a read per process on the node (a millisecond per hundred)."""
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out  # it exited
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                out.extend(int(x) for x in f.read().split())
+        except (OSError, ValueError):
+            continue  # the thread ended meanwhile
+    return out
+
+
+def _descendants(pid: int, kids: Mapping[int, list[int]] | None) -> list[int]:
+    """Every process below ``pid``: from ``kids`` (parent -> children), or, with None, from the kernel."""
+    def children(p: int) -> list[int]:
+        return _kernel_children(p) if kids is None else list(kids.get(p, ()))
+
+    out, todo, seen = [], children(pid), {pid}
     while todo:
         child = todo.pop()
+        if child in seen:
+            continue  # a pid reused while we walked
+        seen.add(child)
         out.append(child)
-        todo.extend(kids.get(child, ()))
+        todo.extend(children(child))
     return out
 
 
@@ -337,7 +372,10 @@ class Monitor:
                         log.exception("monitor: sampling failed; trying again in %.0f s", _DISCOVER_SECONDS)
                         delay = _DISCOVER_SECONDS
                     wake_at = self.clock() + delay
-                await anyio.sleep(min(_DISCOVER_SECONDS, max(_MIN_SLEEP, wake_at - self.clock())))
+                # On the agent's one-second grid, or at the next sample if sooner (runs' samples fall on
+                # the grid too: _new_run aligns the first).
+                await sleep_on_grid(_DISCOVER_SECONDS,
+                                    anyio.current_time() + max(_MIN_SLEEP, wake_at - self.clock()))
         finally:
             with anyio.CancelScope(shield=True):  # noqa: ASYNC100 - close() must finish even when cancelled
                 self.close()
@@ -403,7 +441,7 @@ class Monitor:
         info = RunInfo(run_id, config, store.run_metadata(run_id), created_at=created_at,
                        distributed=bool(store.rank_table(run_id)))
         # The first sample comes one interval after discovery, so that it has rates and CPU shares.
-        info.next_due = self.clock() + info.interval
+        info.next_due = next_tick(self.clock(), info.interval)  # with the agent's other periodic wake-ups
         return info
 
     def _refresh_runs(self, producers: list[dict[str, Any]]) -> None:
@@ -494,10 +532,11 @@ class Monitor:
         }
         return vals, mem
 
-    def _process(self, pid: int, now: float, kids: Mapping[int, list[int]]
+    def _process(self, pid: int, now: float, kids: Mapping[int, list[int]] | None
                  ) -> tuple[float | None, float | None, dict[str, float]]:
         """(cpu percent of one core since the last sample, RSS bytes) of one trainer process, and the
-        same summed over its descendants (dataloader workers and other helpers) with their count."""
+        same summed over its descendants (dataloader workers and other helpers) with their count
+        (``kids``: parent -> children, or None to ask the kernel)."""
         proc = self._procs.get(pid)
         try:
             if proc is None:
@@ -529,7 +568,7 @@ class Monitor:
 
     def _sample_and_emit(self, due: list[RunInfo], wall: float, now: float) -> None:
         base, mem = self._system(now)
-        kids = _children_by_parent() if due else {}
+        kids = None if _KERNEL_CHILDREN else _children_by_parent()  # None: each trainer's, from the kernel
         procs = {pid: self._process(pid, now, kids) for pid in {p for r in due for p in r.pids}}  # each pid once
         for pid in [p for p in self._procs if p not in procs and not any(p in r.pids for r in self.runs.values())]:
             del self._procs[pid]  # forget processes of runs that ended

@@ -28,6 +28,7 @@ from flightlog.proto.names import check_run_id
 from flightlog.proto.osutil import PRIVATE_FILE_MODE, make_dirs
 from flightlog.proto.paths import AgentPaths
 
+from .grid import sleep_on_grid
 from .store import Store
 
 __all__ = ["render_plots", "classify", "pair_train_val", "PlotService", "SIZE_PX", "DPI"]
@@ -236,7 +237,7 @@ class PlotService:
             key: object = None
             changed = looked = -math.inf
             while True:
-                await anyio.sleep(self.poll_seconds)
+                await sleep_on_grid(self.poll_seconds)
                 now = self.clock()
                 if self.activity is not None and (k := self.activity()) != key:
                     key, changed = k, now

@@ -27,7 +27,7 @@ __all__ = ["LATENCY_BUCKETS", "LatencyHistogram", "MetricsServer", "TimedSink", 
 
 log = logging.getLogger("flightlog.agent")
 
-#: Seconds from the log call to the backend's ack; the batching window (agent.linger_ms, 250 ms) sits in the middle.
+#: Seconds from the log call to the backend's ack; the batching window (agent.linger_ms, 300 ms) sits in the middle.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 CHECKPOINT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 _SAMPLES = 16  # events per batch whose latency is measured; each stands for its share of the batch

@@ -43,6 +43,9 @@ __all__ = ["CursorStore", "SinkRunner", "SinkStats", "WalFeed", "decode_batch", 
 log = logging.getLogger("flightlog.agent")
 
 _NEVER = 1 << 62
+#: A sink that passes over events is woken to catch up once it lags this many behind and the feed's cache
+#: is about to drop them (at a trickle, never: its safety poll comes first).
+CATCH_UP_EVENTS = 2000
 
 
 def linger_seconds(settings: Mapping[str, Any] | None) -> float:
@@ -74,6 +77,9 @@ class WalFeed:
         self._lock = threading.Lock()
         self.decoded = 0  # events decoded (a test and `status` can see the sharing work)
         self.reads = 0
+        #: The first seq of the newest half of the cache (-1: the cache is not that full): a runner that
+        #: passes over events and lags below it catches up now (``SinkRunner.wake``), from memory.
+        self.horizon = -1
 
     def read(self, cursor: SinkCursor) -> Window | None:
         seq = cursor.seq
@@ -89,11 +95,20 @@ class WalFeed:
             bad: list[int] = []
             events = decode_batch(items, lambda s, exc: self._bad(bad, s, exc))
             self.decoded += len(items)
-            w = Window(cursor, events, end, tuple(bad))
+            w = Window.of(cursor, events, end, tuple(bad))
             self._windows[seq] = w
             while len(self._windows) > self._keep:
                 self._windows.popitem(last=False)
+            self._moved()
             return w
+
+    def _moved(self) -> None:
+        """The cache changed: a cursor below the newest half of it is at risk of re-reading (and decoding
+        again) what the cache is about to drop."""
+        if len(self._windows) < self._keep // 2:
+            self.horizon = -1
+            return
+        self.horizon = sorted(self._windows)[-(self._keep // 2)]
 
     def _joined(self, key: int, w: Window) -> Window:
         """``w`` and the cached windows that follow it, as one (up to ``window_events``): a runner behind the
@@ -106,12 +121,15 @@ class WalFeed:
             n += len(nxt.events)
         if len(parts) == 1:
             return w
+        known = [p.runs for p in parts if p.runs is not None]
         joined = Window(w.start, [item for p in parts for item in p.events], parts[-1].end,
-                        tuple(s for p in parts for s in p.undecodable))
+                        tuple(s for p in parts for s in p.undecodable),
+                        frozenset().union(*known) if len(known) == len(parts) else None, any(p.starts for p in parts))
         for p in parts[1:]:
             self._windows.pop(p.start.seq, None)
         self._windows[key] = joined
         self._windows.move_to_end(key)
+        self._moved()
         return joined
 
     @staticmethod
@@ -259,7 +277,11 @@ class SinkRunner:
         if runs is not None and core is not None and not core.wants_any(runs):
             if next_seq is not None and next_seq > self._passed:
                 self._passed = next_seq  # what reached the WAL so far is not for this sink: no need to look
-            return
+            behind = core.read_cursor.seq
+            if behind >= self.feed.horizon or (next_seq or 0) - behind < CATCH_UP_EVENTS:
+                return
+            # Far behind, and the shared cache is about to drop what it passes over: look now, from memory
+            # (at 10,000 events/s, sinks that looked every few seconds decoded the WAL again each).
         with self._cond:
             self._woken = True
             self._cond.notify()

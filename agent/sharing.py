@@ -21,6 +21,8 @@ from flightlog.proto.errors import ConfigError, FlightlogError
 from flightlog.proto.osutil import GROUP_DIR_MODE, GROUP_FILE_MODE, share_with_group
 from flightlog.proto.paths import AgentPaths
 
+from .grid import sleep_on_grid
+
 __all__ = ["GroupSharing", "SHARED_ROOT_NAMES"]
 
 log = logging.getLogger("flightlog.agent")
@@ -108,7 +110,7 @@ class GroupSharing:
                 except (OSError, FlightlogError) as exc:
                     log.warning("access.group %s: cannot share the run data: %s; trying again in %.0f s",
                                 self.group, exc, period)
-                await anyio.sleep(period)
+                await sleep_on_grid(period)
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.final_sweep)

@@ -119,7 +119,7 @@ class AgentConfig(_Section):
     connect_timeout_seconds: _PosFloat = 10.0
     #: Events are gathered for this long (ingest's batching window) and a sink delivers when its batch is full
     #: or its oldest event waited this long: fewer wake-ups at a trickle, for at most this much delay.
-    linger_ms: _Millis = 250
+    linger_ms: _Millis = 300
     #: ``host:port`` of the Prometheus ``/metrics`` endpoint (e.g. ``127.0.0.1:9464``); None: off.
     metrics_address: str | None = None
 

@@ -33,6 +33,33 @@ def test_rates() -> None:
     assert r.update(14.0, {"a": 50}) == {"a": 50.0}
 
 
+def test_the_kernels_child_lists_and_the_process_table_find_the_same_descendants() -> None:
+    """A trainer's workers (and theirs) come from /proc/<pid>/task/*/children, a few reads per trainer;
+    the process table (a read per process on the node) is the fallback, and both give the same tree."""
+    from flightlog.agent import monitor
+
+    code = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+            "print(c.pid, flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    grandchild = 0
+    try:
+        assert child.stdout is not None
+        grandchild = int(child.stdout.readline())
+        table = monitor._descendants(os.getpid(), monitor._children_by_parent())
+        assert {child.pid, grandchild} <= set(table)
+        if not monitor._KERNEL_CHILDREN:
+            pytest.skip("this kernel does not list children in /proc (CONFIG_PROC_CHILDREN)")
+        assert sorted(monitor._descendants(os.getpid(), None)) == sorted(table)
+        assert monitor._descendants(child.pid, None) == [grandchild]
+    finally:
+        if grandchild:
+            os.kill(grandchild, 9)
+        child.kill()
+        child.wait()
+        child.stdout.close()  # type: ignore[union-attr]
+    assert monitor._kernel_children(child.pid) == []  # gone: nothing, no error
+
+
 def test_disk_watch_hysteresis() -> None:
     w = DiskWatch()
     assert w.check("k", "/d", free=500, floor=1000)[0] == "raised"  # type: ignore[index]

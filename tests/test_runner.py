@@ -206,3 +206,52 @@ def test_empty_wal_runner_is_caught_up(tmp_path: Path, n: int) -> None:
     anyio.run(run_until, runner, lambda: runner.caught_up)
     assert len(sink.events) == n
     wal.close()
+
+
+def test_a_sink_that_passes_over_a_flood_catches_up_from_the_shared_cache(tmp_path: Path) -> None:
+    """A sink serving none of the runs that log is not woken for their events; once it lags far behind and
+    the feed's cache is about to drop them, it is woken to pass over them from memory: every event is
+    decoded once, though that sink never polled (its safety poll is a minute away)."""
+    from flightlog.agent.runner import CATCH_UP_EVENTS, WalFeed
+
+    wal = WAL(tmp_path / "wal", segment_bytes=1 << 30)
+    buf = bytearray()
+    append_frame(buf, encode_event(RunStart("r1", "name", 0.0, sinks=["memory"])))
+    wal.append(buf, 1, "test")
+    feed = WalFeed(WALReader(tmp_path / "wal", limit=lambda: wal.end_position()))
+    cursors = CursorStore(tmp_path / "db.sqlite")
+    mine, other = InMemorySink(batch_size=5000), InMemorySink("other", all_runs=False)
+    runners = [SinkRunner(s, feed, cursors, policy=FAST, linger=0.0, idle_sleep=60.0, tail=lambda: wal.next_seq)
+               for s in (mine, other)]
+    chunks, per = 24, 1000
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            for r in runners:
+                tg.start_soon(r.run)
+            with anyio.fail_after(30):
+                while any(r.core is None for r in runners):
+                    await anyio.sleep(0.01)
+                for r in runners:
+                    r.wake(wal.next_seq)  # the RunStart: "other" learns r1 is not its run
+                while "r1" not in runners[1].core.ignored:  # type: ignore[union-attr]
+                    await anyio.sleep(0.01)
+                for c in range(chunks):
+                    buf = bytearray()
+                    for i in range(per):
+                        append_frame(buf, encode_event(Metrics("r1", c * per + i, 0.0, {"x": 1.0})))
+                    wal.append(buf, per, "test")
+                    for r in runners:
+                        r.wake(wal.next_seq, {"r1"})
+                    while runners[0].stats.delivered < (c + 1) * per:  # "memory" reads each as it lands
+                        await anyio.sleep(0.005)
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+    assert len(mine.events) == chunks * per + 1
+    assert other.events == []
+    core = runners[1].core
+    assert core is not None
+    lag = wal.next_seq - core.read_cursor.seq
+    assert lag < chunks * per // 2 and lag <= CATCH_UP_EVENTS + 8 * per  # it kept up without its poll
+    assert feed.decoded == chunks * per + 1  # nothing decoded twice
