@@ -164,7 +164,7 @@ class ControlServer:
             return Reply(ok=False, error=f"event batch claims {msg.count} frames, holds {count}")
         self.agent.ingestor.append_batch(msg.frames, count, msg.producer_id)
         self.agent.ingest.kick()  # its group commit covers this append
-        self.agent._wake_sinks()
+        self.agent.wake_sinks_now()
         return Reply(ok=True)
 
     async def flush(self, msg: FlushRequest) -> Reply:

@@ -242,7 +242,7 @@ class Agent:
             append_frame(buf, encode_event(ev))
             seq = self.wal.append(buf, 1, "agent", SRC_INTERNAL)
         self.ingest.kick()  # its group commit covers this append
-        self._wake_sinks({ev.run_id})  # only the sinks of its run look (each would otherwise read and decode)
+        self.wake_sinks_now({ev.run_id})  # only the sinks of its run look (each would otherwise read and decode)
         return seq
 
     def _wake_sinks(self, runs: set[str] | None = None, since: float | None = None) -> None:
@@ -252,6 +252,12 @@ class Agent:
         next_seq = self.wal.next_seq
         for runner in self.runners:
             runner.wake(next_seq, runs, since)
+
+    def wake_sinks_now(self, runs: set[str] | None = None) -> None:
+        """Events appended outside the ingest loop's windows (the agent's own, a socket batch): the sinks take
+        them at once. Not a linger from now: a sink lingering then ignores the next window's wake-up (its
+        batch is not full) and that window's events waited a second linger (p99 past 0.5 s at 1,000/s)."""
+        self._wake_sinks(runs, time.monotonic() - self.ingest.linger)
 
     def _activity(self) -> object:
         """What changes when a producer comes or goes, over a ring or over the socket (runs end then)."""

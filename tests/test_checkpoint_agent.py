@@ -2,6 +2,7 @@
 CheckpointSaved event reaching the store sink, SIGKILL of the agent mid-write, and no agent at all."""
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from pathlib import Path
@@ -200,3 +201,30 @@ def test_an_agent_made_event_comes_after_what_its_run_published_first(agent_path
     reader.close()
     assert "RunStart" in kinds and "CheckpointSaved" in kinds, kinds
     assert kinds.index("RunStart") < kinds.index("CheckpointSaved"), kinds
+
+
+def test_an_agent_made_event_reaches_the_store_without_waiting_a_window(agent_paths: AgentPaths, base_config: dict,
+                                                                         tmp_path: Path) -> None:
+    """The agent's own events are appended outside the ingest loop's windows: the sinks take them at once.
+    (They once woke the sinks with no start time: a sink then lingered a full window from that moment and
+    ignored the next window's wake-up, so that window's events waited two.) With a 20 s window the
+    checkpoint's row is in the store long before the window could have ended."""
+    agent_yaml = tmp_path / "agent.yaml"
+    agent_yaml.write_text("agent:\n  linger_ms: 20000\n")
+    agent = AgentProcess(agent_paths, ["--config", str(agent_yaml)]).start()
+    try:
+        with ExperimentTracker("prompt", base_config) as tracker:
+            t0 = time.monotonic()
+            tracker.save_checkpoint(model=torch.nn.Linear(2, 2), epoch=0, step=1).wait()
+            rows: list[tuple[str]] = []
+            while not rows and time.monotonic() - t0 < 15:
+                time.sleep(0.05)
+                with contextlib.closing(sqlite3.connect(agent_paths.store)) as db:
+                    try:
+                        rows = db.execute("SELECT run_id FROM checkpoints_seen WHERE run_id=?",
+                                          (tracker.run_id,)).fetchall()
+                    except sqlite3.OperationalError:  # the store's tables are not made yet
+                        continue
+            assert rows, "the checkpoint waited for the batching window"
+    finally:
+        agent.stop()
