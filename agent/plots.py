@@ -7,11 +7,13 @@ each PNG as an ``Image`` event for the sinks.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
 import re
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -110,6 +112,11 @@ def _figure(title: str, ylabel: str) -> tuple[Any, Any]:
     matplotlib.use("Agg", force=False)  # no display; harmless if the process already chose Agg
     from matplotlib.figure import Figure
 
+    if "IPython" in sys.modules:
+        # A new canvas reads IPython's version when IPython is loaded: if a sink's thread is importing it
+        # right now (mlflow does), this import waits for it to finish, where the canvas would find a
+        # half-made module and fail (it did: a run's plots were lost in a full test run).
+        importlib.import_module("IPython")
     fig = Figure(figsize=(SIZE_PX[0] / DPI, SIZE_PX[1] / DPI), dpi=DPI)
     ax = fig.add_subplot()
     ax.set_title(title)

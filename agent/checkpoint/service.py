@@ -83,10 +83,7 @@ class CheckpointService:
         async with self._recv:
             async for job in self._recv:
                 try:
-                    t0 = time.monotonic()
                     job.result = await anyio.to_thread.run_sync(self._commit, job)
-                    if self.on_written is not None:
-                        self.on_written(time.monotonic() - t0, int(job.result.get("size") or 0))
                 except FlightlogError as exc:
                     job.error = str(exc)
                     log.warning("checkpoint %s failed: %s", job.spec.path, exc)
@@ -98,8 +95,13 @@ class CheckpointService:
                     self._prune()
 
     def _commit(self, job: _Job) -> dict[str, Any]:
+        t0 = time.monotonic()
+
         def durable(row: dict[str, Any]) -> None:
-            """Tell the trainer (and the sinks) now; retention's deletions come after."""
+            """Tell the trainer (and the sinks) now; retention's deletions come after. The write counts in
+            /metrics first: a scrape after the trainer's wait() must see it."""
+            if self.on_written is not None:
+                self.on_written(time.monotonic() - t0, int(row.get("size") or 0))
             metrics = {k: float(v) for k, v in (row.get("metrics") or {}).items() if isinstance(v, (int, float))}
             self.agent.emit(CheckpointSaved(
                 run_id=row.get("run_id") or "", path=row["path"], epoch=int(row["epoch"]), step=int(row["step"]),
