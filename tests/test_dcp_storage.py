@@ -251,7 +251,7 @@ _WORKER = textwrap.dedent("""
         assert all(torch.equal(ref[1]["state"][k][n], got[1]["state"][k][n])
                    for k in ref[1]["state"] for n in ref[1]["state"][k])
         torch.save(ref, path + ".ref.pt")  # the full state, for the single-process load
-    print(f"rank {rank} ok", flush=True)  # one write: ranks share the pipe
+    sys.stdout.write(f"rank {rank} ok\\n"); sys.stdout.flush()  # one write: ranks share the pipe
     dist.barrier()  # neither rank tears gloo down while the other may still be in a collective (it aborted once)
     dist.destroy_process_group()
 """)

@@ -106,9 +106,9 @@ SCRIPT = """
                 (work / "p3").write_text(p3)
                 try:
                     p3.wait()
-                    print(f"P3 SAVED {rank}", flush=True)
+                    sys.stdout.write(f"P3 SAVED {rank}\\n"); sys.stdout.flush()
                 except CheckpointError:
-                    print(f"P3 FAILED {rank}", flush=True)
+                    sys.stdout.write(f"P3 FAILED {rank}\\n"); sys.stdout.flush()
         else:
             p1, p2 = json.loads((work / "paths.json").read_text())
             ddp = DDP(net(5))
@@ -131,7 +131,7 @@ SCRIPT = """
                 same(ref, got, "state")
                 same(ref["fsdp"][0], plain_full, "plain")
                 assert len(ref["fsdp"][1]["state"]) == 4 and ref["fsdp"][1]["state"]["0.weight"]["step"] == n
-            print(f"LOADED {rank}", flush=True)
+            sys.stdout.write(f"LOADED {rank}\\n"); sys.stdout.flush()
     if mode != "kill":
         dist.barrier()  # as in test_dcp_storage: no teardown while a peer may still be in a collective
         dist.destroy_process_group()

@@ -51,7 +51,7 @@ SCRIPT = """
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     with flightlog.experiment_tracking("ddp-job", config) as tracker:
-        print(f"RUN {rank} {tracker.run_id}", flush=True)  # one write: ranks share the pipe
+        sys.stdout.write(f"RUN {rank} {tracker.run_id}\\n"); sys.stdout.flush()  # one write: ranks share the pipe
         tracker.log_hyperparameters({"lr": 0.1 + rank})  # rank 0's is the run's (a backend keeps one)
         for i in range(n):
             tracker.log_metrics({"loss": i + rank / 10}, step=i)
