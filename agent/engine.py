@@ -56,6 +56,14 @@ class Window:
         return cls(start, events, end, undecodable, frozenset(ev.run_id for _, ev in events),
                    any(type(ev) is RunStart for _, ev in events))
 
+    @classmethod
+    def joined(cls, parts: list[Window]) -> Window:
+        """Consecutive windows as one (their runs known only if every part's is)."""
+        known = [p.runs for p in parts if p.runs is not None]
+        return cls(parts[0].start, [item for p in parts for item in p.events], parts[-1].end,
+                   tuple(s for p in parts for s in p.undecodable),
+                   frozenset().union(*known) if len(known) == len(parts) else None, any(p.starts for p in parts))
+
     def contains(self, seq: int) -> bool:
         return self.start.seq <= seq < self.end.seq
 

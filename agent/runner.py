@@ -121,10 +121,7 @@ class WalFeed:
             n += len(nxt.events)
         if len(parts) == 1:
             return w
-        known = [p.runs for p in parts if p.runs is not None]
-        joined = Window(w.start, [item for p in parts for item in p.events], parts[-1].end,
-                        tuple(s for p in parts for s in p.undecodable),
-                        frozenset().union(*known) if len(known) == len(parts) else None, any(p.starts for p in parts))
+        joined = Window.joined(parts)
         for p in parts[1:]:
             self._windows.pop(p.start.seq, None)
         self._windows[key] = joined
